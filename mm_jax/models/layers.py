@@ -1,0 +1,134 @@
+"""Building blocks shared by the encoder and the decoder.
+
+Every parameter is created through `partitioned(init, names)`, so it carries logical axis names that one
+table of rules (config.axis_rules) maps to mesh axes. Activations carry `act_*` names at block boundaries.
+Shapes in variable names: B batch, L query length, S key length, D width, N query heads, K kv heads,
+G query heads per kv head, H head dim, F mlp width.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def partitioned(init, names: tuple[str | None, ...]):
+  """An initializer whose params carry logical axis names (boxed as nn.LogicallyPartitioned)."""
+  return nn.with_logical_partitioning(init, names)
+
+
+def constrain(x: Array, names: tuple[str | None, ...]) -> Array:
+  """Shards an activation by logical names (a no-op outside a mesh / rules context)."""
+  return nn.with_logical_constraint(x, names)
+
+
+def make_attn_mask(input_mask_BxL: Array, mask_ar_BxL: Array) -> Array:
+  """Prefix-LM / causal / bidirectional attention mask from two per-token masks (big_vision convention).
+
+  Token q attends to token k iff k is a real token and cumsum(mask_ar)[k] <= cumsum(mask_ar)[q].
+  mask_ar = 0 puts a token in the same block as the one before it (they see each other), 1 starts a new
+  block that sees only earlier blocks. Examples (L = 6):
+    [0 0 0 1 1 1]  image + prefix see each other fully; the suffix is causal and sees the prefix
+                   (PaliGemma); the prefix never sees the suffix.
+    [1 1 1 1 1 1]  plain causal.      [0 0 0 0 0 0]  fully bidirectional.
+  Padding: input_mask = 0 (and mask_ar = 1), so no real token attends to it.
+
+  Returns: bool BxLxL, [b, q, k].
+  """
+  blocks_BxL = jnp.cumsum(mask_ar_BxL, axis=1)
+  mask_BxLxL = blocks_BxL[:, None, :] <= blocks_BxL[:, :, None]
+  return mask_BxLxL & (input_mask_BxL[:, None, :] > 0)
+
+
+def apply_rope(x_BxLxNxH: Array, positions_BxL: Array, theta: float) -> Array:
+  """Rotary embedding, half-split pairing (dim i rotates with i + H/2), as Gemma/Llama in HF."""
+  h = x_BxLxNxH.shape[-1]
+  inv_freq = 1.0 / theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h)
+  angles_BxLx1xH2 = (positions_BxL.astype(jnp.float32)[..., None] * inv_freq)[:, :, None, :]
+  sin, cos = jnp.sin(angles_BxLx1xH2), jnp.cos(angles_BxLx1xH2)
+  x1, x2 = jnp.split(x_BxLxNxH.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxNxH.dtype)
+
+
+class RMSNorm(nn.Module):
+  """Gemma RMSNorm: x * rsqrt(mean(x^2) + eps) * (1 + w), w initialised to 0, computed in float32."""
+  eps: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    w = self.param("scale", partitioned(nn.initializers.zeros_init(), ("embed",)), (x.shape[-1],))
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * (1.0 + w)).astype(x.dtype)
+
+
+def layer_norm(name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(
+      epsilon=1e-6, name=name,
+      scale_init=partitioned(nn.initializers.ones_init(), ("embed",)),
+      bias_init=partitioned(nn.initializers.zeros_init(), ("embed",)))
+
+
+class Attention(nn.Module):
+  """Multi-head attention with grouped-query heads, optional RoPE and an optional KV cache.
+
+  The mask is given by the caller ([b, q, k], True = may attend), so one module serves bidirectional
+  (ViT), prefix-LM and causal attention, and cached decoding.
+  """
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  use_bias: bool = False
+  rope_theta: float | None = None
+
+  def _proj(self, n: int, heads_name: str, name: str) -> nn.DenseGeneral:
+    return nn.DenseGeneral(
+        (n, self.head_dim), use_bias=self.use_bias, name=name,
+        kernel_init=partitioned(nn.initializers.lecun_normal(), ("embed", heads_name, "head_dim")),
+        bias_init=partitioned(nn.initializers.zeros_init(), (heads_name, "head_dim")))
+
+  @nn.compact
+  def __call__(self, x_BxLxD: Array, mask_BxLxS: Array, positions_BxL: Array | None = None,
+               cache: dict[str, Array] | None = None, cache_index: Any = None):
+    """Returns (y_BxLxD, new_cache). With a cache, k/v are written at slots [cache_index, +L) of the
+    cache (k/v: BxSxKxH) and queries attend over all S slots under the mask."""
+    n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
+    if n % k:
+      raise ValueError(f"num_heads={n} must be a multiple of num_kv_heads={k}")
+    q_BxLxNxH = self._proj(n, "heads", "q")(x_BxLxD)
+    k_BxLxKxH = self._proj(k, "kv_heads", "k")(x_BxLxD)
+    v_BxLxKxH = self._proj(k, "kv_heads", "v")(x_BxLxD)
+    if self.rope_theta is not None:
+      q_BxLxNxH = apply_rope(q_BxLxNxH, positions_BxL, self.rope_theta)
+      k_BxLxKxH = apply_rope(k_BxLxKxH, positions_BxL, self.rope_theta)
+
+    new_cache = None
+    if cache is not None:
+      start = (0, cache_index, 0, 0)
+      k_BxLxKxH = jax.lax.dynamic_update_slice(cache["k"], k_BxLxKxH.astype(cache["k"].dtype), start)
+      v_BxLxKxH = jax.lax.dynamic_update_slice(cache["v"], v_BxLxKxH.astype(cache["v"].dtype), start)
+      new_cache = {"k": k_BxLxKxH, "v": v_BxLxKxH}
+
+    b, l = q_BxLxNxH.shape[:2]
+    q_BxLxKxGxH = q_BxLxNxH.reshape(b, l, k, n // k, h)  # query head i uses kv head i // G, as HF
+    logits_BxKxGxLxS = jnp.einsum("blkgh,bskh->bkgls", q_BxLxKxGxH, k_BxLxKxH,
+                                  preferred_element_type=jnp.float32) * h ** -0.5
+    logits_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxKxGxLxS,
+                                 jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits_BxKxGxLxS, axis=-1).astype(v_BxLxKxH.dtype)
+    out_BxLxKxGxH = jnp.einsum("bkgls,bskh->blkgh", probs, v_BxLxKxH)
+    out_BxLxNxH = constrain(out_BxLxKxGxH.reshape(b, l, n, h), ("act_batch", "act_len", "act_heads", None))
+    y_BxLxD = nn.DenseGeneral(
+        x_BxLxD.shape[-1], axis=(-2, -1), use_bias=self.use_bias, name="o",
+        kernel_init=partitioned(nn.initializers.lecun_normal(), ("heads", "head_dim", "embed")),
+        bias_init=partitioned(nn.initializers.zeros_init(), ("embed",)))(out_BxLxNxH)
+    return y_BxLxD, new_cache
+
+
+def dense(features: int, names: tuple[str, str], name: str, use_bias: bool = True) -> nn.Dense:
+  return nn.Dense(features, use_bias=use_bias, name=name,
+                  kernel_init=partitioned(nn.initializers.lecun_normal(), names),
+                  bias_init=partitioned(nn.initializers.zeros_init(), (names[1],)))

@@ -1,0 +1,56 @@
+"""SigLIP-style ViT image encoder: conv patch embedding, learned positions, pre-LN blocks, final LN.
+
+No CLS token: the output is one feature per patch, in row-major patch order (as SigLIP in HF).
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mm_jax.models.layers import Attention, constrain, dense, layer_norm, partitioned
+
+Array = jax.Array
+
+
+class EncoderBlock(nn.Module):
+  num_heads: int
+  mlp_dim: int
+
+  @nn.compact
+  def __call__(self, x_BxPxD: Array, mask_BxPxP: Array) -> Array:
+    d = x_BxPxD.shape[-1]
+    attn = Attention(self.num_heads, self.num_heads, d // self.num_heads, use_bias=True, name="attn")
+    y, _ = attn(layer_norm("ln_attn")(x_BxPxD), mask_BxPxP)
+    x_BxPxD = x_BxPxD + y
+    y = dense(self.mlp_dim, ("embed", "mlp"), "mlp_in")(layer_norm("ln_mlp")(x_BxPxD))
+    y = constrain(nn.gelu(y, approximate=True), ("act_batch", "act_len", "act_mlp"))
+    x_BxPxD = x_BxPxD + dense(d, ("mlp", "embed"), "mlp_out")(y)
+    return constrain(x_BxPxD, ("act_batch", "act_len", "act_embed"))
+
+
+class ViT(nn.Module):
+  """Image BxHxWx3 in [-1, 1] -> patch features BxPxD, P = (H / patch_size) * (W / patch_size)."""
+  patch_size: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+
+  @nn.compact
+  def __call__(self, image_BxHxWxC: Array) -> Array:
+    p, d = self.patch_size, self.width
+    if d % self.num_heads:
+      raise ValueError(f"encoder width={d} must be a multiple of num_heads={self.num_heads}")
+    # A conv with stride = kernel = patch size is flatten-each-patch + linear.
+    x = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", name="patch_embed",
+                kernel_init=partitioned(nn.initializers.lecun_normal(), (None, None, None, "embed")),
+                bias_init=partitioned(nn.initializers.zeros_init(), ("embed",)))(image_BxHxWxC)
+    b, gh, gw, _ = x.shape
+    x_BxPxD = x.reshape(b, gh * gw, d)
+    pos_PxD = self.param("pos_embedding",
+                         partitioned(nn.initializers.normal(stddev=d ** -0.5), ("patches", "embed")),
+                         (gh * gw, d))
+    x_BxPxD = constrain(x_BxPxD + pos_PxD[None], ("act_batch", "act_len", "act_embed"))
+    mask_BxPxP = jnp.ones((b, gh * gw, gh * gw), bool)
+    for i in range(self.depth):
+      x_BxPxD = EncoderBlock(self.num_heads, self.mlp_dim, name=f"block_{i}")(x_BxPxD, mask_BxPxP)
+    return layer_norm("ln_final")(x_BxPxD)
