@@ -72,6 +72,29 @@ def layer_norm(name: str) -> nn.LayerNorm:
       bias_init=partitioned(nn.initializers.zeros_init(), ("embed",)))
 
 
+class Projection(nn.Module):
+  """y = x @ W over the last `n_in` dims of x, W of shape x.shape[-n_in:] + out_shape named `names`.
+
+  (nn.DenseGeneral builds its kernel flat and reshapes it, which breaks logical constraints.)
+  """
+  out_shape: tuple[int, ...]
+  names: tuple[str | None, ...]
+  n_in: int = 1
+  use_bias: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    shape = tuple(x.shape[-self.n_in:]) + tuple(self.out_shape)
+    init = nn.initializers.lecun_normal(in_axis=tuple(range(self.n_in)),
+                                        out_axis=tuple(range(self.n_in, len(shape))))
+    w = self.param("kernel", partitioned(init, self.names), shape)
+    y = jnp.tensordot(x, w, axes=self.n_in)
+    if self.use_bias:
+      y = y + self.param("bias", partitioned(nn.initializers.zeros_init(), self.names[self.n_in:]),
+                         tuple(self.out_shape))
+    return y
+
+
 class Attention(nn.Module):
   """Multi-head attention with grouped-query heads, optional RoPE and an optional KV cache.
 
@@ -84,11 +107,9 @@ class Attention(nn.Module):
   use_bias: bool = False
   rope_theta: float | None = None
 
-  def _proj(self, n: int, heads_name: str, name: str) -> nn.DenseGeneral:
-    return nn.DenseGeneral(
-        (n, self.head_dim), use_bias=self.use_bias, name=name,
-        kernel_init=partitioned(nn.initializers.lecun_normal(), ("embed", heads_name, "head_dim")),
-        bias_init=partitioned(nn.initializers.zeros_init(), (heads_name, "head_dim")))
+  def _proj(self, n: int, heads_name: str, name: str) -> "Projection":
+    return Projection((n, self.head_dim), ("embed", heads_name, "head_dim"), use_bias=self.use_bias,
+                      name=name)
 
   @nn.compact
   def __call__(self, x_BxLxD: Array, mask_BxLxS: Array, positions_BxL: Array | None = None,
@@ -121,10 +142,8 @@ class Attention(nn.Module):
     probs = jax.nn.softmax(logits_BxKxGxLxS, axis=-1).astype(v_BxLxKxH.dtype)
     out_BxLxKxGxH = jnp.einsum("bkgls,bskh->blkgh", probs, v_BxLxKxH)
     out_BxLxNxH = constrain(out_BxLxKxGxH.reshape(b, l, n, h), ("act_batch", "act_len", "act_heads", None))
-    y_BxLxD = nn.DenseGeneral(
-        x_BxLxD.shape[-1], axis=(-2, -1), use_bias=self.use_bias, name="o",
-        kernel_init=partitioned(nn.initializers.lecun_normal(), ("heads", "head_dim", "embed")),
-        bias_init=partitioned(nn.initializers.zeros_init(), ("embed",)))(out_BxLxNxH)
+    y_BxLxD = Projection((x_BxLxD.shape[-1],), ("heads", "head_dim", "embed"), n_in=2,
+                         use_bias=self.use_bias, name="o")(out_BxLxNxH)
     return y_BxLxD, new_cache
 
 

@@ -1,0 +1,90 @@
+"""Checkpoints in <workdir>/checkpoints through an orbax CheckpointManager.
+
+Each step directory holds three items:
+  state  params, optimizer state and step (StandardSave: restored onto any mesh by target shardings)
+  data   the grain iterator state of every process, so a resumed run sees exactly the same batches
+  meta   json: the config that wrote it and the parameter signature (path -> dtype[shape]), which is
+         checked before restoring, so another architecture's checkpoint gives a clear error.
+"""
+import json
+import os
+
+import grain
+import jax
+import ml_collections as mlc
+import orbax.checkpoint as ocp
+
+from mm_jax.errors import UserError
+from mm_jax.optim import path_str
+
+
+def signature(params) -> dict[str, str]:
+  """path -> 'float32[128, 64]' for every parameter (arrays or ShapeDtypeStructs)."""
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  return {path_str(p): f"{x.dtype}{list(x.shape)}" for p, x in flat}
+
+
+class Checkpoints:
+  """A thin wrapper over one CheckpointManager: save / restore of state, data iterator and meta."""
+
+  def __init__(self, workdir: str, *, keep: int = 2, read_only: bool = False):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self._read_only = read_only
+    self._mngr = None
+    if not read_only or os.path.isdir(self.directory):
+      self._mngr = ocp.CheckpointManager(
+          self.directory,
+          options=ocp.CheckpointManagerOptions(
+              max_to_keep=keep, create=not read_only, read_only=read_only,
+              enable_async_checkpointing=not read_only))
+
+  def latest_step(self) -> int | None:
+    return None if self._mngr is None else self._mngr.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return [] if self._mngr is None else list(self._mngr.all_steps())
+
+  def meta(self, step: int) -> dict:
+    return self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+  def check_compatible(self, step: int, params_abstract) -> None:
+    """Raises UserError if the checkpoint at `step` was written by a model of another shape."""
+    saved, now = self.meta(step)["signature"], signature(params_abstract)
+    diff = sorted(set(saved) ^ set(now)) + sorted(k for k in set(saved) & set(now) if saved[k] != now[k])
+    if diff:
+      first = diff[0]
+      raise UserError(
+          f"the checkpoint at step {step} in {self.directory} belongs to another architecture: "
+          f"{len(diff)} parameters differ (first: {first}: {saved.get(first, 'absent')} in the "
+          f"checkpoint, {now.get(first, 'absent')} in this config); use a new --workdir or the config "
+          "that wrote it")
+
+  def save(self, step: int, state, data_iterator, config: mlc.ConfigDict) -> None:
+    meta = {"config": json.loads(config.to_json_best_effort()), "signature": signature(state["params"])}
+    self._mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=grain.checkpoint.CheckpointSave(data_iterator),
+        meta=ocp.args.JsonSave(meta)))
+
+  def restore(self, step: int, abstract_state, data_iterator) -> dict:
+    """Restores the state onto the shardings of `abstract_state` and the data iterator in place."""
+    r = self._mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    return r.state
+
+  def restore_params(self, step: int, abstract_params) -> dict:
+    """Only the params (no optimizer state is read), onto the shardings of `abstract_params`."""
+    item = {"params": abstract_params}
+    r = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True)))
+    return r.state["params"]
+
+  def wait(self) -> None:
+    if self._mngr is not None:
+      self._mngr.wait_until_finished()
+
+  def close(self) -> None:
+    if self._mngr is not None:
+      self._mngr.close()

@@ -1,0 +1,62 @@
+"""Where training reports go: the console, TensorBoard event files and <workdir>/metrics.jsonl.
+
+Only process 0 writes. Also the parameter table printed at start.
+"""
+import json
+import os
+import time
+
+import jax
+import tensorboardX
+from absl import logging
+
+
+class MetricWriter:
+
+  def __init__(self, workdir: str, total_steps: int):
+    self._primary = jax.process_index() == 0
+    self._total = total_steps
+    self._t0 = self._step0 = None
+    if self._primary:
+      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+
+  def write(self, step: int, metrics: dict[str, float]) -> None:
+    """Logs metrics of `step` (host floats) with steps/s and ETA measured since the first call."""
+    now = time.time()
+    if self._t0 is None:
+      self._t0, self._step0 = now, step
+    elif step > self._step0:
+      metrics = dict(metrics, steps_per_sec=(step - self._step0) / (now - self._t0))
+    if not self._primary:
+      return
+    line = f"step {step}/{self._total}"
+    for k, v in metrics.items():
+      line += f" | {k} {v:.4g}"
+    if "steps_per_sec" in metrics:
+      eta = (self._total - step) / metrics["steps_per_sec"]
+      line += f" | ETA {int(eta // 60)}m{int(eta % 60):02d}s"
+    logging.info(line)
+    print(line, flush=True)
+    for k, v in metrics.items():
+      self._tb.add_scalar(k, v, step)
+    self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+    self._jsonl.flush()
+
+  def close(self) -> None:
+    if self._primary:
+      self._tb.close()
+      self._jsonl.close()
+
+
+def parameter_table(params, labels) -> str:
+  """Parameter counts per top-level subtree, trainable vs frozen."""
+  rows = {}
+  for (path, p), lab in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(labels)):
+    row = rows.setdefault(path[0].key, {"trainable": 0, "frozen": 0})
+    row[lab] += p.size
+  lines = [f"{'subtree':<12}{'trainable':>14}{'frozen':>14}"]
+  for name, row in list(rows.items()) + [("total", {k: sum(r[k] for r in rows.values())
+                                                     for k in ("trainable", "frozen")})]:
+    lines.append(f"{name:<12}{row['trainable']:>14,}{row['frozen']:>14,}")
+  return "\n".join(lines)

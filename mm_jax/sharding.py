@@ -1,0 +1,90 @@
+"""The device mesh, logical-to-mesh axis rules, and the shardings every jit states.
+
+Params carry logical names (models/layers.py); `config.axis_rules` maps them to the mesh axes
+("data", "fsdp", "tensor"). The batch is split over data x fsdp; each process feeds its own rows.
+"""
+import math
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from mm_jax.errors import UserError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+  """A mesh with axes data/fsdp/tensor from the config; one size may be -1 (the devices left over)."""
+  devices = jax.devices() if devices is None else devices
+  unknown = set(mesh_cfg) - set(MESH_AXES)
+  if unknown:
+    raise UserError(f"unknown mesh axes {sorted(unknown)}; known: {', '.join(MESH_AXES)}")
+  sizes = [int(mesh_cfg.get(a, 1)) for a in MESH_AXES]
+  n = len(devices)
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise UserError(f"mesh sizes {dict(zip(MESH_AXES, sizes))} are invalid: use positive sizes and "
+                    "at most one -1 (--config.mesh.AXIS=SIZE)")
+  if -1 in sizes:
+    known = math.prod(s for s in sizes if s != -1)
+    if n % known:
+      raise UserError(f"mesh {dict(zip(MESH_AXES, sizes))} does not divide the {n} devices; "
+                      "set --config.mesh.* so that their product divides the device count")
+    sizes[sizes.index(-1)] = n // known
+  if math.prod(sizes) != n:
+    raise UserError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but "
+                    f"{n} are present; set --config.mesh.* (one may be -1)")
+  # Auto axes: Linen's logical constraints need them (jax.make_mesh defaults to Explicit).
+  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def check_batch(global_batch: int, mesh: Mesh, field: str = "global_batch_size") -> None:
+  dp = data_parallel_size(mesh)
+  if global_batch % dp:
+    raise UserError(f"{field}={global_batch} is not divisible by the data-parallel size {dp} "
+                    f"(mesh data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']}); "
+                    f"set --config.{field} to a multiple of {dp}")
+  if global_batch % jax.process_count():
+    raise UserError(f"{field}={global_batch} is not divisible by the {jax.process_count()} processes")
+
+
+def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+  """Drops mesh axes from dims they do not divide (e.g. 1 kv head on tensor=2): replicate instead."""
+  out = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+    out.append(axes if dim % math.prod(mesh.shape[a] for a in names) == 0 else None)
+  return P(*out)
+
+
+def param_shardings(boxed_abstract, mesh: Mesh, rules) -> dict:
+  """NamedShardings for a tree of boxed (nn.LogicallyPartitioned) abstract params."""
+  logical = nn.get_partition_spec(boxed_abstract)
+  shapes = nn.meta.unbox(boxed_abstract)
+
+  def one(spec, x):
+    return NamedSharding(mesh, _fit(nn.logical_to_mesh_axes(spec, rules), x.shape, mesh))
+
+  return jax.tree.map(one, logical, shapes, is_leaf=lambda s: isinstance(s, P))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dim over data x fsdp, the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def to_global(local_batch: dict, mesh: Mesh) -> dict:
+  """Assembles each process's rows into global arrays sharded over the batch axes."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)

@@ -1,0 +1,121 @@
+"""The model on a mesh: abstract params and their shardings, sharded init, the loss and the train step.
+
+Nothing here materialises an unsharded array: params are born sharded (jit of init with out_shardings),
+the optimizer state takes the params' shardings, and the train step is one jit that states its in/out
+shardings and donates the state.
+"""
+import contextlib
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import optax
+from jax.sharding import Mesh
+
+from mm_jax import sharding
+from mm_jax.models import build_model
+
+
+def example_batch(config: mlc.ConfigDict, batch: int = 1) -> dict:
+  s, t = config.data.image_size, config.data.text_len
+  return {"image": jnp.zeros((batch, s, s, 3), jnp.float32), "text": jnp.zeros((batch, t), jnp.int32),
+          "mask_ar": jnp.zeros((batch, t), jnp.int32), "mask_input": jnp.ones((batch, t), jnp.int32),
+          "mask_loss": jnp.zeros((batch, t), jnp.int32)}
+
+
+def forward(model: nn.Module, params, batch: dict) -> jax.Array:
+  return model.apply({"params": params}, batch["image"], batch["text"], batch["mask_ar"],
+                     batch["mask_input"])
+
+
+def loss_fn(model: nn.Module, params, batch: dict) -> jax.Array:
+  """Next-token cross-entropy on the loss-masked (suffix) tokens, mean over all of the batch's tokens."""
+  logits_BxTxV = forward(model, params, batch)[:, :-1].astype(jnp.float32)
+  weights_BxT = batch["mask_loss"][:, 1:].astype(jnp.float32)
+  ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["text"][:, 1:])
+  return jnp.sum(ce_BxT * weights_BxT) / jnp.maximum(jnp.sum(weights_BxT), 1.0)
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh, rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
+
+
+@dataclasses.dataclass
+class ModelOnMesh:
+  """A model, its mesh and rules, and the shardings of its params."""
+  config: mlc.ConfigDict
+  model: nn.Module
+  mesh: Mesh
+  rules: tuple
+  param_shardings: dict
+  abstract_params: dict  # ShapeDtypeStructs carrying their shardings
+
+  @classmethod
+  def create(cls, config: mlc.ConfigDict, vocab_size: int, mesh: Mesh) -> "ModelOnMesh":
+    model = build_model(config.model, vocab_size)
+    rules = tuple((name, tuple(ax) if isinstance(ax, (list, tuple)) else ax)
+                  for name, ax in config.axis_rules)
+    with mesh_context(mesh, rules):
+      boxed = jax.eval_shape(functools.partial(cls._init_boxed, model, config), jax.random.key(0))
+    p_sh = sharding.param_shardings(boxed, mesh, rules)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            nn.meta.unbox(boxed), p_sh)
+    return cls(config, model, mesh, rules, p_sh, abstract)
+
+  @staticmethod
+  def _init_boxed(model, config, rng):
+    b = example_batch(config)
+    return model.init(rng, b["image"], b["text"], b["mask_ar"], b["mask_input"])["params"]
+
+  def context(self):
+    """The mesh and the logical axis rules, for tracing anything that calls the model."""
+    return mesh_context(self.mesh, self.rules)
+
+  def init_params(self, seed: int) -> dict:
+    init = lambda rng: nn.meta.unbox(self._init_boxed(self.model, self.config, rng))
+    with self.context():
+      return jax.jit(init, out_shardings=self.param_shardings)(jax.random.key(seed))
+
+  # --- training ---
+
+  def abstract_train_state(self, tx: optax.GradientTransformation) -> dict:
+    """The train state as ShapeDtypeStructs with shardings (the restore target)."""
+    with self.context():
+      opt = jax.eval_shape(tx.init, self.abstract_params)
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt, self.param_shardings,
+                                   transform_non_params=lambda _: sharding.replicated(self.mesh))
+    opt = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), opt, opt_sh)
+    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(self.mesh))
+    return {"params": self.abstract_params, "opt_state": opt, "step": step}
+
+  def init_train_state(self, tx: optax.GradientTransformation, seed: int) -> dict:
+    shardings = jax.tree.map(lambda x: x.sharding, self.abstract_train_state(tx))
+    params = self.init_params(seed)
+    with self.context():
+      opt = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
+    step = jax.device_put(jnp.int32(0), shardings["step"])
+    return {"params": params, "opt_state": opt, "step": step}
+
+  def make_train_step(self, tx: optax.GradientTransformation):
+    """jit(state, batch) -> (state, {"loss"}), with stated shardings and the state donated."""
+    state_sh = jax.tree.map(lambda x: x.sharding, self.abstract_train_state(tx))
+    batch_sh = sharding.batch_sharding(self.mesh)
+
+    def step(state, batch):
+      loss, grads = jax.value_and_grad(functools.partial(loss_fn, self.model))(state["params"], batch)
+      updates, opt = tx.update(grads, state["opt_state"], state["params"])
+      params = optax.apply_updates(state["params"], updates)
+      return {"params": params, "opt_state": opt, "step": state["step"] + 1}, {"loss": loss}
+
+    jitted = jax.jit(step, in_shardings=(state_sh, batch_sh),
+                     out_shardings=(state_sh, sharding.replicated(self.mesh)), donate_argnums=0)
+
+    def run(state, batch):
+      with self.context():
+        return jitted(state, batch)
+    return run
