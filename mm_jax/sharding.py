@@ -4,6 +4,7 @@ Params carry logical names (models/layers.py); `config.axis_rules` maps them to 
 ("data", "fsdp", "tensor"). The batch is split over data x fsdp; each process feeds its own rows.
 """
 import math
+import os
 
 import flax.linen as nn
 import jax
@@ -14,6 +15,12 @@ from mm_jax.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+
+
+def maybe_initialize_distributed() -> None:
+  """Multi-host: launch_tpu.sh sets MM_JAX_DISTRIBUTED=1 on every worker (TPU pods find their peers)."""
+  if os.environ.get("MM_JAX_DISTRIBUTED") == "1" and not jax.distributed.is_initialized():
+    jax.distributed.initialize()
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:

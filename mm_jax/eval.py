@@ -1,0 +1,110 @@
+r"""Evaluates a checkpoint: greedy KV-cached answers to every question of a split, scored by exact match.
+
+  python -m mm_jax.eval --config=configs/shapes_tiny.py --workdir=workdirs/tiny [--split=test] [--step=N]
+
+Restores the params (no optimizer state) of the newest checkpoint, or of --step, onto the current mesh,
+whatever mesh wrote it. Prints the score and writes <workdir>/eval/<split>.json.
+"""
+import functools
+import json
+import os
+import sys
+
+import jax
+import ml_collections as mlc
+import numpy as np
+from absl import app, flags
+from jax.experimental import multihost_utils
+from ml_collections import config_flags
+
+from mm_jax import data, sharding
+from mm_jax.checkpoint import Checkpoints
+from mm_jax.decode import greedy_decode
+from mm_jax.errors import UserError
+from mm_jax.state import ModelOnMesh
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
+_SPLIT = flags.DEFINE_string("split", "test", "Dataset split: train, validation or test.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+
+_SPLITS = ("train", "validation", "test")
+
+
+def restore_params(config: mlc.ConfigDict, workdir: str, mm: ModelOnMesh, step: int | None):
+  ckpt = Checkpoints(workdir, read_only=True)
+  steps = ckpt.all_steps()
+  if not steps:
+    raise UserError(f"no checkpoint in {ckpt.directory}; train first: python -m mm_jax.train "
+                    f"--config=... --workdir={workdir}")
+  step = steps[-1] if step is None else step
+  if step not in steps:
+    raise UserError(f"no checkpoint at step {step} in {ckpt.directory}; available: {steps}")
+  ckpt.check_compatible(step, mm.abstract_params)
+  params = ckpt.restore_params(step, mm.abstract_params)
+  ckpt.close()
+  return step, params
+
+
+def evaluate(config: mlc.ConfigDict, workdir: str, split: str = "test", step: int | None = None) -> dict:
+  if split not in _SPLITS:
+    raise UserError(f"unknown split {split!r}; use --split= one of {', '.join(_SPLITS)}")
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch(config.eval.batch_size, mesh, field="eval.batch_size")
+  tokenizer, source = data.prepare(config, split)
+  mm = ModelOnMesh.create(config, tokenizer.vocab_size, mesh)
+  step, params = restore_params(config, workdir, mm, step)
+
+  batch_sh = sharding.batch_sharding(mesh)
+  decode = jax.jit(
+      functools.partial(greedy_decode, mm.model, max_new=config.model.max_answer_len),
+      in_shardings=(mm.param_shardings, batch_sh, batch_sh, batch_sh, batch_sh), out_shardings=batch_sh)
+
+  correct = total = 0
+  samples = []
+  for batch in data.eval_batches(config, tokenizer, source, process_index=jax.process_index(),
+                                 process_count=jax.process_count()):
+    arrays = sharding.to_global(
+        {k: batch[k] for k in ("image", "text", "mask_input", "prefix_len")}, mesh)
+    with mm.context():
+      tokens = decode(params, arrays["image"], arrays["text"], arrays["mask_input"],
+                      arrays["prefix_len"])
+    local = np.asarray(multihost_utils.global_array_to_host_local_array(  # this process's rows
+        tokens, mesh, batch_sh.spec))
+    for row, valid, q, a in zip(local, batch["valid"], batch["question"], batch["answer"]):
+      if not valid:
+        continue
+      pred = tokenizer.decode(row.tolist()).strip()
+      correct += pred == a
+      total += 1
+      if len(samples) < config.eval.num_samples:
+        samples.append({"question": q, "answer": a, "prediction": pred})
+  if jax.process_count() > 1:
+    correct, total = (int(x) for x in multihost_utils.process_allgather(
+        np.array([correct, total])).sum(0))
+  result = {"step": step, "split": split, "num_examples": total,
+            "vqa_exact_match": correct / max(total, 1), "samples": samples}
+  if jax.process_index() == 0:
+    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+    with open(os.path.join(workdir, "eval", f"{split}.json"), "w") as f:
+      json.dump(result, f, indent=1)
+    print(f"step {step} | {split} | {total} questions | vqa_exact_match {result['vqa_exact_match']:.4f}",
+          flush=True)
+  return result
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _CONFIG.value is None or not _WORKDIR.value:
+    sys.exit("mm_jax.eval: error: --config and --workdir are required")
+  sharding.maybe_initialize_distributed()
+  try:
+    evaluate(_CONFIG.value, _WORKDIR.value, _SPLIT.value, _STEP.value)
+  except UserError as e:
+    sys.exit(f"mm_jax.eval: error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,97 @@
+r"""Trains a model described by a config: one trainer for every family and stage.
+
+  python -m mm_jax.train --config=configs/shapes_tiny.py --workdir=workdirs/tiny
+  python -m mm_jax.train --config=configs/shapes_tiny.py:blind --workdir=workdirs/blind \
+      --config.total_steps=500 --config.optim.lr=1e-3
+
+Resumes from the newest checkpoint in <workdir>/checkpoints when there is one (same command again).
+Writes <workdir>/checkpoints, <workdir>/metrics.jsonl and TensorBoard events in <workdir>/tensorboard.
+Every input is checked before anything is written; bad input exits with one line naming the fix.
+"""
+import os
+import sys
+
+import jax
+import ml_collections as mlc
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from mm_jax import data, optim, sharding
+from mm_jax.checkpoint import Checkpoints
+from mm_jax.errors import UserError
+from mm_jax.metrics import MetricWriter, parameter_table
+from mm_jax.state import ModelOnMesh
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")
+
+
+def train(config: mlc.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) training; returns the last logged metrics."""
+  # 1. Everything that can fail on bad input, before the workdir is touched.
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch(config.global_batch_size, mesh)
+  tokenizer, source = data.prepare(config, "train")
+  mm = ModelOnMesh.create(config, tokenizer.vocab_size, mesh)
+  labels = optim.param_labels(mm.abstract_params, config.optim.rules)
+  tx = optim.make_optimizer(config.optim, config.total_steps, labels)
+  existing = Checkpoints(workdir, read_only=True)
+  resume_step = existing.latest_step()
+  if resume_step is not None:
+    existing.check_compatible(resume_step, mm.abstract_params)
+  existing.close()
+
+  # 2. Build the run.
+  os.makedirs(workdir, exist_ok=True)
+  ckpt = Checkpoints(workdir, keep=config.keep_checkpoints)
+  data_iter = data.train_iterator(config, tokenizer, source, process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+  if resume_step is not None:
+    state = ckpt.restore(resume_step, mm.abstract_train_state(tx), data_iter)
+    logging.info("Resumed from step %d of %s", resume_step, ckpt.directory)
+    print(f"Resuming from the checkpoint at step {resume_step}.", flush=True)
+  else:
+    state = mm.init_train_state(tx, config.seed)
+  if jax.process_index() == 0:
+    print(parameter_table(mm.abstract_params, labels), flush=True)
+  train_step = mm.make_train_step(tx)
+  lr_at = optim.schedule(config.optim, config.total_steps)
+  writer = MetricWriter(workdir, config.total_steps)
+
+  # 3. The loop. Only log steps read values back to the host.
+  metrics = {}
+  step = int(state["step"])
+  while step < config.total_steps:
+    state, out = train_step(state, sharding.to_global(next(data_iter), mesh))
+    step += 1
+    if step % config.log_every == 0 or step == config.total_steps:
+      loss = float(out["loss"])
+      if not np.isfinite(loss):
+        raise UserError(f"the loss is {loss} at step {step}; nothing was saved after the last "
+                        "checkpoint; lower --config.optim.lr or check the data")
+      metrics = {"loss": loss, "lr": float(lr_at(step - 1))}
+      writer.write(step, metrics)
+    if step % config.checkpoint_every == 0 or step == config.total_steps:
+      ckpt.save(step, state, data_iter, config)
+  ckpt.wait()
+  ckpt.close()
+  writer.close()
+  return metrics
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _CONFIG.value is None or not _WORKDIR.value:
+    sys.exit("mm_jax.train: error: --config and --workdir are required")
+  sharding.maybe_initialize_distributed()
+  try:
+    train(_CONFIG.value, _WORKDIR.value)
+  except UserError as e:
+    sys.exit(f"mm_jax.train: error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main)
