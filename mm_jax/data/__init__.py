@@ -1,0 +1,7 @@
+"""Data: the generated `shapes` TFDS dataset, its SentencePiece tokenizer, and the grain pipelines."""
+from mm_jax.data.pipeline import eval_batches, load_tokenizer, open_source, train_iterator
+
+
+def prepare(config, split: str):
+  """(tokenizer, random-access source of `split`); builds the dataset into data.data_dir if needed."""
+  return load_tokenizer(config), open_source(config, split)
