@@ -1,0 +1,177 @@
+r"""Input pipelines: (image, question, answer) -> batches of numpy arrays for the trainer and the evaluator.
+
+  source = open_source(config, "train")     # Random-access source of a split; builds the data on first use.
+  tok = load_tokenizer(config)              # The tokenizer shipped with the data; tok.vocab_size is real.
+  it = train_iterator(config, tok, source, process_index=jax.process_index(),
+                      process_count=jax.process_count())
+  batch = next(it)                          # Forever; it.get_state() / it.set_state(state), or orbax
+                                            # grain.checkpoint.CheckpointSave(it) / CheckpointRestore(it).
+  for batch in eval_batches(config, tok, source_val, process_index=..., process_count=...): ...
+
+Every element is one (image, QA pair): element j of the split's index space is QA pair j % 4 of record
+j // 4, so one epoch shows each pair exactly once. Train: the index space is sharded by process (strided,
+before shuffling), shuffled with `config.seed` and reshuffled every epoch, batched to
+b = global_batch_size // process_count:
+
+  image      float32 [b, S, S, 3]  in [-1, 1] (all zeros if data.blind); S = data.image_size
+  text       int32   [b, T]        [bos] question | answer [eos] | pad ...; T = data.text_len
+  mask_ar    int32   [b, T]        0 on the prefix (full attention), 1 on suffix and padding (causal)
+  mask_loss  int32   [b, T]        1 on the suffix (answer + eos) only
+  mask_input int32   [b, T]        1 on every real token, 0 on padding
+
+Eval yields the prefix only: image, text ([bos] question | pad), mask_input, prefix_len int32 [b],
+valid bool [b] (False on the rows padding the last batch), and python lists question, answer, kind
+(QUESTION_KINDS name) of length b ('' on padding rows). Padding rows carry the prefix [bos] alone
+(prefix_len 1), so no row is empty.
+"""
+import math
+
+import grain
+import numpy as np
+from PIL import Image
+
+from mm_jax.data import shapes
+from mm_jax.data import tokenizer as tokenizer_lib
+from mm_jax.errors import UserError
+
+QA_PER_IMAGE = len(shapes.QUESTION_KINDS)
+
+
+def open_source(config, split: str):
+  """Returns the random-access source of `split` ('train', 'validation', 'test'), built on first use."""
+  if split not in shapes.SPLITS:
+    raise UserError(f"unknown split {split!r}; use one of {', '.join(shapes.SPLITS)}")
+  return shapes.build(config.data).as_data_source()[split]
+
+
+def load_tokenizer(config) -> tokenizer_lib.Tokenizer:
+  return tokenizer_lib.Tokenizer.load(shapes.tokenizer_path(shapes.build(config.data)))
+
+
+def train_iterator(config, tokenizer: tokenizer_lib.Tokenizer, source, *, process_index: int,
+                   process_count: int) -> grain.DatasetIterator:
+  """Returns an endless, checkpointable iterator over this process's training batches."""
+  batch_size = _local_batch_size(config.global_batch_size, process_count, "global_batch_size")
+  ds = grain.MapDataset.range(len(source) * QA_PER_IMAGE)
+  ds = ds[process_index::process_count]  # Disjoint strided shards that together cover the split.
+  ds = ds.shuffle(seed=config.seed).repeat(None)  # repeat() reseeds the shuffle every epoch.
+  ds = ds.map(_TrainExample(config, tokenizer, source)).batch(batch_size, drop_remainder=True)
+  threads = config.data.num_threads
+  # Elements are computed by index, so the order never depends on thread timing.
+  options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(1, 2 * threads))
+  return iter(ds.to_iter_dataset(options))
+
+
+def eval_batches(config, tokenizer: tokenizer_lib.Tokenizer, source, *, process_index: int,
+                 process_count: int):
+  """Yields every (image, question) pair of the split once (this process's share), in a fixed order.
+
+  Every process yields the same number of batches (the last ones padded), so collectives stay in step.
+  """
+  batch_size = _local_batch_size(config.eval.batch_size, process_count, "eval.batch_size")
+  num_pairs = len(source) * QA_PER_IMAGE
+  num_batches = math.ceil(num_pairs / (batch_size * process_count))
+  mine = list(range(process_index, num_pairs, process_count))
+  mine += [None] * (num_batches * batch_size - len(mine))
+  text_len, size = config.data.text_len, config.data.image_size
+  cached = (None, None)  # (record index, record): the 4 pairs of an image are read once.
+  for start in range(0, len(mine), batch_size):
+    rows = []
+    for j in mine[start:start + batch_size]:
+      if j is None:
+        rows.append(_eval_padding_row(tokenizer, text_len, size))
+        continue
+      r, k = divmod(j, QA_PER_IMAGE)
+      if cached[0] != r:
+        cached = (r, source[r])
+      question, answer = _qa(cached[1], k)
+      prefix = _prefix(tokenizer, question)
+      if len(prefix) > text_len:
+        raise _too_long(r, k, question, len(prefix), text_len)
+      rows.append(dict(image=_image(cached[1]["image"], config), text=_padded(prefix, text_len),
+                       mask_input=_mask(len(prefix), text_len), prefix_len=len(prefix),
+                       valid=True, question=question, answer=answer, kind=shapes.QUESTION_KINDS[k]))
+    yield _stack_eval(rows)
+
+
+class _TrainExample:
+  """Pair index -> one unbatched training element."""
+
+  def __init__(self, config, tokenizer, source):
+    self._config, self._tokenizer, self._source = config, tokenizer, source
+
+  def __call__(self, j: int) -> dict[str, np.ndarray]:
+    r, k = divmod(int(j), QA_PER_IMAGE)
+    record = self._source[r]
+    question, answer = _qa(record, k)
+    prefix = _prefix(self._tokenizer, question)
+    suffix = self._tokenizer.encode(answer) + [self._tokenizer.eos_id]
+    n, text_len = len(prefix) + len(suffix), self._config.data.text_len
+    if n > text_len:
+      raise _too_long(r, k, question, n, text_len)
+    is_prefix = np.arange(text_len) < len(prefix)
+    is_real = np.arange(text_len) < n
+    return dict(
+        image=_image(record["image"], self._config),
+        text=_padded(prefix + suffix, text_len),
+        mask_ar=(~is_prefix).astype(np.int32),
+        mask_loss=(is_real & ~is_prefix).astype(np.int32),
+        mask_input=is_real.astype(np.int32))
+
+
+def _local_batch_size(global_size: int, process_count: int, field: str) -> int:
+  if global_size % process_count or global_size < process_count:
+    raise UserError(f"{field} {global_size} does not split evenly over {process_count} processes; "
+                    f"set --config.{field} to a positive multiple of {process_count}")
+  return global_size // process_count
+
+
+def _qa(record, k: int) -> tuple[str, str]:
+  return record["questions"][k].decode(), record["answers"][k].decode()
+
+
+def _prefix(tokenizer, question: str) -> list[int]:
+  return [tokenizer.bos_id] + tokenizer.encode(question)
+
+
+def _too_long(r: int, k: int, question: str, n: int, text_len: int) -> UserError:
+  return UserError(f"record {r} (question {k}: {question!r}) needs {n} tokens but --config.data.text_len "
+                   f"is {text_len}; set --config.data.text_len to at least {n}")
+
+
+def _padded(ids: list[int], length: int) -> np.ndarray:
+  out = np.full([length], tokenizer_lib.PAD_ID, np.int32)
+  out[:len(ids)] = ids
+  return out
+
+
+def _mask(n: int, length: int) -> np.ndarray:
+  return (np.arange(length) < n).astype(np.int32)
+
+
+def _image(image: np.ndarray, config) -> np.ndarray:
+  """uint8 [H, W, 3] -> float32 [S, S, 3] in [-1, 1]."""
+  size = config.data.image_size
+  if config.data.blind:
+    return np.zeros([size, size, 3], np.float32)
+  if image.shape[:2] != (size, size):
+    image = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+  return image.astype(np.float32) / 127.5 - 1.0
+
+
+def _eval_padding_row(tokenizer, text_len: int, size: int) -> dict:
+  return dict(image=np.zeros([size, size, 3], np.float32), text=_padded([tokenizer.bos_id], text_len),
+              mask_input=_mask(1, text_len), prefix_len=1, valid=False, question="", answer="",
+              kind="")
+
+
+def _stack_eval(rows: list[dict]) -> dict:
+  return dict(
+      image=np.stack([r["image"] for r in rows]),
+      text=np.stack([r["text"] for r in rows]),
+      mask_input=np.stack([r["mask_input"] for r in rows]),
+      prefix_len=np.array([r["prefix_len"] for r in rows], np.int32),
+      valid=np.array([r["valid"] for r in rows], bool),
+      question=[r["question"] for r in rows],
+      answer=[r["answer"] for r in rows],
+      kind=[r["kind"] for r in rows])

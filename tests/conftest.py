@@ -1,0 +1,45 @@
+import os
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import importlib.util
+import pathlib
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # Lets `pytest` run from a plain checkout without an install.
+  sys.path.insert(0, str(REPO))
+
+from mm_jax.data import pipeline
+
+
+def load_config(arg: str = ""):
+  """configs/shapes_tiny.py with `arg` (e.g. "test", "test,blind")."""
+  spec = importlib.util.spec_from_file_location("shapes_tiny_config", REPO / "configs" / "shapes_tiny.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.fixture(scope="session")
+def test_config(tmp_path_factory):
+  """The `:test` config with its small dataset built once in a session tmp dir.
+
+  Shared by the whole session: copy it (`copy.deepcopy`) before changing a field.
+  """
+  config = load_config("test")
+  config.data.data_dir = str(tmp_path_factory.mktemp("data"))
+  pipeline.open_source(config, "train")  # Builds the data and the tokenizer.
+  return config
+
+
+@pytest.fixture(scope="session")
+def tokenizer(test_config):
+  return pipeline.load_tokenizer(test_config)
+
+
+@pytest.fixture(scope="session")
+def train_source(test_config):
+  return pipeline.open_source(test_config, "train")
