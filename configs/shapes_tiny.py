@@ -47,15 +47,16 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
   c.data.num_test = 500
   c.data.dataset_seed = 0            # the generator's seed: same seed, same dataset
   c.data.image_size = 64             # the model's input resolution (images are resized if they differ)
-  c.data.text_len = 24               # prefix + suffix tokens, padded
+  c.data.text_len = 40               # prefix + suffix tokens, padded (a 4-shape caption needs 37)
   c.data.vocab_size = 128            # SentencePiece vocabulary trained on the dataset's text
   c.data.blind = False               # replace every image by a constant
+  c.data.caption_task = True         # mix captioning into training (eval asks the questions only)
   c.data.num_threads = 2             # grain read threads
 
   c.model = mlc.ConfigDict()
   c.model.family = "unified"         # image tokens beside text tokens, PaliGemma prefix-LM
   c.model.encoder = mlc.ConfigDict(dict(
-      patch_size=8, width=128, depth=3, num_heads=4, mlp_dim=512))
+      patch_size=16, width=128, depth=3, num_heads=4, mlp_dim=512))
   c.model.connector = "linear"
   c.model.decoder = mlc.ConfigDict(dict(
       width=128, depth=3, num_heads=4, num_kv_heads=1, head_dim=32, mlp_dim=512,
@@ -95,6 +96,7 @@ def _shrink_for_tests(c: mlc.ConfigDict) -> None:
   c.data.num_train, c.data.num_validation, c.data.num_test = 64, 16, 16
   c.data.image_size = 32
   c.data.text_len = 20
+  c.data.caption_task = False
   c.model.encoder.update(dict(patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64))
   c.model.decoder.update(dict(width=32, depth=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64))
   c.optim.warmup_steps = 1

@@ -62,6 +62,7 @@ def evaluate(config: mlc.ConfigDict, workdir: str, split: str = "test", step: in
       in_shardings=(mm.param_shardings, batch_sh, batch_sh, batch_sh, batch_sh), out_shardings=batch_sh)
 
   correct = total = 0
+  per_kind = {}  # question kind -> [correct, total]
   samples = []
   for batch in data.eval_batches(config, tokenizer, source, process_index=jax.process_index(),
                                  process_count=jax.process_count()):
@@ -72,25 +73,33 @@ def evaluate(config: mlc.ConfigDict, workdir: str, split: str = "test", step: in
                       arrays["prefix_len"])
     local = np.asarray(multihost_utils.global_array_to_host_local_array(  # this process's rows
         tokens, mesh, batch_sh.spec))
-    for row, valid, q, a in zip(local, batch["valid"], batch["question"], batch["answer"]):
+    for row, valid, q, a, kind in zip(local, batch["valid"], batch["question"], batch["answer"],
+                                      batch["kind"]):
       if not valid:
         continue
       pred = tokenizer.decode(row.tolist()).strip()
       correct += pred == a
       total += 1
+      counts = per_kind.setdefault(kind, [0, 0])
+      counts[0] += pred == a
+      counts[1] += 1
       if len(samples) < config.eval.num_samples:
         samples.append({"question": q, "answer": a, "prediction": pred})
-  if jax.process_count() > 1:
-    correct, total = (int(x) for x in multihost_utils.process_allgather(
-        np.array([correct, total])).sum(0))
+  kinds = sorted(per_kind)
+  if jax.process_count() > 1:  # every process holds its share of the counts
+    counts = np.array([[correct, total]] + [per_kind[k] for k in kinds])
+    counts = multihost_utils.process_allgather(counts).sum(0)
+    (correct, total), per_kind = counts[0].tolist(), dict(zip(kinds, counts[1:].tolist()))
   result = {"step": step, "split": split, "num_examples": total,
-            "vqa_exact_match": correct / max(total, 1), "samples": samples}
+            "vqa_exact_match": correct / max(total, 1),
+            "per_kind": {k: per_kind[k][0] / per_kind[k][1] for k in kinds}, "samples": samples}
   if jax.process_index() == 0:
     os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
     with open(os.path.join(workdir, "eval", f"{split}.json"), "w") as f:
       json.dump(result, f, indent=1)
-    print(f"step {step} | {split} | {total} questions | vqa_exact_match {result['vqa_exact_match']:.4f}",
-          flush=True)
+    kind_scores = " ".join(f"{k} {v:.3f}" for k, v in result["per_kind"].items())
+    print(f"step {step} | {split} | {total} questions | vqa_exact_match "
+          f"{result['vqa_exact_match']:.4f} | {kind_scores}", flush=True)
   return result
 
 

@@ -81,6 +81,26 @@ def param_shardings(boxed_abstract, mesh: Mesh, rules) -> dict:
   return jax.tree.map(one, logical, shapes, is_leaf=lambda s: isinstance(s, P))
 
 
+def like_params(tree, abstract_params, mesh: Mesh):
+  """Shardings for a tree of ShapeDtypeStructs (e.g. optimizer state) whose leaves mirror params.
+
+  A leaf takes the sharding of the parameter whose path is the longest suffix of the leaf's dict-key
+  path and whose shape equals the leaf's (Adam's mu/nu); any other leaf (counts, masked) is replicated.
+  """
+  by_path = {tuple(k.key for k in path): x for path, x in
+             jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+
+  def pick(path, leaf):
+    keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+    for i in range(len(keys)):
+      param = by_path.get(keys[i:])
+      if param is not None and param.shape == leaf.shape:
+        return param.sharding
+    return replicated(mesh)
+
+  return jax.tree_util.tree_map_with_path(pick, tree)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

@@ -87,8 +87,7 @@ class ModelOnMesh:
     """The train state as ShapeDtypeStructs with shardings (the restore target)."""
     with self.context():
       opt = jax.eval_shape(tx.init, self.abstract_params)
-    opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt, self.param_shardings,
-                                   transform_non_params=lambda _: sharding.replicated(self.mesh))
+    opt_sh = sharding.like_params(opt, self.abstract_params, self.mesh)
     opt = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), opt, opt_sh)
     step = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(self.mesh))
     return {"params": self.abstract_params, "opt_state": opt, "step": step}

@@ -43,3 +43,13 @@ def tokenizer(test_config):
 @pytest.fixture(scope="session")
 def train_source(test_config):
   return pipeline.open_source(test_config, "train")
+
+
+def make_run(config, devices, vocab_size):
+  """(ModelOnMesh, optimizer) for `config` on a mesh over `devices`."""
+  from mm_jax import optim, sharding  # pylint: disable=g-import-not-at-top
+  from mm_jax.state import ModelOnMesh  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(config.mesh, devices)
+  mm = ModelOnMesh.create(config, vocab_size, mesh)
+  labels = optim.param_labels(mm.abstract_params, config.optim.rules)
+  return mm, optim.make_optimizer(config.optim, config.total_steps, labels)

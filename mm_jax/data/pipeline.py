@@ -9,7 +9,9 @@ r"""Input pipelines: (image, question, answer) -> batches of numpy arrays for th
   for batch in eval_batches(config, tok, source_val, process_index=..., process_count=...): ...
 
 Every element is one (image, QA pair): element j of the split's index space is QA pair j % 4 of record
-j // 4, so one epoch shows each pair exactly once. Train: the index space is sharded by process (strided,
+j // 4, so one epoch shows each pair exactly once. With data.caption_task, each image adds a fifth
+element (j % 5 == 4): prefix "what is there?", suffix the image's caption (PaliGemma-style task mixing: the
+caption names every shape's colour, kind and place, a dense grounding signal beside one-word answers). Train: the index space is sharded by process (strided,
 before shuffling), shuffled with `config.seed` and reshuffled every epoch, batched to
 b = global_batch_size // process_count:
 
@@ -35,6 +37,7 @@ from mm_jax.data import tokenizer as tokenizer_lib
 from mm_jax.errors import UserError
 
 QA_PER_IMAGE = len(shapes.QUESTION_KINDS)
+CAPTION_PROMPT = "what is there?"
 
 
 def open_source(config, split: str):
@@ -52,7 +55,7 @@ def train_iterator(config, tokenizer: tokenizer_lib.Tokenizer, source, *, proces
                    process_count: int) -> grain.DatasetIterator:
   """Returns an endless, checkpointable iterator over this process's training batches."""
   batch_size = _local_batch_size(config.global_batch_size, process_count, "global_batch_size")
-  ds = grain.MapDataset.range(len(source) * QA_PER_IMAGE)
+  ds = grain.MapDataset.range(len(source) * _tasks_per_image(config))
   ds = ds[process_index::process_count]  # Disjoint strided shards that together cover the split.
   ds = ds.shuffle(seed=config.seed).repeat(None)  # repeat() reseeds the shuffle every epoch.
   ds = ds.map(_TrainExample(config, tokenizer, source)).batch(batch_size, drop_remainder=True)
@@ -94,6 +97,11 @@ def eval_batches(config, tokenizer: tokenizer_lib.Tokenizer, source, *, process_
     yield _stack_eval(rows)
 
 
+def _tasks_per_image(config) -> int:
+  """Train elements per image: its QA pairs, plus one captioning element with data.caption_task."""
+  return QA_PER_IMAGE + int(config.data.caption_task)
+
+
 class _TrainExample:
   """Pair index -> one unbatched training element."""
 
@@ -101,9 +109,12 @@ class _TrainExample:
     self._config, self._tokenizer, self._source = config, tokenizer, source
 
   def __call__(self, j: int) -> dict[str, np.ndarray]:
-    r, k = divmod(int(j), QA_PER_IMAGE)
+    r, k = divmod(int(j), _tasks_per_image(self._config))
     record = self._source[r]
-    question, answer = _qa(record, k)
+    if k < QA_PER_IMAGE:
+      question, answer = _qa(record, k)
+    else:  # The captioning task: the same image, a dense description of all its shapes.
+      question, answer = CAPTION_PROMPT, record["caption"].decode()
     prefix = _prefix(self._tokenizer, question)
     suffix = self._tokenizer.encode(answer) + [self._tokenizer.eos_id]
     n, text_len = len(prefix) + len(suffix), self._config.data.text_len

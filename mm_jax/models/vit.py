@@ -35,6 +35,9 @@ class ViT(nn.Module):
   num_heads: int
   mlp_dim: int
 
+  def num_patches(self, image_shape: tuple[int, ...]) -> int:
+    return (image_shape[-3] // self.patch_size) * (image_shape[-2] // self.patch_size)
+
   @nn.compact
   def __call__(self, image_BxHxWxC: Array) -> Array:
     p, d = self.patch_size, self.width

@@ -25,6 +25,12 @@ class UnifiedVLM(nn.Module):
   def __call__(self, image_BxHxWxC: Array, text_BxT: Array, mask_ar_BxT: Array,
                mask_input_BxT: Array) -> Array:
     """Teacher-forced forward. Returns text logits BxTxV (logit t predicts text token t + 1)."""
+    n = self.encoder.num_patches(image_BxHxWxC.shape)
+    return self.sequence_logits(image_BxHxWxC, text_BxT, mask_ar_BxT, mask_input_BxT)[:, n:]
+
+  def sequence_logits(self, image_BxHxWxC: Array, text_BxT: Array, mask_ar_BxT: Array,
+                      mask_input_BxT: Array) -> Array:
+    """Logits at every position of [image tokens, text tokens]: Bx(N+T)xV."""
     img_BxNxD = self.embed_image(image_BxHxWxC)
     b, n = img_BxNxD.shape[:2]
     x_BxLxD = jnp.concatenate([img_BxNxD, self.decoder.embed(text_BxT)], axis=1)
@@ -32,7 +38,7 @@ class UnifiedVLM(nn.Module):
     mask_ar = jnp.concatenate([jnp.zeros((b, n), jnp.int32), mask_ar_BxT], axis=1)
     positions_BxL = jnp.broadcast_to(jnp.arange(x_BxLxD.shape[1]), input_mask.shape)
     logits_BxLxV, _ = self.decoder(x_BxLxD, positions_BxL, make_attn_mask(input_mask, mask_ar))
-    return logits_BxLxV[:, n:]
+    return logits_BxLxV
 
   def prefill(self, image_BxHxWxC: Array, prefix_BxP: Array, prefix_mask_BxP: Array,
               cache: Cache) -> tuple[Array, Cache, Array]:

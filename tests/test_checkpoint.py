@@ -1,0 +1,89 @@
+"""Checkpoints: exact save -> restore (params, optimizer state, data position, next loss), across meshes,
+and the architecture check."""
+import copy
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import make_run
+from mm_jax import sharding
+from mm_jax.checkpoint import Checkpoints
+from mm_jax.data import pipeline
+from mm_jax.errors import UserError
+
+
+def _host(tree):
+  return jax.tree.map(np.asarray, tree)
+
+
+def _iterator(config, tokenizer, source):
+  return pipeline.train_iterator(config, tokenizer, source, process_index=0, process_count=1)
+
+
+def _trained(config, devices, tokenizer, source, workdir, steps=2):
+  """Trains `steps` steps, saves, and returns (mm, tx, host copy of the saved state, iterator)."""
+  mm, tx = make_run(config, devices, tokenizer.vocab_size)
+  state, step = mm.init_train_state(tx, seed=0), mm.make_train_step(tx)
+  it = _iterator(config, tokenizer, source)
+  for _ in range(steps):
+    state, _ = step(state, sharding.to_global(next(it), mm.mesh))
+  ckpt = Checkpoints(workdir)
+  ckpt.save(steps, state, it, config)
+  ckpt.wait()
+  ckpt.close()
+  return mm, tx, state, it
+
+
+def test_save_restore_is_exact_and_resumes_the_data(test_config, tokenizer, train_source, tmp_path):
+  config = copy.deepcopy(test_config)
+  mm, tx, state, it = _trained(config, jax.devices()[:1], tokenizer, train_source, tmp_path)
+  saved = _host(state)
+  next_batch = next(it)
+  _, uninterrupted = mm.make_train_step(tx)(state, sharding.to_global(next_batch, mm.mesh))
+
+  it2 = _iterator(config, tokenizer, train_source)
+  ckpt = Checkpoints(tmp_path)
+  assert ckpt.latest_step() == 2
+  restored = ckpt.restore(2, mm.abstract_train_state(tx), it2)
+  jax.tree.map(np.testing.assert_array_equal, saved["params"], _host(restored["params"]))
+  jax.tree.map(np.testing.assert_array_equal, saved["opt_state"], _host(restored["opt_state"]))
+  assert int(restored["step"]) == 2
+  batch = next(it2)
+  jax.tree.map(np.testing.assert_array_equal, next_batch, batch)
+  _, resumed = mm.make_train_step(tx)(restored, sharding.to_global(batch, mm.mesh))
+  assert float(resumed["loss"]) == float(uninterrupted["loss"])
+
+
+def test_checkpoint_from_8_devices_restores_on_1(test_config, tokenizer, train_source, tmp_path):
+  config = copy.deepcopy(test_config)
+  config.mesh.update(data=2, fsdp=2, tensor=2)
+  _, _, state, _ = _trained(config, jax.devices(), tokenizer, train_source, tmp_path)
+  saved = _host(state)
+  config.mesh.update(data=1, fsdp=1, tensor=1)
+  mm1, tx1 = make_run(config, jax.devices()[:1], tokenizer.vocab_size)
+  restored = Checkpoints(tmp_path).restore(2, mm1.abstract_train_state(tx1),
+                                           _iterator(config, tokenizer, train_source))
+  leaf = restored["params"]["decoder"]["embedder"]["embedding"]
+  assert leaf.sharding.device_set == {jax.devices()[0]}
+  jax.tree.map(np.testing.assert_array_equal, saved["params"], _host(restored["params"]))
+  jax.tree.map(np.testing.assert_array_equal, saved["opt_state"], _host(restored["opt_state"]))
+  # Params alone (what eval reads) restore too.
+  params = Checkpoints(tmp_path, read_only=True).restore_params(2, mm1.abstract_params)
+  jax.tree.map(np.testing.assert_array_equal, saved["params"], _host(params))
+
+
+def test_other_architecture_is_refused(test_config, tokenizer, train_source, tmp_path):
+  config = copy.deepcopy(test_config)
+  _trained(config, jax.devices()[:1], tokenizer, train_source, tmp_path, steps=1)
+  config.model.decoder.mlp_dim = 96
+  mm, _ = make_run(config, jax.devices()[:1], tokenizer.vocab_size)
+  with pytest.raises(UserError, match=r"belongs to another architecture: \d+ parameters differ \(first: "
+                                      r"decoder/block_0/down/kernel: float32\[64, 32\] in the checkpoint"):
+    Checkpoints(tmp_path, read_only=True).check_compatible(1, mm.abstract_params)
+
+
+def test_read_only_on_a_missing_workdir_creates_nothing(tmp_path):
+  ckpt = Checkpoints(tmp_path / "absent", read_only=True)
+  assert ckpt.latest_step() is None and ckpt.all_steps() == []
+  assert not (tmp_path / "absent").exists()

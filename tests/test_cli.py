@@ -1,0 +1,132 @@
+"""The command line, as a user runs it: bad input gives one line and a non-zero exit and leaves the workdir
+as it was; kill -9 then the same command resumes to bitwise the same params as an uninterrupted run."""
+import copy
+import hashlib
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO, make_run
+from mm_jax.checkpoint import Checkpoints
+
+CONFIG = f"{REPO}/configs/shapes_tiny.py:test"
+
+
+def _cmd(module, workdir, data_dir, *overrides):
+  return [sys.executable, "-m", f"mm_jax.{module}", f"--config={CONFIG}", f"--workdir={workdir}",
+          f"--config.data.data_dir={data_dir}", *overrides]
+
+
+def _run(args, timeout=240):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _snapshot(root: pathlib.Path) -> dict:
+  """path -> content hash of every file under root: what 'unchanged' means."""
+  return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _last_line(stderr: str) -> str:
+  return stderr.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(test_config, tmp_path_factory):
+  """A workdir with a finished 4-step run of the test config."""
+  workdir = tmp_path_factory.mktemp("trained")
+  r = _run(_cmd("train", workdir, test_config.data.data_dir))
+  assert r.returncode == 0, r.stderr[-3000:]
+  return workdir
+
+
+def test_train_then_eval_writes_results(trained_workdir, test_config):
+  r = _run(_cmd("eval", trained_workdir, test_config.data.data_dir))
+  assert r.returncode == 0, r.stderr[-3000:]
+  import json  # pylint: disable=g-import-not-at-top
+  result = json.loads((trained_workdir / "eval" / "test.json").read_text())
+  assert result["step"] == 4 and result["split"] == "test" and result["num_examples"] == 16 * 4
+  assert 0.0 <= result["vqa_exact_match"] <= 1.0
+  assert {"question", "answer", "prediction"} <= set(result["samples"][0])
+  assert (trained_workdir / "metrics.jsonl").read_text().count('"loss"') == 2
+  assert list((trained_workdir / "tensorboard").iterdir())
+
+
+BAD_INPUTS = {
+    "unknown config key": (
+        "train", ["--config.optim.lrr=0.1"], "optim.lrr"),
+    "freeze rules leave a parameter uncovered": (
+        "train", ["--config.optim.rules=(('encoder/.*','frozen'),)"], "parameters uncovered"),
+    "data_dir not writable": (
+        "train", ["--config.data.data_dir={file}/sub"], "is not writable"),
+    "checkpoint of another architecture": (
+        "train", ["--config.model.decoder.mlp_dim=96"], "belongs to another architecture"),
+    "batch not divisible by the data-parallel size": (
+        "train", ["--config.global_batch_size=12"], "not divisible by the data-parallel size 8"),
+    "eval with no checkpoint": (
+        "eval", [], "no checkpoint in"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_one_line_nonzero_exit_workdir_unchanged(name, trained_workdir, test_config, tmp_path):
+  module, overrides, expected = BAD_INPUTS[name]
+  workdir = trained_workdir
+  if name == "eval with no checkpoint":
+    workdir = tmp_path / "empty_workdir"
+    workdir.mkdir()
+    (workdir / "notes.txt").write_text("mine")
+  a_file = tmp_path / "a_file"
+  a_file.write_text("not a directory")
+  overrides = [o.format(file=a_file) for o in overrides]
+  before = _snapshot(workdir)
+  r = _run(_cmd(module, workdir, test_config.data.data_dir, *overrides))
+  assert r.returncode != 0
+  line = _last_line(r.stderr)
+  assert expected in line, r.stderr[-2000:]
+  assert "Traceback" not in r.stderr
+  assert _snapshot(workdir) == before
+
+
+def _final_params(workdir, config, vocab_size):
+  mm, _ = make_run(config, jax.devices()[:1], vocab_size)
+  ckpt = Checkpoints(workdir, read_only=True)
+  return jax.tree.map(np.asarray, ckpt.restore_params(ckpt.latest_step(), mm.abstract_params))
+
+
+def test_kill_9_then_same_command_resumes_bitwise(test_config, tokenizer, tmp_path):
+  overrides = ["--config.total_steps=40", "--config.checkpoint_every=5", "--config.log_every=5"]
+  data_dir = test_config.data.data_dir
+  straight = _run(_cmd("train", tmp_path / "straight", data_dir, *overrides))
+  assert straight.returncode == 0, straight.stderr[-3000:]
+
+  workdir = tmp_path / "killed"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  proc = subprocess.Popen(_cmd("train", workdir, data_dir, *overrides), cwd=REPO, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  first = workdir / "checkpoints" / "5"
+  deadline = time.time() + 180
+  while not first.exists() and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.05)
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  assert first.exists(), "no checkpoint was written before the kill"
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps[-1] < 40, f"the run finished before the kill: {steps}"
+
+  resumed = _run(_cmd("train", workdir, data_dir, *overrides))
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "Resuming from the checkpoint at step" in resumed.stdout
+
+  config = copy.deepcopy(test_config)
+  want = _final_params(tmp_path / "straight", config, tokenizer.vocab_size)
+  got = _final_params(workdir, config, tokenizer.vocab_size)
+  jax.tree.map(np.testing.assert_array_equal, want, got)
