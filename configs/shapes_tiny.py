@@ -47,10 +47,10 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
   c.data.num_test = 500
   c.data.dataset_seed = 0            # the generator's seed: same seed, same dataset
   c.data.image_size = 64             # the model's input resolution (images are resized if they differ)
-  c.data.text_len = 40               # prefix + suffix tokens, padded (a 4-shape caption needs 37)
+  c.data.text_len = 26               # prefix + suffix tokens, padded (a 4-shape caption needs 25)
   c.data.vocab_size = 128            # SentencePiece vocabulary trained on the dataset's text
   c.data.blind = False               # replace every image by a constant
-  c.data.caption_task = True         # mix captioning into training (eval asks the questions only)
+  c.data.caption_ratio = 1.0         # captioning elements per image mixed into training (0: off)
   c.data.num_threads = 2             # grain read threads
 
   c.model = mlc.ConfigDict()
@@ -70,12 +70,13 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
   c.optim.weight_decay = 1e-4
   c.optim.b2 = 0.98
   c.optim.grad_clip = 1.0
+  c.optim.loss_norm = "example"      # token mean per example, then over examples; or "token" (batch-wide)
   # Ordered (regex over 'subtree/.../name', 'trainable' | 'frozen'); the first match wins; every param
   # must match one. E.g. LLaVA stage 1: (("connector/.*", "trainable"), (".*", "frozen")).
   c.optim.rules = ((".*", "trainable"),)
 
   c.eval = mlc.ConfigDict()
-  c.eval.batch_size = 250
+  c.eval.batch_size = 256
   c.eval.num_samples = 20            # (question, answer, prediction) samples written to the json
 
   for variant in filter(None, arg.split(",")):
@@ -96,7 +97,7 @@ def _shrink_for_tests(c: mlc.ConfigDict) -> None:
   c.data.num_train, c.data.num_validation, c.data.num_test = 64, 16, 16
   c.data.image_size = 32
   c.data.text_len = 20
-  c.data.caption_task = False
+  c.data.caption_ratio = 0.0
   c.model.encoder.update(dict(patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64))
   c.model.decoder.update(dict(width=32, depth=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64))
   c.optim.warmup_steps = 1

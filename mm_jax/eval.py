@@ -8,16 +8,15 @@ whatever mesh wrote it. Prints the score and writes <workdir>/eval/<split>.json.
 import functools
 import json
 import os
-import sys
 
 import jax
 import ml_collections as mlc
 import numpy as np
-from absl import app, flags
+from absl import flags
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from mm_jax import data, sharding
+from mm_jax import cli, data, sharding
 from mm_jax.checkpoint import Checkpoints
 from mm_jax.decode import greedy_decode
 from mm_jax.errors import UserError
@@ -103,17 +102,11 @@ def evaluate(config: mlc.ConfigDict, workdir: str, split: str = "test", step: in
   return result
 
 
-def main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main() -> None:
   if _CONFIG.value is None or not _WORKDIR.value:
-    sys.exit("mm_jax.eval: error: --config and --workdir are required")
-  sharding.maybe_initialize_distributed()
-  try:
-    evaluate(_CONFIG.value, _WORKDIR.value, _SPLIT.value, _STEP.value)
-  except UserError as e:
-    sys.exit(f"mm_jax.eval: error: {e}")
+    raise UserError("--config and --workdir are required")
+  evaluate(_CONFIG.value, _WORKDIR.value, _SPLIT.value, _STEP.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run("mm_jax.eval", main)

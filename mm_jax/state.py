@@ -31,12 +31,23 @@ def forward(model: nn.Module, params, batch: dict) -> jax.Array:
                      batch["mask_input"])
 
 
-def loss_fn(model: nn.Module, params, batch: dict) -> jax.Array:
-  """Next-token cross-entropy on the loss-masked (suffix) tokens, mean over all of the batch's tokens."""
+def loss_fn(model: nn.Module, params, batch: dict, norm: str = "example") -> jax.Array:
+  """Next-token cross-entropy on the loss-masked (suffix) tokens.
+
+  norm="example": the mean over each example's suffix tokens, then over examples (big_vision's
+  PaliGemma trainer): a one-word answer weighs as much as a 20-token caption. norm="token": the mean
+  over all suffix tokens of the batch (HF transformers), where long targets dominate.
+  """
   logits_BxTxV = forward(model, params, batch)[:, :-1].astype(jnp.float32)
   weights_BxT = batch["mask_loss"][:, 1:].astype(jnp.float32)
   ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["text"][:, 1:])
-  return jnp.sum(ce_BxT * weights_BxT) / jnp.maximum(jnp.sum(weights_BxT), 1.0)
+  if norm == "token":
+    return jnp.sum(ce_BxT * weights_BxT) / jnp.maximum(jnp.sum(weights_BxT), 1.0)
+  per_example_B = jnp.sum(ce_BxT * weights_BxT, axis=1) / jnp.maximum(jnp.sum(weights_BxT, axis=1), 1.0)
+  return jnp.mean(per_example_B)
+
+
+LOSS_NORMS = ("example", "token")
 
 
 @contextlib.contextmanager
@@ -106,7 +117,8 @@ class ModelOnMesh:
     batch_sh = sharding.batch_sharding(self.mesh)
 
     def step(state, batch):
-      loss, grads = jax.value_and_grad(functools.partial(loss_fn, self.model))(state["params"], batch)
+      loss, grads = jax.value_and_grad(functools.partial(
+          loss_fn, self.model, norm=self.config.optim.loss_norm))(state["params"], batch)
       updates, opt = tx.update(grads, state["opt_state"], state["params"])
       params = optax.apply_updates(state["params"], updates)
       return {"params": params, "opt_state": opt, "step": state["step"] + 1}, {"loss": loss}

@@ -9,28 +9,32 @@ Writes <workdir>/checkpoints, <workdir>/metrics.jsonl and TensorBoard events in 
 Every input is checked before anything is written; bad input exits with one line naming the fix.
 """
 import os
-import sys
 
 import jax
 import ml_collections as mlc
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from mm_jax import data, optim, sharding
+from mm_jax import cli, data, optim, sharding
 from mm_jax.checkpoint import Checkpoints
 from mm_jax.errors import UserError
 from mm_jax.metrics import MetricWriter, parameter_table
-from mm_jax.state import ModelOnMesh
+from mm_jax.models import CONNECTORS, FAMILIES
+from mm_jax.state import LOSS_NORMS, ModelOnMesh
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None,
+    f"Config file (configs/*.py[:variant]). Registries: model.family in {sorted(FAMILIES)}, "
+    f"model.connector in {sorted(CONNECTORS)}.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")
 
 
 def train(config: mlc.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) training; returns the last logged metrics."""
   # 1. Everything that can fail on bad input, before the workdir is touched.
+  if config.optim.loss_norm not in LOSS_NORMS:
+    raise UserError(f"optim.loss_norm={config.optim.loss_norm!r} is unknown; use one of {LOSS_NORMS}")
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.global_batch_size, mesh)
   tokenizer, source = data.prepare(config, "train")
@@ -81,17 +85,11 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict:
   return metrics
 
 
-def main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main() -> None:
   if _CONFIG.value is None or not _WORKDIR.value:
-    sys.exit("mm_jax.train: error: --config and --workdir are required")
-  sharding.maybe_initialize_distributed()
-  try:
-    train(_CONFIG.value, _WORKDIR.value)
-  except UserError as e:
-    sys.exit(f"mm_jax.train: error: {e}")
+    raise UserError("--config and --workdir are required")
+  train(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run("mm_jax.train", main)

@@ -9,9 +9,11 @@ r"""Input pipelines: (image, question, answer) -> batches of numpy arrays for th
   for batch in eval_batches(config, tok, source_val, process_index=..., process_count=...): ...
 
 Every element is one (image, QA pair): element j of the split's index space is QA pair j % 4 of record
-j // 4, so one epoch shows each pair exactly once. With data.caption_task, each image adds a fifth
-element (j % 5 == 4): prefix "what is there?", suffix the image's caption (PaliGemma-style task mixing: the
-caption names every shape's colour, kind and place, a dense grounding signal beside one-word answers). Train: the index space is sharded by process (strided,
+j // 4, so one epoch shows each pair exactly once. With data.caption_ratio > 0, round(ratio * images)
+captioning elements follow (images spread evenly): prefix "what is there?", suffix the image's caption
+(PaliGemma-style task mixing: the caption names every shape's colour, kind and place, a dense
+grounding signal beside one-word answers; the ratio keeps its many tokens from swamping the answers
+in the token-mean loss). Train: the index space is sharded by process (strided,
 before shuffling), shuffled with `config.seed` and reshuffled every epoch, batched to
 b = global_batch_size // process_count:
 
@@ -55,7 +57,7 @@ def train_iterator(config, tokenizer: tokenizer_lib.Tokenizer, source, *, proces
                    process_count: int) -> grain.DatasetIterator:
   """Returns an endless, checkpointable iterator over this process's training batches."""
   batch_size = _local_batch_size(config.global_batch_size, process_count, "global_batch_size")
-  ds = grain.MapDataset.range(len(source) * _tasks_per_image(config))
+  ds = grain.MapDataset.range(len(source) * QA_PER_IMAGE + _num_captions(config, len(source)))
   ds = ds[process_index::process_count]  # Disjoint strided shards that together cover the split.
   ds = ds.shuffle(seed=config.seed).repeat(None)  # repeat() reseeds the shuffle every epoch.
   ds = ds.map(_TrainExample(config, tokenizer, source)).batch(batch_size, drop_remainder=True)
@@ -97,9 +99,9 @@ def eval_batches(config, tokenizer: tokenizer_lib.Tokenizer, source, *, process_
     yield _stack_eval(rows)
 
 
-def _tasks_per_image(config) -> int:
-  """Train elements per image: its QA pairs, plus one captioning element with data.caption_task."""
-  return QA_PER_IMAGE + int(config.data.caption_task)
+def _num_captions(config, num_images: int) -> int:
+  """Captioning elements per epoch: data.caption_ratio per image (0 turns the task off)."""
+  return round(config.data.caption_ratio * num_images)
 
 
 class _TrainExample:
@@ -109,11 +111,15 @@ class _TrainExample:
     self._config, self._tokenizer, self._source = config, tokenizer, source
 
   def __call__(self, j: int) -> dict[str, np.ndarray]:
-    r, k = divmod(int(j), _tasks_per_image(self._config))
-    record = self._source[r]
-    if k < QA_PER_IMAGE:
+    num_images, j = len(self._source), int(j)
+    if j < num_images * QA_PER_IMAGE:
+      r, k = divmod(j, QA_PER_IMAGE)
+      record = self._source[r]
       question, answer = _qa(record, k)
-    else:  # The captioning task: the same image, a dense description of all its shapes.
+    else:  # Captioning: images spread evenly over the split; the caption names every shape.
+      c = j - num_images * QA_PER_IMAGE
+      r, k = c * num_images // _num_captions(self._config, num_images), QA_PER_IMAGE
+      record = self._source[r]
       question, answer = CAPTION_PROMPT, record["caption"].decode()
     prefix = _prefix(self._tokenizer, question)
     suffix = self._tokenizer.encode(answer) + [self._tokenizer.eos_id]

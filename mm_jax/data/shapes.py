@@ -105,7 +105,8 @@ def png_bytes(scene: Scene) -> bytes:
 
 
 def caption(scene: Scene) -> str:
-  return " and ".join(f"{_a(o.color)} {o.color} {o.shape} in the {REGIONS[o.region]}" for o in scene.objects)
+  """Every shape, by quadrant, in few tokens (it is also a training target): 'red circle top left, ...'."""
+  return ", ".join(f"{o.color} {o.shape} {REGIONS[o.region]}" for o in scene.objects)
 
 
 def _a(word: str) -> str:
@@ -233,8 +234,10 @@ def build(data_cfg) -> Shapes:
   """Returns the builder for `data_cfg`, building the data and its tokenizer first if needed."""
   config = builder_config(data_cfg)
   data_dir = data_cfg.data_dir
-  _check_writable(data_dir)
   if jax.process_index() == 0:
+    version_dir = os.path.join(data_dir, Shapes.name, config.name, str(Shapes.VERSION))
+    if not os.path.exists(os.path.join(version_dir, TOKENIZER_FILE)):
+      _check_writable(data_dir)  # only when something must be written: a built copy may be read-only
     builder = Shapes(config=config, data_dir=data_dir)
     if not builder.is_prepared():
       logging.info("Building shapes/%s in %s", config.name, data_dir)

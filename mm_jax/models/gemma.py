@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mm_jax.models.layers import Attention, RMSNorm, constrain, partitioned
+from mm_jax.models.layers import Attention, RMSNorm, constrain, dense, partitioned
 
 Array = jax.Array
 Cache = tuple[dict[str, Array], ...]  # one {"k", "v"} (BxSxKxH) per block
@@ -28,13 +28,10 @@ class DecoderBlock(nn.Module):
     y, cache = attn(RMSNorm(name="norm_attn")(x_BxLxD), mask_BxLxS, positions_BxL, cache, cache_index)
     x_BxLxD = x_BxLxD + y
     y = RMSNorm(name="norm_mlp")(x_BxLxD)
-    mlp_init = partitioned(nn.initializers.lecun_normal(), ("embed", "mlp"))
-    gate = nn.Dense(self.mlp_dim, use_bias=False, kernel_init=mlp_init, name="gate")(y)
-    up = nn.Dense(self.mlp_dim, use_bias=False, kernel_init=mlp_init, name="up")(y)
+    gate = dense(self.mlp_dim, ("embed", "mlp"), "gate", use_bias=False)(y)
+    up = dense(self.mlp_dim, ("embed", "mlp"), "up", use_bias=False)(y)
     h_BxLxF = constrain(nn.gelu(gate, approximate=True) * up, ("act_batch", "act_len", "act_mlp"))
-    x_BxLxD = x_BxLxD + nn.Dense(
-        x_BxLxD.shape[-1], use_bias=False, name="down",
-        kernel_init=partitioned(nn.initializers.lecun_normal(), ("mlp", "embed")))(h_BxLxF)
+    x_BxLxD = x_BxLxD + dense(x_BxLxD.shape[-1], ("mlp", "embed"), "down", use_bias=False)(h_BxLxF)
     return constrain(x_BxLxD, ("act_batch", "act_len", "act_embed")), cache
 
 

@@ -5,6 +5,7 @@ table of rules (config.axis_rules) maps to mesh axes. Activations carry `act_*` 
 Shapes in variable names: B batch, L query length, S key length, D width, N query heads, K kv heads,
 G query heads per kv head, H head dim, F mlp width.
 """
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -75,7 +76,9 @@ def layer_norm(name: str) -> nn.LayerNorm:
 class Projection(nn.Module):
   """y = x @ W over the last `n_in` dims of x, W of shape x.shape[-n_in:] + out_shape named `names`.
 
-  (nn.DenseGeneral builds its kernel flat and reshapes it, which breaks logical constraints.)
+  Computed as one 2-D matmul over the flattened leading dims: on XLA:CPU the 3-D form's backward
+  chose transposed layouts that cost ~2x the step (see experiments/README.md). (nn.DenseGeneral is
+  not used: it builds its kernel flat and reshapes it, which breaks logical constraints.)
   """
   out_shape: tuple[int, ...]
   names: tuple[str | None, ...]
@@ -84,14 +87,16 @@ class Projection(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    shape = tuple(x.shape[-self.n_in:]) + tuple(self.out_shape)
+    in_shape, out_shape = tuple(x.shape[-self.n_in:]), tuple(self.out_shape)
     init = nn.initializers.lecun_normal(in_axis=tuple(range(self.n_in)),
-                                        out_axis=tuple(range(self.n_in, len(shape))))
-    w = self.param("kernel", partitioned(init, self.names), shape)
-    y = jnp.tensordot(x, w, axes=self.n_in)
+                                        out_axis=tuple(range(self.n_in, self.n_in + len(out_shape))))
+    w = self.param("kernel", partitioned(init, self.names), in_shape + out_shape)
+    lead = x.shape[:-self.n_in]
+    y = x.reshape(-1, math.prod(in_shape)) @ w.reshape(math.prod(in_shape), -1)
+    y = y.reshape(lead + out_shape)
     if self.use_bias:
       y = y + self.param("bias", partitioned(nn.initializers.zeros_init(), self.names[self.n_in:]),
-                         tuple(self.out_shape))
+                         out_shape)
     return y
 
 
@@ -147,7 +152,5 @@ class Attention(nn.Module):
     return y_BxLxD, new_cache
 
 
-def dense(features: int, names: tuple[str, str], name: str, use_bias: bool = True) -> nn.Dense:
-  return nn.Dense(features, use_bias=use_bias, name=name,
-                  kernel_init=partitioned(nn.initializers.lecun_normal(), names),
-                  bias_init=partitioned(nn.initializers.zeros_init(), (names[1],)))
+def dense(features: int, names: tuple[str, str], name: str, use_bias: bool = True) -> Projection:
+  return Projection((features,), names, use_bias=use_bias, name=name)

@@ -1,0 +1,52 @@
+"""What every entry point shares: flag parsing whose errors are one line, quiet logs, multi-host init,
+and UserError -> one line on stderr and exit code 1 (nothing is written before inputs are checked)."""
+import re
+import sys
+from typing import Callable
+
+from absl import app, flags, logging
+
+from mm_jax import sharding
+from mm_jax.errors import UserError
+
+
+def _one_line(e: BaseException) -> str:
+  """The message on one line; of an embedded traceback only its last line (the error itself)."""
+  msg = str(e).replace("\\n", "\n").replace("\\'", "'")
+  if "Traceback (most recent call last)" in msg:
+    head, tail = msg.split("Traceback (most recent call last)", 1)
+    msg = head + tail.strip().splitlines()[-1]
+  return " ".join(msg.split())
+
+
+def _parse_flags(prog: str, argv: list[str]) -> list[str]:
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"{prog}: error: {_one_line(e)}")
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    # A --config.a.b=v override that names no field or has a value of the wrong type (ml_collections
+    # raises these while applying overrides during parsing).
+    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    detail = _one_line(e).replace("'", "")
+    key = re.sub(r"\W", "", detail.split()[0])
+    named = [o for o in overrides if o.rsplit(".", 1)[-1] == key] or overrides
+    sys.exit(f"{prog}: error: {', '.join(named)} names no field of the config ({detail}); "
+             "the config file lists its fields")
+
+
+def run(prog: str, main: Callable[[], None]) -> None:
+  """Runs `main()` as program `prog` (e.g. 'mm_jax.train') under absl."""
+
+  def _main(argv):
+    if len(argv) > 1:
+      sys.exit(f"{prog}: error: unexpected arguments {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:  # orbax and tfds log every detail at INFO
+      logging.set_verbosity(logging.WARNING)
+    sharding.maybe_initialize_distributed()
+    try:
+      main()
+    except UserError as e:
+      sys.exit(f"{prog}: error: {e}")
+
+  app.run(_main, flags_parser=lambda argv: _parse_flags(prog, argv))
