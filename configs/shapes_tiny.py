@@ -18,7 +18,7 @@ import ml_collections as mlc
 def get_config(arg: str = "") -> mlc.ConfigDict:
   c = mlc.ConfigDict()
   c.seed = 0
-  c.total_steps = 1500
+  c.total_steps = 3000
   c.global_batch_size = 64
   c.log_every = 50
   c.checkpoint_every = 500
@@ -59,7 +59,7 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
       patch_size=16, width=128, depth=3, num_heads=4, mlp_dim=512))
   c.model.connector = "linear"
   c.model.decoder = mlc.ConfigDict(dict(
-      width=128, depth=3, num_heads=4, num_kv_heads=1, head_dim=32, mlp_dim=512,
+      width=128, depth=3, num_heads=4, num_kv_heads=4, head_dim=32, mlp_dim=512,
       rope_theta=10_000.0))
   c.model.max_answer_len = 6         # greedy decoding budget in eval
 

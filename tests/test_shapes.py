@@ -101,7 +101,7 @@ def test_answers_are_right_for_the_scene(many):
 def test_caption_lists_every_shape():
   scene = shapes.Scene((220, 220, 220), (
       shapes.Obj(0, "circle", "red", 2, 2, 20), shapes.Obj(3, "square", "orange", 40, 40, 16)))
-  assert shapes.caption(scene) == "red circle top left, orange square bottom right"
+  assert shapes.caption(scene) == "top left red circle, bottom right orange square"
 
 
 def test_answers_are_balanced(many):

@@ -1,0 +1,74 @@
+r"""Train-step time of a config and variants of it, in one run (ratios are what to trust on a shared machine).
+
+  python experiments/step_time.py                      # the default and the variants below
+  python experiments/step_time.py global_batch_size=32 data.text_len=24
+
+Prints one JSON line per variant: {"overrides", "ms_per_step", "examples_per_s", "ratio_to_default"}.
+The step runs on a fixed batch on one device, so the input pipeline is not included.
+"""
+import importlib.util
+import json
+import pathlib
+import sys
+import time
+
+import jax
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from mm_jax import optim, sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mm_jax.state import ModelOnMesh, example_batch  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+VARIANTS = ("", "global_batch_size=32", "data.text_len=16", "model.encoder.patch_size=8",
+            "model.decoder.num_kv_heads=1")
+
+
+def load_config(overrides: str):
+  spec = importlib.util.spec_from_file_location("cfg", REPO / "configs" / "shapes_tiny.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("")
+  for item in filter(None, overrides.split()):
+    key, value = item.split("=")
+    *path, last = key.split(".")
+    node = config
+    for p in path:
+      node = node[p]
+    node[last] = type(node[last])(value)
+  return config
+
+
+def ms_per_step(config, steps: int = 15) -> float:
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  mm = ModelOnMesh.create(config, 128, mesh)
+  tx = optim.make_optimizer(config.optim, config.total_steps,
+                            optim.param_labels(mm.abstract_params, config.optim.rules))
+  state, step = mm.init_train_state(tx, 0), mm.make_train_step(tx)
+  batch = sharding.to_global(
+      {k: np.asarray(v) for k, v in example_batch(config, config.global_batch_size).items()}, mesh)
+  for _ in range(3):
+    state, out = step(state, batch)
+  jax.block_until_ready(out)
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, out = step(state, batch)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / steps * 1e3
+
+
+def main(argv):
+  variants = [" ".join(argv[1:])] if len(argv) > 1 else VARIANTS
+  base = None
+  for overrides in variants:
+    config = load_config(overrides)
+    ms = ms_per_step(config)
+    base = base or ms
+    print(json.dumps({"overrides": overrides or "default", "ms_per_step": round(ms, 1),
+                      "examples_per_s": round(config.global_batch_size / ms * 1e3, 1),
+                      "ratio_to_default": round(ms / base, 3)}), flush=True)
+
+
+if __name__ == "__main__":
+  main(sys.argv)
