@@ -57,7 +57,10 @@ def test_train_then_eval_writes_results(trained_workdir, test_config):
   assert 0.0 <= result["vqa_exact_match"] <= 1.0
   assert {"question", "answer", "prediction"} <= set(result["samples"][0])
   assert (trained_workdir / "metrics.jsonl").read_text().count('"loss"') == 2
-  assert list((trained_workdir / "tensorboard").iterdir())
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  events = event_accumulator.EventAccumulator(str(trained_workdir / "tensorboard"))
+  events.Reload()
+  assert [s.step for s in events.Scalars("loss")] == [2, 4]
 
 
 BAD_INPUTS = {

@@ -187,7 +187,7 @@ def test_only_process_0_builds(monkeypatch, tmp_path, test_config):
   data_cfg = copy.deepcopy(test_config.data)
   data_cfg.data_dir = str(tmp_path / "fresh")
   shapes.build(data_cfg)
-  assert os.listdir(data_cfg.data_dir) == []  # Process 1 wrote nothing (its probe file is gone).
+  assert not os.path.exists(data_cfg.data_dir)  # Process 1 writes nothing: only process 0 builds.
 
 
 def test_unwritable_data_dir_is_a_user_error(tmp_path, test_config):
@@ -214,3 +214,11 @@ def test_bad_split_size_is_a_user_error(test_config):
   data_cfg.num_validation = 0
   with pytest.raises(UserError, match="--config.data.num_validation"):
     shapes.build(data_cfg)
+
+
+def test_built_data_is_reused_from_a_read_only_dir(monkeypatch, test_config):
+  """A built copy is opened without the writability probe (a shared, read-only data_dir works)."""
+  def no_write(path):
+    raise AssertionError(f"probed {path}")
+  monkeypatch.setattr(shapes, "_check_writable", no_write)
+  assert len(shapes.build(test_config.data).as_data_source()["train"]) == 64
