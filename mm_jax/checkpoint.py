@@ -9,6 +9,7 @@ Each step directory holds three items:
 import json
 import os
 
+from etils import epath
 import grain
 import jax
 import ml_collections as mlc
@@ -16,6 +17,11 @@ import orbax.checkpoint as ocp
 
 from mm_jax.errors import UserError
 from mm_jax.optim import path_str
+
+
+def workdir_path(workdir: str) -> epath.Path:
+  """Local paths made absolute (orbax wants them so); gs:// and other remote paths as they are."""
+  return epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
 
 
 def signature(params) -> dict[str, str]:
@@ -28,10 +34,9 @@ class Checkpoints:
   """A thin wrapper over one CheckpointManager: save / restore of state, data iterator and meta."""
 
   def __init__(self, workdir: str, *, keep: int = 2, read_only: bool = False):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    self._read_only = read_only
+    self.directory = workdir_path(workdir) / "checkpoints"
     self._mngr = None
-    if not read_only or os.path.isdir(self.directory):
+    if not read_only or self.directory.is_dir():
       self._mngr = ocp.CheckpointManager(
           self.directory,
           options=ocp.CheckpointManagerOptions(

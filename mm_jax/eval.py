@@ -7,7 +7,6 @@ whatever mesh wrote it. Prints the score and writes <workdir>/eval/<split>.json.
 """
 import functools
 import json
-import os
 
 import jax
 import ml_collections as mlc
@@ -17,7 +16,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from mm_jax import cli, data, sharding
-from mm_jax.checkpoint import Checkpoints
+from mm_jax.checkpoint import Checkpoints, workdir_path
 from mm_jax.decode import greedy_decode
 from mm_jax.errors import UserError
 from mm_jax.state import ModelOnMesh
@@ -93,9 +92,9 @@ def evaluate(config: mlc.ConfigDict, workdir: str, split: str = "test", step: in
             "vqa_exact_match": correct / max(total, 1),
             "per_kind": {k: per_kind[k][0] / per_kind[k][1] for k in kinds}, "samples": samples}
   if jax.process_index() == 0:
-    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-    with open(os.path.join(workdir, "eval", f"{split}.json"), "w") as f:
-      json.dump(result, f, indent=1)
+    out = workdir_path(workdir) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{split}.json").write_text(json.dumps(result, indent=1))
     kind_scores = " ".join(f"{k} {v:.3f}" for k, v in result["per_kind"].items())
     print(f"step {step} | {split} | {total} questions | vqa_exact_match "
           f"{result['vqa_exact_match']:.4f} | {kind_scores}", flush=True)

@@ -3,23 +3,23 @@
 Only process 0 writes. Also the parameter table printed at start.
 """
 import json
-import os
 import time
 
 import jax
 import tensorboardX
 from absl import logging
+from etils import epath
 
 
 class MetricWriter:
 
-  def __init__(self, workdir: str, total_steps: int):
+  def __init__(self, workdir: epath.Path, total_steps: int):
     self._primary = jax.process_index() == 0
     self._total = total_steps
     self._t0 = self._step0 = None
     if self._primary:
-      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self._tb = tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
+      self._jsonl = (workdir / "metrics.jsonl").open("a")
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     """Logs metrics of `step` (host floats) with steps/s and ETA measured since the first call."""

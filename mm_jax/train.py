@@ -8,8 +8,6 @@ Resumes from the newest checkpoint in <workdir>/checkpoints when there is one (s
 Writes <workdir>/checkpoints, <workdir>/metrics.jsonl and TensorBoard events in <workdir>/tensorboard.
 Every input is checked before anything is written; bad input exits with one line naming the fix.
 """
-import os
-
 import jax
 import ml_collections as mlc
 import numpy as np
@@ -17,7 +15,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from mm_jax import cli, data, optim, sharding
-from mm_jax.checkpoint import Checkpoints
+from mm_jax.checkpoint import Checkpoints, workdir_path
 from mm_jax.errors import UserError
 from mm_jax.metrics import MetricWriter, parameter_table
 from mm_jax.models import CONNECTORS, FAMILIES
@@ -48,7 +46,7 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict:
   existing.close()
 
   # 2. Build the run.
-  os.makedirs(workdir, exist_ok=True)
+  workdir_path(workdir).mkdir(parents=True, exist_ok=True)
   ckpt = Checkpoints(workdir, keep=config.keep_checkpoints)
   data_iter = data.train_iterator(config, tokenizer, source, process_index=jax.process_index(),
                                   process_count=jax.process_count())
@@ -62,7 +60,7 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict:
     print(parameter_table(mm.abstract_params, labels), flush=True)
   train_step = mm.make_train_step(tx)
   lr_at = optim.schedule(config.optim, config.total_steps)
-  writer = MetricWriter(workdir, config.total_steps)
+  writer = MetricWriter(workdir_path(workdir), config.total_steps)
 
   # 3. The loop. Only log steps read values back to the host.
   metrics = {}
