@@ -30,7 +30,7 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest
 _SPLITS = ("train", "validation", "test")
 
 
-def restore_params(config: mlc.ConfigDict, workdir: str, mm: ModelOnMesh, step: int | None):
+def restore_params(workdir: str, mm: ModelOnMesh, step: int | None):
   ckpt = Checkpoints(workdir, read_only=True)
   steps = ckpt.all_steps()
   if not steps:
@@ -52,15 +52,15 @@ def evaluate(config: mlc.ConfigDict, workdir: str, split: str = "test", step: in
   sharding.check_batch(config.eval.batch_size, mesh, field="eval.batch_size")
   tokenizer, source = data.prepare(config, split)
   mm = ModelOnMesh.create(config, tokenizer.vocab_size, mesh)
-  step, params = restore_params(config, workdir, mm, step)
+  step, params = restore_params(workdir, mm, step)
 
   batch_sh = sharding.batch_sharding(mesh)
   decode = jax.jit(
       functools.partial(greedy_decode, mm.model, max_new=config.model.max_answer_len),
       in_shardings=(mm.param_shardings, batch_sh, batch_sh, batch_sh, batch_sh), out_shardings=batch_sh)
 
-  correct = total = 0
-  per_kind = {}  # question kind -> [correct, total]
+  kinds = data.QUESTION_KINDS
+  counts = np.zeros((len(kinds), 2), np.int64)  # per question kind: [correct, total]
   samples = []
   for batch in data.eval_batches(config, tokenizer, source, process_index=jax.process_index(),
                                  process_count=jax.process_count()):
@@ -76,21 +76,16 @@ def evaluate(config: mlc.ConfigDict, workdir: str, split: str = "test", step: in
       if not valid:
         continue
       pred = tokenizer.decode(row.tolist()).strip()
-      correct += pred == a
-      total += 1
-      counts = per_kind.setdefault(kind, [0, 0])
-      counts[0] += pred == a
-      counts[1] += 1
+      counts[kinds.index(kind)] += (pred == a, 1)
       if len(samples) < config.eval.num_samples:
         samples.append({"question": q, "answer": a, "prediction": pred})
-  kinds = sorted(per_kind)
-  if jax.process_count() > 1:  # every process holds its share of the counts
-    counts = np.array([[correct, total]] + [per_kind[k] for k in kinds])
-    counts = multihost_utils.process_allgather(counts).sum(0)
-    (correct, total), per_kind = counts[0].tolist(), dict(zip(kinds, counts[1:].tolist()))
+  if jax.process_count() > 1:  # every process holds the counts of its share
+    counts = np.asarray(multihost_utils.process_allgather(counts)).sum(0)
+  correct, total = counts.sum(0).tolist()
   result = {"step": step, "split": split, "num_examples": total,
             "vqa_exact_match": correct / max(total, 1),
-            "per_kind": {k: per_kind[k][0] / per_kind[k][1] for k in kinds}, "samples": samples}
+            "per_kind": {k: c / n for k, (c, n) in zip(kinds, counts.tolist()) if n},
+            "samples": samples}
   if jax.process_index() == 0:
     out = workdir_path(workdir) / "eval"
     out.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """Data: the generated `shapes` TFDS dataset, its SentencePiece tokenizer, and the grain pipelines."""
 from mm_jax.data.pipeline import eval_batches, load_tokenizer, open_source, train_iterator
+from mm_jax.data.shapes import QUESTION_KINDS
 
 
 def prepare(config, split: str):
