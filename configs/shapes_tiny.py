@@ -51,19 +51,34 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
   c.data.image_size = 64             # the model's input resolution (images are resized if they differ)
   c.data.text_len = 26               # prefix + suffix tokens, padded (a 4-shape caption needs 25)
   c.data.vocab_size = 128            # SentencePiece vocabulary trained on the dataset's text
+  c.data.tokenizer = ""              # a SentencePiece .model to use instead (an imported model's)
   c.data.blind = False               # replace every image by a constant
   c.data.caption_ratio = 1.0         # captioning elements per image mixed into training (0: off)
   c.data.num_threads = 2             # grain read threads
 
   c.model = mlc.ConfigDict()
-  c.model.family = "unified"         # image tokens beside text tokens, PaliGemma prefix-LM
-  c.model.encoder = mlc.ConfigDict(dict(
-      patch_size=16, width=128, depth=3, num_heads=4, mlp_dim=512))
-  c.model.connector = "linear"
-  c.model.decoder = mlc.ConfigDict(dict(
+  c.model.family = "unified"         # image tokens beside text tokens (models.FAMILIES)
+  c.model.image_position = 0         # text tokens before the image: 0 PaliGemma, 1 LLaVA (after BOS)
+  c.model.prefix_attention = True    # PaliGemma prefix-LM; False: causal everywhere (LLaVA)
+  c.model.dtype = "float32"          # compute dtype, or "bfloat16" (norms, softmax, loss stay float32)
+  c.model.param_dtype = "float32"
+  c.model.encoder = mlc.ConfigDict(dict(  # vit.ViT
+      patch_size=16, width=128, depth=3, num_heads=4, mlp_dim=512, norm_eps=1e-6, final_norm=True))
+  c.model.connector = "linear"       # models.CONNECTORS
+  c.model.decoder = mlc.ConfigDict(dict(  # decoder.Decoder; Llama-style: norm "llama", mlp_act "silu",
+      vocab_size=0,                  #   embed_scale False, tie_embeddings False. 0: the tokenizer's size
       width=128, depth=3, num_heads=4, num_kv_heads=4, head_dim=32, mlp_dim=512,
-      rope_theta=10_000.0))
+      norm="gemma", norm_eps=1e-6, mlp_act="gelu_tanh", embed_scale=True, tie_embeddings=True,
+      rope_theta=10_000.0, rope_type="default", rope_factor=8.0, rope_low_freq_factor=1.0,
+      rope_high_freq_factor=4.0, rope_original_max_len=8192))
   c.model.max_answer_len = 6         # greedy decoding budget in eval
+
+  # Parts loaded from other checkpoints at step 0 (params only), by name: ordered
+  # (checkpoint dir, source prefix, destination prefix); params under the destination prefix are read
+  # from source prefix + the rest of their path. E.g. an encoder from a SigLIP run:
+  #   (("workdirs/siglip", "encoder/", "encoder/"),)
+  c.init = mlc.ConfigDict()
+  c.init.parts = ()
 
   c.optim = mlc.ConfigDict()
   c.optim.lr = 2e-3

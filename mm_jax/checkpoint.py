@@ -71,6 +71,12 @@ class Checkpoints:
         data=grain.checkpoint.CheckpointSave(data_iterator),
         meta=ocp.args.JsonSave(meta)))
 
+  def save_params(self, step: int, params, config: mlc.ConfigDict) -> None:
+    """Params only (no optimizer state, no data iterator): what an import writes."""
+    meta = {"config": json.loads(config.to_json_best_effort()), "signature": signature(params)}
+    self._mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave({"params": params}), meta=ocp.args.JsonSave(meta)))
+
   def restore(self, step: int, abstract_state, data_iterator) -> dict:
     """Restores the state onto the shardings of `abstract_state` and the data iterator in place."""
     r = self._mngr.restore(step, args=ocp.args.Composite(
@@ -79,7 +85,8 @@ class Checkpoints:
     return r.state
 
   def restore_params(self, step: int, abstract_params) -> dict:
-    """Only the params (no optimizer state is read), onto the shardings of `abstract_params`."""
+    """Only the params (no optimizer state is read), onto the shardings of `abstract_params`; a subtree
+    of the saved params (by name) is fine, dtypes are cast to the target's."""
     item = {"params": abstract_params}
     r = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
@@ -93,3 +100,68 @@ class Checkpoints:
   def close(self) -> None:
     if self._mngr is not None:
       self._mngr.close()
+
+
+def plan_parts(parts, abstract_params) -> list[dict]:
+  """Checks config.init.parts against this model and the checkpoints; returns what load_parts reads.
+
+  parts: ordered (checkpoint dir, source prefix, destination prefix). Every param of this model under
+  the destination prefix is read from the newest checkpoint of the dir at source prefix + the rest of
+  its path; a later part overrides an earlier one. Raises UserError naming the part and the param.
+  """
+  flat = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+  plans = []
+  for part in parts:
+    if len(part) != 3:
+      raise UserError(f"init.parts entry {part!r} is not (checkpoint dir, source prefix, destination "
+                      "prefix), e.g. ('workdirs/siglip', 'encoder/', 'encoder/')")
+    directory, src, dst = part
+    ckpt = Checkpoints(directory, read_only=True)
+    step = ckpt.latest_step()
+    if step is None:
+      raise UserError(f"init.parts: no checkpoint in {ckpt.directory}; train or convert it first")
+    saved = ckpt.meta(step)["signature"]
+    ckpt.close()
+    mapping = {}
+    for path, x in flat.items():
+      if not path.startswith(dst):
+        continue
+      src_path = src + path[len(dst):]
+      want = f"{x.dtype}{list(x.shape)}"
+      if src_path not in saved:
+        raise UserError(f"init.parts {part!r}: {src_path} (for {path}) is not in {ckpt.directory} at "
+                        f"step {step}; it holds e.g. {', '.join(sorted(saved)[:3])}")
+      if saved[src_path].split("[")[1] != want.split("[")[1]:
+        raise UserError(f"init.parts {part!r}: {src_path} is {saved[src_path]} in the checkpoint but "
+                        f"{path} is {want} in this model; the architectures differ")
+      mapping[path] = src_path
+    if not mapping:
+      raise UserError(f"init.parts {part!r}: no parameter of this model starts with {dst!r}")
+    unused = [p for p in saved if p.startswith(src) and p not in set(mapping.values())]
+    plans.append({"directory": directory, "step": step, "mapping": mapping, "unused": unused})
+  return plans
+
+
+def load_parts(plans: list[dict], params) -> dict:
+  """params with the planned parts read from their checkpoints (onto the params' shardings)."""
+  paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  flat = {path_str(p): x for p, x in paths_leaves}
+  for plan in plans:
+    item = {}
+    for path, src_path in plan["mapping"].items():
+      node = item
+      *parents, leaf = src_path.split("/")
+      for key in parents:
+        node = node.setdefault(key, {})
+      x = flat[path]
+      node[leaf] = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    ckpt = Checkpoints(plan["directory"], read_only=True)
+    restored = ckpt.restore_params(plan["step"], item)
+    ckpt.close()
+    by_src = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(restored)[0]}
+    for path, src_path in plan["mapping"].items():
+      flat[path] = by_src[src_path]
+    print(f"Loaded {len(plan['mapping'])} params from {plan['directory']} (step {plan['step']})"
+          + (f"; {len(plan['unused'])} of its params under the prefix were not used" if plan["unused"]
+             else "") + ".", flush=True)
+  return jax.tree_util.tree_unflatten(treedef, [flat[path_str(p)] for p, _ in paths_leaves])

@@ -15,7 +15,7 @@ def greedy_decode(model: UnifiedVLM, params, image_BxHxWxC: jax.Array, prefix_Bx
   """Returns the greedy continuation, int32 BxM (M = max_new); callers cut it at EOS."""
   variables = {"params": params}
   b, p = prefix_BxP.shape
-  n = model.encoder.num_patches(image_BxHxWxC.shape)
+  n = model.num_image_tokens(image_BxHxWxC.shape)
   cache = model.decoder.init_cache(b, n + p + max_new)
   logits_BxPxV, cache, cache_mask = model.apply(
       variables, image_BxHxWxC, prefix_BxP, prefix_mask_BxP, cache, method=model.prefill)

@@ -15,7 +15,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from mm_jax import cli, data, optim, sharding
-from mm_jax.checkpoint import Checkpoints, workdir_path
+from mm_jax.checkpoint import Checkpoints, load_parts, plan_parts, workdir_path
 from mm_jax.errors import UserError
 from mm_jax.metrics import MetricWriter, parameter_table
 from mm_jax.models import CONNECTORS, FAMILIES
@@ -44,6 +44,7 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict:
   if resume_step is not None:
     existing.check_compatible(resume_step, mm.abstract_params)
   existing.close()
+  parts = plan_parts(config.init.parts, mm.abstract_params) if resume_step is None else []
 
   # 2. Build the run.
   workdir_path(workdir).mkdir(parents=True, exist_ok=True)
@@ -56,6 +57,8 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict:
     print(f"Resuming from the checkpoint at step {resume_step}.", flush=True)
   else:
     state = mm.init_train_state(tx, config.seed)
+    if parts:
+      state["params"] = load_parts(parts, state["params"])
   if jax.process_index() == 0:
     print(parameter_table(mm.abstract_params, labels), flush=True)
   train_step = mm.make_train_step(tx)

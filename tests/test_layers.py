@@ -72,7 +72,7 @@ def test_attention_shapes_and_gqa_equals_repeated_kv():
   b, l, d = 2, 5, 16
   x = jax.random.normal(jax.random.key(0), (b, l, d))
   mask = jnp.ones((b, l, l), bool)
-  gqa = layers.Attention(num_heads=4, num_kv_heads=2, head_dim=8, rope_theta=1e4)
+  gqa = layers.Attention(num_heads=4, num_kv_heads=2, head_dim=8, rope=layers.Rope(1e4))
   pos = jnp.broadcast_to(jnp.arange(l), (b, l))
   params = nn.meta.unbox(gqa.init(jax.random.key(1), x, mask, pos))["params"]
   chex.assert_shape(params["q"]["kernel"], (d, 4, 8))
@@ -82,7 +82,7 @@ def test_attention_shapes_and_gqa_equals_repeated_kv():
   chex.assert_shape(y, (b, l, d))
   assert cache is None
   # The same layer as plain multi-head attention with each kv head repeated for its group (HF).
-  mha = layers.Attention(num_heads=4, num_kv_heads=4, head_dim=8, rope_theta=1e4)
+  mha = layers.Attention(num_heads=4, num_kv_heads=4, head_dim=8, rope=layers.Rope(1e4))
   rep = lambda w: jnp.repeat(w, 2, axis=1)
   mha_params = dict(params, k={"kernel": rep(params["k"]["kernel"])},
                     v={"kernel": rep(params["v"]["kernel"])})

@@ -10,7 +10,7 @@ from conftest import load_config
 from mm_jax.errors import UserError
 from mm_jax.models import build_model
 from mm_jax.models.connectors import Linear
-from mm_jax.models.gemma import Decoder
+from mm_jax.models.decoder import Decoder
 from mm_jax.models.vit import ViT
 
 B, S, T, V = 2, 32, 10, 40

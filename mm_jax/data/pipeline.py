@@ -29,6 +29,7 @@ valid bool [b] (False on the rows padding the last batch), and python lists ques
 (prefix_len 1), so no row is empty.
 """
 import math
+import os
 
 import grain
 import numpy as np
@@ -50,6 +51,13 @@ def open_source(config, split: str):
 
 
 def load_tokenizer(config) -> tokenizer_lib.Tokenizer:
+  """data.tokenizer (a SentencePiece .model, e.g. an imported model's) or the dataset's own."""
+  path = config.data.get("tokenizer", "")
+  if path:
+    if not os.path.isfile(path):
+      raise UserError(f"data.tokenizer {path!r} does not exist; give a SentencePiece .model file or "
+                      "'' for the dataset's own tokenizer")
+    return tokenizer_lib.Tokenizer.load(path)
   return tokenizer_lib.Tokenizer.load(shapes.tokenizer_path(shapes.build(config.data)))
 
 

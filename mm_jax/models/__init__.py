@@ -1,13 +1,21 @@
-"""Model registry: a config's `model.family` and `model.connector` pick the classes."""
+"""Model registry: a config's `model.family` picks a builder, `model.connector` a connector.
+
+Config fields map one to one onto module fields (model.encoder -> vit.ViT, model.decoder -> decoder.Decoder
+with its `rope_*` fields -> layers.Rope); a field left out takes the module's default.
+"""
+import dataclasses
+
+import jax.numpy as jnp
 import ml_collections as mlc
 
 from mm_jax.errors import UserError
 from mm_jax.models.connectors import CONNECTORS
-from mm_jax.models.gemma import Decoder
+from mm_jax.models.decoder import Decoder
+from mm_jax.models.layers import Rope
 from mm_jax.models.vit import ViT
 from mm_jax.models.vlm import UnifiedVLM
 
-FAMILIES = {"unified": UnifiedVLM}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def _pick(registry: dict, name: str, field: str):
@@ -17,10 +25,67 @@ def _pick(registry: dict, name: str, field: str):
   return registry[name]
 
 
-def build_model(model_cfg: mlc.ConfigDict, vocab_size: int):
-  """The model a config describes; `vocab_size` comes from the tokenizer."""
-  family = _pick(FAMILIES, model_cfg.family, "model.family")
+def _make(cls, fields: dict, section: str, **extra):
+  known = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise UserError(f"model.{section}.{unknown[0]} is not a field of {cls.__name__}; known: "
+                    f"{', '.join(sorted(known - set(extra)))}")
+  return cls(**fields, **extra)
+
+
+def dtypes(model_cfg: mlc.ConfigDict) -> dict:
+  """{"dtype", "param_dtype"} from model.dtype / model.param_dtype ('float32' or 'bfloat16')."""
+  out = {}
+  for field in ("dtype", "param_dtype"):
+    name = model_cfg.get(field, "float32")
+    out[field] = _pick(DTYPES, name, f"model.{field}")
+  return out
+
+
+def build_encoder(model_cfg: mlc.ConfigDict) -> ViT:
+  return _make(ViT, dict(model_cfg.encoder), "encoder", **dtypes(model_cfg))
+
+
+def vocab_size(model_cfg: mlc.ConfigDict, tokenizer_vocab: int) -> int:
+  """decoder.vocab_size if set (an imported model's), else the tokenizer's; never less than it."""
+  v = model_cfg.decoder.get("vocab_size", 0) or tokenizer_vocab
+  if v < tokenizer_vocab:
+    raise UserError(f"the tokenizer has {tokenizer_vocab} pieces but model.decoder.vocab_size is {v}; "
+                    "use the tokenizer the model was trained with (data.tokenizer)")
+  return v
+
+
+def build_decoder(model_cfg: mlc.ConfigDict, tokenizer_vocab: int) -> Decoder:
+  fields = {k: v for k, v in dict(model_cfg.decoder).items() if k != "vocab_size"}
+  rope_fields = {k[len("rope_"):]: fields.pop(k) for k in list(fields) if k.startswith("rope_")}
+  try:
+    rope = Rope(**rope_fields)
+  except TypeError as e:
+    raise UserError(f"model.decoder has an unknown rope_* field ({e}); known: "
+                    f"{', '.join('rope_' + f.name for f in dataclasses.fields(Rope))}") from None
+  return _make(Decoder, fields, "decoder", rope=rope, vocab_size=vocab_size(model_cfg, tokenizer_vocab),
+               **dtypes(model_cfg))
+
+
+def unified(model_cfg: mlc.ConfigDict, tokenizer_vocab: int) -> UnifiedVLM:
   connector = _pick(CONNECTORS, model_cfg.connector, "model.connector")
-  return family(encoder=ViT(**model_cfg.encoder),
-                connector=connector(model_cfg.decoder.width),
-                decoder=Decoder(vocab_size=vocab_size, **model_cfg.decoder))
+  return UnifiedVLM(encoder=build_encoder(model_cfg),
+                    connector=connector(model_cfg.decoder.width, **dtypes(model_cfg)),
+                    decoder=build_decoder(model_cfg, tokenizer_vocab),
+                    image_position=model_cfg.get("image_position", 0),
+                    prefix_attention=model_cfg.get("prefix_attention", True))
+
+
+def language_model(model_cfg: mlc.ConfigDict, tokenizer_vocab: int) -> UnifiedVLM:
+  """The decoder alone (an imported Gemma / Llama): a causal LM that ignores the image."""
+  return UnifiedVLM(encoder=None, connector=None, decoder=build_decoder(model_cfg, tokenizer_vocab),
+                    prefix_attention=model_cfg.get("prefix_attention", False))
+
+
+FAMILIES = {"unified": unified, "lm": language_model}
+
+
+def build_model(model_cfg: mlc.ConfigDict, tokenizer_vocab: int):
+  """The model a config describes; `tokenizer_vocab` is the tokenizer's size."""
+  return _pick(FAMILIES, model_cfg.family, "model.family")(model_cfg, tokenizer_vocab)

@@ -4,15 +4,21 @@ Every parameter is created through `partitioned(init, names)`, so it carries log
 table of rules (config.axis_rules) maps to mesh axes. Activations carry `act_*` names at block boundaries.
 Shapes in variable names: B batch, L query length, S key length, D width, N query heads, K kv heads,
 G query heads per kv head, H head dim, F mlp width.
+
+Dtypes: every module takes `dtype` (compute) and `param_dtype`. Norms, softmax and RoPE compute in
+float32 whatever the compute dtype; the residual stream stays in the compute dtype.
 """
+import dataclasses
 import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
+DType = Any
 
 
 def partitioned(init, names: tuple[str | None, ...]):
@@ -43,10 +49,38 @@ def make_attn_mask(input_mask_BxL: Array, mask_ar_BxL: Array) -> Array:
   return mask_BxLxL & (input_mask_BxL[:, None, :] > 0)
 
 
-def apply_rope(x_BxLxNxH: Array, positions_BxL: Array, theta: float) -> Array:
+@dataclasses.dataclass(frozen=True)
+class Rope:
+  """RoPE frequencies: theta, and optionally Llama 3's long-context scaling (type "llama3")."""
+  theta: float = 10_000.0
+  type: str = "default"  # "default" | "llama3"
+  factor: float = 8.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_len: int = 8192
+
+  def inv_freq(self, head_dim: int) -> np.ndarray:
+    inv = 1.0 / self.theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if self.type == "default":
+      return inv.astype(np.float32)
+    if self.type != "llama3":
+      raise ValueError(f"unknown rope type {self.type!r}; known: default, llama3")
+    # Llama 3: long wavelengths are divided by `factor`, short ones kept, a smooth blend between.
+    wavelen = 2 * np.pi / inv
+    low_wavelen = self.original_max_len / self.low_freq_factor
+    high_wavelen = self.original_max_len / self.high_freq_factor
+    smooth = ((self.original_max_len / wavelen - self.low_freq_factor)
+              / (self.high_freq_factor - self.low_freq_factor))
+    blended = (1 - smooth) * inv / self.factor + smooth * inv
+    out = np.where(wavelen > low_wavelen, inv / self.factor, inv)
+    mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+    return np.where(mid, blended, out).astype(np.float32)
+
+
+def apply_rope(x_BxLxNxH: Array, positions_BxL: Array, rope: "Rope | float") -> Array:
   """Rotary embedding, half-split pairing (dim i rotates with i + H/2), as Gemma/Llama in HF."""
-  h = x_BxLxNxH.shape[-1]
-  inv_freq = 1.0 / theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h)
+  rope = rope if isinstance(rope, Rope) else Rope(theta=rope)
+  inv_freq = jnp.asarray(rope.inv_freq(x_BxLxNxH.shape[-1]))
   angles_BxLx1xH2 = (positions_BxL.astype(jnp.float32)[..., None] * inv_freq)[:, :, None, :]
   sin, cos = jnp.sin(angles_BxLx1xH2), jnp.cos(angles_BxLx1xH2)
   x1, x2 = jnp.split(x_BxLxNxH.astype(jnp.float32), 2, axis=-1)
@@ -55,20 +89,32 @@ def apply_rope(x_BxLxNxH: Array, positions_BxL: Array, theta: float) -> Array:
 
 
 class RMSNorm(nn.Module):
-  """Gemma RMSNorm: x * rsqrt(mean(x^2) + eps) * (1 + w), w initialised to 0, computed in float32."""
+  """RMSNorm in the two forms of HF, normalised in float32:
+    "gemma": (x * rsqrt(mean(x^2) + eps) * (1 + w)).astype(x.dtype), w initialised to 0;
+    "llama": w * (x * rsqrt(mean(x^2) + eps)).astype(x.dtype), w initialised to 1.
+  """
   eps: float = 1e-6
+  form: str = "gemma"
+  param_dtype: DType = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    w = self.param("scale", partitioned(nn.initializers.zeros_init(), ("embed",)), (x.shape[-1],))
+    if self.form not in ("gemma", "llama"):
+      raise ValueError(f"unknown norm {self.form!r}; known: gemma, llama")
+    init = nn.initializers.zeros_init() if self.form == "gemma" else nn.initializers.ones_init()
+    w = self.param("scale", partitioned(init, ("embed",)), (x.shape[-1],), self.param_dtype)
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (y * (1.0 + w)).astype(x.dtype)
+    if self.form == "gemma":
+      return (y * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
+    return w.astype(x.dtype) * y.astype(x.dtype)
 
 
-def layer_norm(name: str) -> nn.LayerNorm:
+def layer_norm(name: str, eps: float = 1e-6, dtype: DType = jnp.float32,
+               param_dtype: DType = jnp.float32) -> nn.LayerNorm:
+  """LayerNorm with statistics in float32, output in `dtype`."""
   return nn.LayerNorm(
-      epsilon=1e-6, name=name,
+      epsilon=eps, name=name, dtype=dtype, param_dtype=param_dtype,
       scale_init=partitioned(nn.initializers.ones_init(), ("embed",)),
       bias_init=partitioned(nn.initializers.zeros_init(), ("embed",)))
 
@@ -84,19 +130,22 @@ class Projection(nn.Module):
   names: tuple[str | None, ...]
   n_in: int = 1
   use_bias: bool = False
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     in_shape, out_shape = tuple(x.shape[-self.n_in:]), tuple(self.out_shape)
     init = nn.initializers.lecun_normal(in_axis=tuple(range(self.n_in)),
                                         out_axis=tuple(range(self.n_in, self.n_in + len(out_shape))))
-    w = self.param("kernel", partitioned(init, self.names), in_shape + out_shape)
+    w = self.param("kernel", partitioned(init, self.names), in_shape + out_shape, self.param_dtype)
     lead = x.shape[:-self.n_in]
-    y = x.reshape(-1, math.prod(in_shape)) @ w.reshape(math.prod(in_shape), -1)
-    y = y.reshape(lead + out_shape)
+    x2 = x.reshape(-1, math.prod(in_shape)).astype(self.dtype)
+    y = (x2 @ w.reshape(math.prod(in_shape), -1).astype(self.dtype)).reshape(lead + out_shape)
     if self.use_bias:
-      y = y + self.param("bias", partitioned(nn.initializers.zeros_init(), self.names[self.n_in:]),
-                         out_shape)
+      b = self.param("bias", partitioned(nn.initializers.zeros_init(), self.names[self.n_in:]),
+                     out_shape, self.param_dtype)
+      y = y + b.astype(self.dtype)
     return y
 
 
@@ -110,11 +159,13 @@ class Attention(nn.Module):
   num_kv_heads: int
   head_dim: int
   use_bias: bool = False
-  rope_theta: float | None = None
+  rope: Rope | None = None
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
 
   def _proj(self, n: int, heads_name: str, name: str) -> "Projection":
     return Projection((n, self.head_dim), ("embed", heads_name, "head_dim"), use_bias=self.use_bias,
-                      name=name)
+                      dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
   @nn.compact
   def __call__(self, x_BxLxD: Array, mask_BxLxS: Array, positions_BxL: Array | None = None,
@@ -127,9 +178,9 @@ class Attention(nn.Module):
     q_BxLxNxH = self._proj(n, "heads", "q")(x_BxLxD)
     k_BxLxKxH = self._proj(k, "kv_heads", "k")(x_BxLxD)
     v_BxLxKxH = self._proj(k, "kv_heads", "v")(x_BxLxD)
-    if self.rope_theta is not None:
-      q_BxLxNxH = apply_rope(q_BxLxNxH, positions_BxL, self.rope_theta)
-      k_BxLxKxH = apply_rope(k_BxLxKxH, positions_BxL, self.rope_theta)
+    if self.rope is not None:
+      q_BxLxNxH = apply_rope(q_BxLxNxH, positions_BxL, self.rope)
+      k_BxLxKxH = apply_rope(k_BxLxKxH, positions_BxL, self.rope)
 
     new_cache = None
     if cache is not None:
@@ -148,9 +199,19 @@ class Attention(nn.Module):
     out_BxLxKxGxH = jnp.einsum("bkgls,bskh->blkgh", probs, v_BxLxKxH)
     out_BxLxNxH = constrain(out_BxLxKxGxH.reshape(b, l, n, h), ("act_batch", "act_len", "act_heads", None))
     y_BxLxD = Projection((x_BxLxD.shape[-1],), ("heads", "head_dim", "embed"), n_in=2,
-                         use_bias=self.use_bias, name="o")(out_BxLxNxH)
+                         use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                         name="o")(out_BxLxNxH)
     return y_BxLxD, new_cache
 
 
-def dense(features: int, names: tuple[str, str], name: str, use_bias: bool = True) -> Projection:
-  return Projection((features,), names, use_bias=use_bias, name=name)
+def dense(features: int, names: tuple[str, str], name: str, use_bias: bool = True,
+          dtype: DType = jnp.float32, param_dtype: DType = jnp.float32) -> Projection:
+  return Projection((features,), names, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                    name=name)
+
+
+ACTIVATIONS = {
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),  # HF "gelu_pytorch_tanh"
+    "gelu": lambda x: nn.gelu(x, approximate=False),      # HF "gelu": exact, erf
+    "silu": nn.silu,
+}

@@ -1,12 +1,14 @@
 """SigLIP-style ViT image encoder: conv patch embedding, learned positions, pre-LN blocks, final LN.
 
 No CLS token: the output is one feature per patch, in row-major patch order (as SigLIP in HF).
+`depth` blocks are built; LLaVA-style "features from layer -2, before the post-LN" is depth = L - 1
+with final_norm=False (the converter sets that, dropping the unused last layer).
 """
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mm_jax.models.layers import Attention, constrain, dense, layer_norm, partitioned
+from mm_jax.models.layers import ACTIVATIONS, Attention, DType, constrain, dense, layer_norm, partitioned
 
 Array = jax.Array
 
@@ -14,16 +16,23 @@ Array = jax.Array
 class EncoderBlock(nn.Module):
   num_heads: int
   mlp_dim: int
+  norm_eps: float = 1e-6
+  mlp_act: str = "gelu_tanh"
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxPxD: Array, mask_BxPxP: Array) -> Array:
+  def __call__(self, x_BxPxD: Array, mask_BxPxP: Array | None) -> Array:
     d = x_BxPxD.shape[-1]
-    attn = Attention(self.num_heads, self.num_heads, d // self.num_heads, use_bias=True, name="attn")
-    y, _ = attn(layer_norm("ln_attn")(x_BxPxD), mask_BxPxP)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    attn = Attention(self.num_heads, self.num_heads, d // self.num_heads, use_bias=True, name="attn", **kw)
+    if mask_BxPxP is None:
+      mask_BxPxP = jnp.ones((x_BxPxD.shape[0], 1, 1), bool)  # broadcasts over queries and keys
+    y, _ = attn(layer_norm("ln_attn", self.norm_eps, **kw)(x_BxPxD), mask_BxPxP)
     x_BxPxD = x_BxPxD + y
-    y = dense(self.mlp_dim, ("embed", "mlp"), "mlp_in")(layer_norm("ln_mlp")(x_BxPxD))
-    y = constrain(nn.gelu(y, approximate=True), ("act_batch", "act_len", "act_mlp"))
-    x_BxPxD = x_BxPxD + dense(d, ("mlp", "embed"), "mlp_out")(y)
+    y = dense(self.mlp_dim, ("embed", "mlp"), "mlp_in", **kw)(layer_norm("ln_mlp", self.norm_eps, **kw)(x_BxPxD))
+    y = constrain(ACTIVATIONS[self.mlp_act](y), ("act_batch", "act_len", "act_mlp"))
+    x_BxPxD = x_BxPxD + dense(d, ("mlp", "embed"), "mlp_out", **kw)(y)
     return constrain(x_BxPxD, ("act_batch", "act_len", "act_embed"))
 
 
@@ -34,6 +43,10 @@ class ViT(nn.Module):
   depth: int
   num_heads: int
   mlp_dim: int
+  norm_eps: float = 1e-6
+  final_norm: bool = True
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
 
   def num_patches(self, image_shape: tuple[int, ...]) -> int:
     return (image_shape[-3] // self.patch_size) * (image_shape[-2] // self.patch_size)
@@ -43,17 +56,18 @@ class ViT(nn.Module):
     p, d = self.patch_size, self.width
     if d % self.num_heads:
       raise ValueError(f"encoder width={d} must be a multiple of num_heads={self.num_heads}")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     # A conv with stride = kernel = patch size is flatten-each-patch + linear.
-    x = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", name="patch_embed",
+    x = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", name="patch_embed", **kw,
                 kernel_init=partitioned(nn.initializers.lecun_normal(), (None, None, None, "embed")),
                 bias_init=partitioned(nn.initializers.zeros_init(), ("embed",)))(image_BxHxWxC)
     b, gh, gw, _ = x.shape
     x_BxPxD = x.reshape(b, gh * gw, d)
     pos_PxD = self.param("pos_embedding",
                          partitioned(nn.initializers.normal(stddev=d ** -0.5), ("patches", "embed")),
-                         (gh * gw, d))
-    x_BxPxD = constrain(x_BxPxD + pos_PxD[None], ("act_batch", "act_len", "act_embed"))
-    mask_BxPxP = jnp.ones((b, gh * gw, gh * gw), bool)
+                         (gh * gw, d), self.param_dtype)
+    x_BxPxD = constrain(x_BxPxD + pos_PxD[None].astype(self.dtype), ("act_batch", "act_len", "act_embed"))
     for i in range(self.depth):
-      x_BxPxD = EncoderBlock(self.num_heads, self.mlp_dim, name=f"block_{i}")(x_BxPxD, mask_BxPxP)
-    return layer_norm("ln_final")(x_BxPxD)
+      x_BxPxD = EncoderBlock(self.num_heads, self.mlp_dim, self.norm_eps, name=f"block_{i}",
+                             **kw)(x_BxPxD, None)
+    return layer_norm("ln_final", self.norm_eps, **kw)(x_BxPxD) if self.final_norm else x_BxPxD

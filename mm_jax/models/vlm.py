@@ -1,48 +1,67 @@
-"""Unified-embedding VLM (PaliGemma-style): image tokens are a prefix of the decoder's input sequence.
+"""Unified-embedding VLM (PaliGemma, LLaVA): image tokens sit in the decoder's input sequence.
 
-  image -> encoder (ViT) -> connector -> [img_1 .. img_N, text_1 .. text_T] -> decoder -> logits
-Attention (see layers.make_attn_mask): image + text prefix see each other fully, the suffix is causal.
-Parameter subtrees: `encoder`, `connector`, `decoder`.
+  image -> encoder (ViT) -> connector -> [text_1..text_k, img_1 .. img_N, text_k+1 .. text_T] -> decoder
+k = image_position: 0 for PaliGemma (image first), 1 for LLaVA (after BOS). Attention (see
+layers.make_attn_mask): with prefix_attention (PaliGemma) image + text prefix see each other fully and
+the suffix is causal; without it (LLaVA) everything is causal. With no encoder the model is a text-only
+LM over the same inputs (the image is ignored). Parameter subtrees: `encoder`, `connector`, `decoder`.
 """
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mm_jax.models.gemma import Cache
+from mm_jax.models.decoder import Cache
 from mm_jax.models.layers import make_attn_mask
 
 Array = jax.Array
 
 
 class UnifiedVLM(nn.Module):
-  encoder: nn.Module
-  connector: nn.Module
+  encoder: nn.Module | None
+  connector: nn.Module | None
   decoder: nn.Module
+  image_position: int = 0
+  prefix_attention: bool = True
+  task = "vqa"
+
+  def num_image_tokens(self, image_shape) -> int:
+    return 0 if self.encoder is None else self.encoder.num_patches(image_shape)
 
   def embed_image(self, image_BxHxWxC: Array) -> Array:
     return self.connector(self.encoder(image_BxHxWxC))
 
   def __call__(self, image_BxHxWxC: Array, text_BxT: Array, mask_ar_BxT: Array,
                mask_input_BxT: Array) -> Array:
-    """Teacher-forced forward. Returns text logits BxTxV (logit t predicts text token t + 1)."""
-    n = self.encoder.num_patches(image_BxHxWxC.shape)
-    return self.sequence_logits(image_BxHxWxC, text_BxT, mask_ar_BxT, mask_input_BxT)[:, n:]
+    """Teacher-forced forward. Returns text logits BxTxV: logit t predicts text token t + 1 (except at
+    t = image_position - 1, whose next element is the image; that is a prefix position, never scored)."""
+    logits_BxLxV = self.sequence_logits(image_BxHxWxC, text_BxT, mask_ar_BxT, mask_input_BxT)
+    k, n = self.image_position, self.num_image_tokens(image_BxHxWxC.shape)
+    return jnp.concatenate([logits_BxLxV[:, :k], logits_BxLxV[:, k + n:]], axis=1)
+
+  def _insert_image(self, text_BxTx_: Array, image_BxNx_: Array) -> Array:
+    k = self.image_position
+    return jnp.concatenate([text_BxTx_[:, :k], image_BxNx_, text_BxTx_[:, k:]], axis=1)
 
   def _inputs(self, image_BxHxWxC: Array, text_BxT: Array, mask_input_BxT: Array):
-    """The decoder's input [image tokens, text embeddings] BxLxD, its input mask and positions BxL."""
-    img_BxNxD = self.embed_image(image_BxHxWxC)
-    b, n = img_BxNxD.shape[:2]
-    x_BxLxD = jnp.concatenate([img_BxNxD, self.decoder.embed(text_BxT)], axis=1)
-    input_mask_BxL = jnp.concatenate([jnp.ones((b, n), jnp.int32), mask_input_BxT], axis=1)
+    """The decoder's input BxLxD (image tokens inserted at image_position), its input mask, positions."""
+    x_BxLxD, input_mask_BxL = self.decoder.embed(text_BxT), mask_input_BxT
+    if self.encoder is not None:
+      img_BxNxD = self.embed_image(image_BxHxWxC).astype(x_BxLxD.dtype)
+      b, n = img_BxNxD.shape[:2]
+      x_BxLxD = self._insert_image(x_BxLxD, img_BxNxD)
+      input_mask_BxL = self._insert_image(mask_input_BxT, jnp.ones((b, n), mask_input_BxT.dtype))
     positions_BxL = jnp.broadcast_to(jnp.arange(x_BxLxD.shape[1]), input_mask_BxL.shape)
     return x_BxLxD, input_mask_BxL, positions_BxL
 
   def sequence_logits(self, image_BxHxWxC: Array, text_BxT: Array, mask_ar_BxT: Array,
                       mask_input_BxT: Array) -> Array:
-    """Logits at every position of [image tokens, text tokens]: Bx(N+T)xV."""
+    """Logits at every position of the decoder's sequence: Bx(N+T)xV."""
     x_BxLxD, input_mask_BxL, positions_BxL = self._inputs(image_BxHxWxC, text_BxT, mask_input_BxT)
-    n = x_BxLxD.shape[1] - text_BxT.shape[1]
-    mask_ar_BxL = jnp.pad(mask_ar_BxT, ((0, 0), (n, 0)))  # image tokens: 0, the prefix block
+    if self.prefix_attention:  # image tokens: mask_ar 0, they join the prefix block
+      n = x_BxLxD.shape[1] - text_BxT.shape[1]
+      mask_ar_BxL = self._insert_image(mask_ar_BxT, jnp.zeros((text_BxT.shape[0], n), mask_ar_BxT.dtype))
+    else:
+      mask_ar_BxL = jnp.ones_like(input_mask_BxL)
     logits_BxLxV, _ = self.decoder(x_BxLxD, positions_BxL, make_attn_mask(input_mask_BxL, mask_ar_BxL))
     return logits_BxLxV
 
@@ -55,10 +74,14 @@ class UnifiedVLM(nn.Module):
     x_BxLxD, input_mask_BxL, positions_BxL = self._inputs(image_BxHxWxC, prefix_BxP, prefix_mask_BxP)
     (b, l), s = input_mask_BxL.shape, cache[0]["k"].shape[1]
     cache_mask_BxS = jnp.pad(input_mask_BxL, ((0, 0), (0, s - l))) > 0
-    # The whole prefix is one bidirectional block; keys are the real slots of the cache.
+    # Keys are the real slots of the cache; the prefix is one bidirectional block, or causal.
     mask_BxLxS = jnp.broadcast_to(cache_mask_BxS[:, None, :], (b, l, s))
+    if not self.prefix_attention:
+      mask_BxLxS = mask_BxLxS & (jnp.arange(s)[None, None, :] <= jnp.arange(l)[None, :, None])
     logits_BxLxV, cache = self.decoder(x_BxLxD, positions_BxL, mask_BxLxS, cache, 0)
-    return logits_BxLxV[:, l - prefix_BxP.shape[1]:], cache, cache_mask_BxS
+    k, n = self.image_position, l - prefix_BxP.shape[1]
+    logits_BxPxV = jnp.concatenate([logits_BxLxV[:, :k], logits_BxLxV[:, k + n:]], axis=1)
+    return logits_BxPxV, cache, cache_mask_BxS
 
   def decode_step(self, token_B: Array, position_B: Array, cache: Cache, cache_mask_BxS: Array,
                   slot) -> tuple[Array, Cache, Array]:

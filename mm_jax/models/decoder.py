@@ -1,0 +1,107 @@
+"""Gemma / Llama-style decoder: token embedding, pre-norm blocks of grouped-query attention with RoPE and a
+gated MLP, a final norm and an output head; an optional KV cache for decoding.
+
+One module, two families by config (the differences HF's implementations have):
+                 norm                    mlp_act     embed_scale      head          rope
+  Gemma          "gemma": x*(1+w), eps 1e-6   gelu_tanh   x sqrt(width)   tied          default
+  Llama (2, 3)   "llama": w*x,     eps 1e-5   silu        none            untied        default / llama3
+head_dim is independent of width. The decoder takes embeddings, not tokens, so image features can sit
+beside text embeddings (`embed` gives the text ones); the attention mask comes from the caller.
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mm_jax.models.layers import (ACTIVATIONS, Attention, DType, RMSNorm, Rope, constrain, dense,
+                                  partitioned)
+
+Array = jax.Array
+Cache = tuple[dict[str, Array], ...]  # one {"k", "v"} (BxSxKxH) per block
+
+
+class DecoderBlock(nn.Module):
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  rope: Rope
+  norm: str
+  norm_eps: float
+  mlp_act: str
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  def _norm(self, name):
+    return RMSNorm(self.norm_eps, self.norm, self.param_dtype, name=name)
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, cache=None, cache_index=None):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, rope=self.rope, name="attn", **kw)
+    y, cache = attn(self._norm("norm_attn")(x_BxLxD), mask_BxLxS, positions_BxL, cache, cache_index)
+    x_BxLxD = x_BxLxD + y
+    y = self._norm("norm_mlp")(x_BxLxD)
+    gate = dense(self.mlp_dim, ("embed", "mlp"), "gate", use_bias=False, **kw)(y)
+    up = dense(self.mlp_dim, ("embed", "mlp"), "up", use_bias=False, **kw)(y)
+    h_BxLxF = constrain(ACTIVATIONS[self.mlp_act](gate) * up, ("act_batch", "act_len", "act_mlp"))
+    x_BxLxD = x_BxLxD + dense(x_BxLxD.shape[-1], ("mlp", "embed"), "down", use_bias=False, **kw)(h_BxLxF)
+    return constrain(x_BxLxD, ("act_batch", "act_len", "act_embed")), cache
+
+
+class Decoder(nn.Module):
+  vocab_size: int
+  width: int
+  depth: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  rope: Rope = Rope()
+  norm: str = "gemma"
+  norm_eps: float = 1e-6
+  mlp_act: str = "gelu_tanh"
+  embed_scale: bool = True
+  tie_embeddings: bool = True
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  def setup(self):
+    if self.mlp_act not in ACTIVATIONS:
+      raise ValueError(f"unknown mlp_act {self.mlp_act!r}; known: {', '.join(ACTIVATIONS)}")
+    self.embedder = nn.Embed(
+        self.vocab_size, self.width, name="embedder", dtype=self.dtype, param_dtype=self.param_dtype,
+        embedding_init=partitioned(nn.initializers.normal(stddev=0.02), ("vocab", "embed")))
+    self.blocks = [DecoderBlock(self.num_heads, self.num_kv_heads, self.head_dim, self.mlp_dim,
+                                self.rope, self.norm, self.norm_eps, self.mlp_act, self.dtype,
+                                self.param_dtype, name=f"block_{i}") for i in range(self.depth)]
+    self.final_norm = RMSNorm(self.norm_eps, self.norm, self.param_dtype, name="final_norm")
+    if not self.tie_embeddings:
+      self.head = dense(self.vocab_size, ("embed", "vocab"), "head", use_bias=False,
+                        dtype=self.dtype, param_dtype=self.param_dtype)
+
+  def embed(self, tokens_BxL: Array) -> Array:
+    """Text token embeddings; Gemma scales them by sqrt(width), rounded to the compute dtype as in HF
+    (image features are not scaled)."""
+    x_BxLxD = self.embedder(tokens_BxL)
+    if self.embed_scale:
+      x_BxLxD = x_BxLxD * jnp.asarray(self.width ** 0.5, self.dtype)
+    return x_BxLxD
+
+  def __call__(self, x_BxLxD: Array, positions_BxL: Array, mask_BxLxS: Array,
+               cache: Cache | None = None, cache_index=None) -> tuple[Array, Cache | None]:
+    """Embeddings -> logits BxLxV. With a cache, returns the updated cache too."""
+    x_BxLxD = x_BxLxD.astype(self.dtype)
+    new_cache = []
+    for i, block in enumerate(self.blocks):
+      x_BxLxD, c = block(x_BxLxD, positions_BxL, mask_BxLxS,
+                         None if cache is None else cache[i], cache_index)
+      new_cache.append(c)
+    x_BxLxD = self.final_norm(x_BxLxD)
+    logits_BxLxV = self.embedder.attend(x_BxLxD) if self.tie_embeddings else self.head(x_BxLxD)
+    logits_BxLxV = constrain(logits_BxLxV, ("act_batch", "act_len", "act_vocab"))
+    return logits_BxLxV, (None if cache is None else tuple(new_cache))
+
+  def init_cache(self, batch: int, length: int) -> Cache:
+    shape = (batch, length, self.num_kv_heads, self.head_dim)
+    return tuple({"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
+                 for _ in range(self.depth))
