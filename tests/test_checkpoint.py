@@ -87,3 +87,47 @@ def test_read_only_on_a_missing_workdir_creates_nothing(tmp_path):
   ckpt = Checkpoints(tmp_path / "absent", read_only=True)
   assert ckpt.latest_step() is None and ckpt.all_steps() == []
   assert not (tmp_path / "absent").exists()
+
+
+def _saved_params(config, devices, vocab, workdir, seed):
+  """Saves freshly initialised params (as an import does) and returns them on the host."""
+  mm, _ = make_run(config, devices, vocab)
+  params = mm.init_params(seed)
+  ckpt = Checkpoints(workdir)
+  ckpt.save_params(0, params, config)
+  ckpt.wait()
+  ckpt.close()
+  return _host(params)
+
+
+def test_parts_load_by_name_and_leave_the_rest(test_config, tmp_path):
+  from mm_jax.checkpoint import load_parts, plan_parts  # pylint: disable=g-import-not-at-top
+  config = copy.deepcopy(test_config)
+  src = _saved_params(config, jax.devices()[:1], 40, tmp_path / "src", seed=1)
+  # The destination: another mesh (8 devices), its own init, the encoder from `src`.
+  mm, _ = make_run(config, jax.devices(), 40)
+  fresh = mm.init_params(seed=2)
+  before = _host(fresh)
+  plans = plan_parts(((str(tmp_path / "src"), "encoder/", "encoder/"),), mm.abstract_params)
+  loaded = _host(load_parts(plans, fresh))
+  jax.tree.map(np.testing.assert_array_equal, loaded["encoder"], src["encoder"])
+  jax.tree.map(np.testing.assert_array_equal, loaded["decoder"], before["decoder"])
+  assert not np.array_equal(loaded["encoder"]["pos_embedding"], before["encoder"]["pos_embedding"])
+
+
+def test_parts_errors_name_the_problem(test_config, tmp_path):
+  from mm_jax.checkpoint import plan_parts  # pylint: disable=g-import-not-at-top
+  config = copy.deepcopy(test_config)
+  _saved_params(config, jax.devices()[:1], 40, tmp_path / "src", seed=1)
+  wide = copy.deepcopy(config)
+  wide.model.encoder.width = 64
+  mm, _ = make_run(wide, jax.devices()[:1], 40)
+  src = str(tmp_path / "src")
+  with pytest.raises(UserError, match=r"encoder/.* is float32\[.*in the checkpoint but .* architectures differ"):
+    plan_parts(((src, "encoder/", "encoder/"),), mm.abstract_params)
+  with pytest.raises(UserError, match=r"vision/block_0/attn/k/bias \(for encoder/block_0/attn/k/bias\) is not in"):
+    plan_parts(((src, "vision/", "encoder/"),), mm.abstract_params)
+  with pytest.raises(UserError, match="no parameter of this model starts with 'nope/'"):
+    plan_parts(((src, "encoder/", "nope/"),), mm.abstract_params)
+  with pytest.raises(UserError, match="no checkpoint in"):
+    plan_parts(((str(tmp_path / "absent"), "", ""),), mm.abstract_params)

@@ -96,3 +96,27 @@ def test_every_param_has_logical_names():
   leaves = jax.tree.leaves(boxed, is_leaf=lambda v: isinstance(v, nn.LogicallyPartitioned))
   assert leaves and all(isinstance(v, nn.LogicallyPartitioned) for v in leaves)
   assert all(len(v.names) == v.value.ndim for v in leaves)
+
+
+def test_llama_rmsnorm_is_weight_times_normalised():
+  x = jax.random.normal(jax.random.key(0), (2, 3, 8)) * 3
+  norm = layers.RMSNorm(eps=1e-5, form="llama")
+  params = norm.init(jax.random.key(1), x)
+  w = jax.random.normal(jax.random.key(2), (8,))
+  got = norm.apply({"params": {"scale": w}}, x)
+  want = np.asarray(x) / np.sqrt((np.asarray(x) ** 2).mean(-1, keepdims=True) + 1e-5) * np.asarray(w)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(nn.meta.unbox(params)["params"]["scale"], np.ones(8))  # init 1
+
+
+def test_llama3_rope_scales_only_long_wavelengths():
+  plain = layers.Rope(theta=5e5).inv_freq(64)
+  scaled = layers.Rope(theta=5e5, type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                       original_max_len=64).inv_freq(64)
+  wavelen = 2 * np.pi / plain
+  short, long = wavelen < 64 / 4, wavelen > 64 / 1
+  assert short.any() and long.any()
+  np.testing.assert_allclose(scaled[short], plain[short])
+  np.testing.assert_allclose(scaled[long], plain[long] / 8, rtol=1e-6)
+  mid = ~short & ~long
+  assert np.all((scaled[mid] < plain[mid]) & (scaled[mid] > plain[mid] / 8))

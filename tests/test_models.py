@@ -110,3 +110,101 @@ def test_unknown_connector_lists_known():
   config.model.connector = "nope"
   with pytest.raises(UserError, match="unknown model.connector 'nope'; known: linear"):
     build_model(config.model, V)
+
+
+def _llava_style(config_arg="test"):
+  config = load_config(config_arg)
+  config.model.update(dict(image_position=1, prefix_attention=False, connector="mlp"))
+  config.model.decoder.update(dict(norm="llama", norm_eps=1e-5, mlp_act="silu", embed_scale=False,
+                                   tie_embeddings=False, rope_type="llama3", rope_factor=8.0,
+                                   rope_original_max_len=16))
+  return config
+
+
+def test_llava_layout_image_after_bos_and_causal():
+  config = _llava_style()
+  model = build_model(config.model, V)
+  image = jax.random.normal(jax.random.key(1), (B, S, S, 3))
+  text = jax.random.randint(jax.random.key(2), (B, T), 4, V)
+  mask_ar, mask_input = jnp.zeros((B, T), jnp.int32), jnp.ones((B, T), jnp.int32)
+  params = nn.meta.unbox(model.init(jax.random.key(0), image, text, mask_ar, mask_input))["params"]
+  assert "head" in params["decoder"] and set(params["connector"]) == {"fc1", "fc2"}
+  seq = lambda t: model.apply({"params": params}, image, t, mask_ar, mask_input,
+                              method=model.sequence_logits)
+  # Causal: changing text token 3 (sequence position N + 3) changes nothing before it, even with
+  # mask_ar 0 (prefix) given by the data; the BOS (position 0) does not see the image.
+  base, changed = seq(text), seq(text.at[:, 3].set(5))
+  np.testing.assert_array_equal(base[:, :N + 3], changed[:, :N + 3])
+  assert np.abs(np.asarray(base[:, N + 3:] - changed[:, N + 3:])).max() > 1e-6
+  other_image = model.apply({"params": params}, image * 0.5, text, mask_ar, mask_input,
+                            method=model.sequence_logits)
+  np.testing.assert_array_equal(base[:, 0], other_image[:, 0])
+  # Text logits drop the image positions: text logit t >= 1 is sequence position N + t.
+  text_logits = model.apply({"params": params}, image, text, mask_ar, mask_input)
+  np.testing.assert_array_equal(text_logits[:, 1:], base[:, N + 1:])
+
+
+def test_llava_layout_kv_cache_matches_full_forward():
+  config = _llava_style()
+  model = build_model(config.model, V)
+  image = jax.random.normal(jax.random.key(1), (B, S, S, 3))
+  text = jax.random.randint(jax.random.key(2), (B, T), 4, V)
+  ones = jnp.ones((B, T), jnp.int32)
+  params = nn.meta.unbox(model.init(jax.random.key(0), image, text, ones, ones))["params"]
+  full = model.apply({"params": params}, image, text, ones, ones)
+  p = 4
+  cache = model.decoder.init_cache(B, N + T)
+  logits, cache, cache_mask = model.apply({"params": params}, image, text[:, :p], ones[:, :p], cache,
+                                          method=model.prefill)
+  np.testing.assert_allclose(logits[:, 1:], full[:, 1:p], atol=1e-5)
+  for t in range(p, T):
+    step_logits, cache, cache_mask = model.apply(
+        {"params": params}, text[:, t], jnp.full((B,), N + t), cache, cache_mask, N + t,
+        method=model.decode_step)
+    np.testing.assert_allclose(step_logits, full[:, t], atol=1e-5)
+
+
+def test_lm_family_ignores_the_image():
+  config = load_config("test")
+  config.model.family = "lm"
+  model = build_model(config.model, V)
+  image = jax.random.normal(jax.random.key(1), (B, S, S, 3))
+  text = jax.random.randint(jax.random.key(2), (B, T), 4, V)
+  ones = jnp.ones((B, T), jnp.int32)
+  params = nn.meta.unbox(model.init(jax.random.key(0), image, text, ones, ones))["params"]
+  assert set(params) == {"decoder"}
+  a = model.apply({"params": params}, image, text, ones, ones)
+  chex.assert_shape(a, (B, T, V))
+  np.testing.assert_array_equal(a, model.apply({"params": params}, image * 0, text, ones, ones))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_close_logits(model_and_params):
+  model, _, params, inputs = model_and_params
+  config = load_config("test")
+  config.model.dtype = "bfloat16"
+  model16 = build_model(config.model, V)
+  chex.assert_trees_all_equal_shapes_and_dtypes(
+      params, nn.meta.unbox(model16.init(jax.random.key(0), *inputs))["params"])
+  a = np.asarray(model.apply({"params": params}, *inputs))
+  b = model16.apply({"params": params}, *inputs)
+  assert b.dtype == jnp.bfloat16
+  rel = np.abs(np.asarray(b, np.float32) - a).max() / np.abs(a).max()
+  # A loose bound on this random-init model (its logits are tiny); the 2e-2 bar is checked on the
+  # imported models in test_parity_*.
+  assert 0 < rel < 5e-2, rel
+
+
+def test_decoder_vocab_from_config_must_cover_the_tokenizer():
+  config = load_config("test")
+  config.model.decoder.vocab_size = 30
+  with pytest.raises(UserError, match="tokenizer has 40 pieces but model.decoder.vocab_size is 30"):
+    build_model(config.model, 40)
+  config.model.decoder.vocab_size = 64
+  chex.assert_equal(build_model(config.model, 40).decoder.vocab_size, 64)
+
+
+def test_unknown_model_field_is_named():
+  config = load_config("test")
+  config.model.encoder.widht = 3  # a typo'd field in a config file
+  with pytest.raises(UserError, match="model.encoder.widht is not a field of ViT"):
+    build_model(config.model, V)
