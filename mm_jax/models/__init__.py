@@ -12,6 +12,7 @@ from mm_jax.errors import UserError
 from mm_jax.models.connectors import CONNECTORS
 from mm_jax.models.decoder import Decoder
 from mm_jax.models.layers import Rope
+from mm_jax.models.siglip import MAPHead, SigLIP, TextEncoder
 from mm_jax.models.vit import ViT
 from mm_jax.models.vlm import UnifiedVLM
 
@@ -83,7 +84,23 @@ def language_model(model_cfg: mlc.ConfigDict, tokenizer_vocab: int) -> UnifiedVL
                     prefix_attention=model_cfg.get("prefix_attention", False))
 
 
-FAMILIES = {"unified": unified, "lm": language_model}
+def siglip(model_cfg: mlc.ConfigDict, tokenizer_vocab: int) -> SigLIP:
+  """Two towers: model.encoder (ViT) + a MAP head of the encoder's heads / mlp_dim, model.text
+  (TextEncoder; vocab_size 0 or absent: the tokenizer's), projected to the encoder's width."""
+  encoder = build_encoder(model_cfg)
+  kw = dtypes(model_cfg)
+  fields = dict(model_cfg.text)
+  v = fields.pop("vocab_size", 0) or tokenizer_vocab
+  if v < tokenizer_vocab:
+    raise UserError(f"the tokenizer has {tokenizer_vocab} pieces but model.text.vocab_size is {v}; "
+                    "use the tokenizer the model was trained with (data.tokenizer)")
+  text = _make(TextEncoder, fields, "text", vocab_size=v, out_dim=encoder.width, **kw)
+  head = MAPHead(encoder.num_heads, encoder.mlp_dim, encoder.norm_eps, **kw)
+  init = {k: model_cfg[k] for k in ("logit_scale_init", "logit_bias_init") if k in model_cfg}
+  return SigLIP(encoder=encoder, map_head=head, text=text, **init)
+
+
+FAMILIES = {"unified": unified, "lm": language_model, "siglip": siglip}
 
 
 def build_model(model_cfg: mlc.ConfigDict, tokenizer_vocab: int):

@@ -169,15 +169,18 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxLxD: Array, mask_BxLxS: Array, positions_BxL: Array | None = None,
-               cache: dict[str, Array] | None = None, cache_index: Any = None):
+               cache: dict[str, Array] | None = None, cache_index: Any = None,
+               kv_BxSxD: Array | None = None):
     """Returns (y_BxLxD, new_cache). With a cache, k/v are written at slots [cache_index, +L) of the
-    cache (k/v: BxSxKxH) and queries attend over all S slots under the mask."""
+    cache (k/v: BxSxKxH) and queries attend over all S slots under the mask. With kv_BxSxD, keys and
+    values come from it instead of x (attention pooling: one learned query over the features)."""
     n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
     if n % k:
       raise ValueError(f"num_heads={n} must be a multiple of num_kv_heads={k}")
     q_BxLxNxH = self._proj(n, "heads", "q")(x_BxLxD)
-    k_BxLxKxH = self._proj(k, "kv_heads", "k")(x_BxLxD)
-    v_BxLxKxH = self._proj(k, "kv_heads", "v")(x_BxLxD)
+    kv_BxSxD = x_BxLxD if kv_BxSxD is None else kv_BxSxD
+    k_BxLxKxH = self._proj(k, "kv_heads", "k")(kv_BxSxD)
+    v_BxLxKxH = self._proj(k, "kv_heads", "v")(kv_BxSxD)
     if self.rope is not None:
       q_BxLxNxH = apply_rope(q_BxLxNxH, positions_BxL, self.rope)
       k_BxLxKxH = apply_rope(k_BxLxKxH, positions_BxL, self.rope)

@@ -1,0 +1,137 @@
+"""SigLIP two-tower contrastive model (HF SiglipModel, big_vision two_towers): image and text embeddings
+in one space, scored pairwise: logits_per_text = normalize(txt) @ normalize(img).T * exp(scale) + bias.
+
+  image -> encoder (vit.ViT, final LN) -> map_head (attention pooling) -> img_BxE     (E = encoder width)
+  text  -> text (embed + positions, bidirectional pre-LN blocks, final LN, LAST position, head) -> txt_BxE
+
+Parameter tree (D encoder width, N encoder heads, H = D/N, F encoder mlp_dim; Dt, Nt, Ht, Ft, Lt the
+text tower's width, heads, head dim, mlp_dim, max_len; V vocab; all kernels are [in..., out...], i.e.
+the transpose of an HF Linear weight (out, in); every bias of an [.., out] kernel has shape [out]):
+
+  encoder/...                        exactly vit.ViT (final_norm=True): patch_embed/{kernel [p,p,3,D], bias},
+                                     pos_embedding [P,D], block_i/{ln_attn, attn/{q,k,v,o}, ln_mlp,
+                                     mlp_in, mlp_out}, ln_final. It loads into the unified model as is:
+                                     init.parts = (("<siglip workdir>", "encoder/", "encoder/"),).
+  map_head/probe                     [1,1,D]   HF head.probe
+  map_head/attn/{q,k,v}/kernel       [D,N,H]   HF head.attention.in_proj_weight rows [0:D], [D:2D], [2D:3D],
+                                               each transposed and reshaped (D, N, H)
+  map_head/attn/{q,k,v}/bias         [N,H]     in_proj_bias thirds, reshaped
+  map_head/attn/o/{kernel [N,H,D], bias [D]}   head.attention.out_proj
+  map_head/ln_mlp/{scale,bias}       [D]       head.layernorm
+  map_head/mlp_in/{kernel [D,F], bias [F]}     head.mlp.fc1
+  map_head/mlp_out/{kernel [F,D], bias [D]}    head.mlp.fc2
+  text/embedder/embedding            [V,Dt]    text_model.embeddings.token_embedding
+  text/pos_embedding                 [Lt,Dt]   text_model.embeddings.position_embedding
+  text/block_i/...                   as encoder blocks (vit.EncoderBlock, Nt heads, Ft): ln_attn =
+                                     layer_norm1, attn/{q,k,v,o} = self_attn.{q,k,v,out}_proj, ln_mlp =
+                                     layer_norm2, mlp_in/mlp_out = mlp.fc1/fc2
+  text/ln_final/{scale,bias}         [Dt]      text_model.final_layer_norm
+  text/head/{kernel [Dt,D], bias [D]}          text_model.head
+  logit_scale, logit_bias            []        scalars (HF: shape (1,))
+
+Initialisation of logit_scale / logit_bias: HF initialises both to 0 (imports overwrite them anyway);
+from scratch we use the paper's log(10) and -10 (model.logit_scale_init / model.logit_bias_init): with
+B-1 negatives per positive, the bias keeps the initial loss from being dominated by the negatives.
+The MAP head and the text head are not used by the unified VLM (it reads the encoder's patch features).
+"""
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mm_jax.models.layers import ACTIVATIONS, Attention, DType, constrain, dense, layer_norm, partitioned
+from mm_jax.models.vit import EncoderBlock
+
+Array = jax.Array
+
+
+class MAPHead(nn.Module):
+  """Multihead attention pooling: one learned query attends over the features (no residual around the
+  attention, as HF's SiglipMultiheadAttentionPoolingHead), then o + MLP(LN(o))."""
+  num_heads: int
+  mlp_dim: int
+  norm_eps: float = 1e-6
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxPxD: Array) -> Array:
+    b, _, d = x_BxPxD.shape
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    probe_1x1xD = self.param("probe", partitioned(nn.initializers.normal(stddev=d ** -0.5),
+                                                  (None, None, "embed")), (1, 1, d), self.param_dtype)
+    q_Bx1xD = jnp.broadcast_to(probe_1x1xD.astype(self.dtype), (b, 1, d))
+    attn = Attention(self.num_heads, self.num_heads, d // self.num_heads, use_bias=True, name="attn", **kw)
+    o_Bx1xD, _ = attn(q_Bx1xD, jnp.ones((b, 1, 1), bool), kv_BxSxD=x_BxPxD)
+    y = dense(self.mlp_dim, ("embed", "mlp"), "mlp_in", **kw)(layer_norm("ln_mlp", self.norm_eps, **kw)(o_Bx1xD))
+    o_Bx1xD = o_Bx1xD + dense(d, ("mlp", "embed"), "mlp_out", **kw)(ACTIVATIONS["gelu_tanh"](y))
+    return o_Bx1xD[:, 0]
+
+
+class TextEncoder(nn.Module):
+  """Tokens BxT (T <= max_len) -> BxE: bidirectional, no padding mask (HF / big_vision), the LAST
+  position pooled (padding or not), then a dense head to the image embedding width."""
+  vocab_size: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  max_len: int
+  out_dim: int
+  norm_eps: float = 1e-6
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, text_BxT: Array) -> Array:
+    d, t = self.width, text_BxT.shape[1]
+    if t > self.max_len:
+      raise ValueError(f"text length {t} exceeds the text tower's max_len {self.max_len}")
+    if d % self.num_heads:
+      raise ValueError(f"text width={d} must be a multiple of num_heads={self.num_heads}")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x_BxTxD = nn.Embed(self.vocab_size, d, name="embedder", **kw, embedding_init=partitioned(
+        nn.initializers.normal(stddev=d ** -0.5), ("vocab", "embed")))(text_BxT)
+    pos_LxD = self.param("pos_embedding", partitioned(nn.initializers.normal(stddev=d ** -0.5),
+                                                      ("text_len", "embed")), (self.max_len, d), self.param_dtype)
+    x_BxTxD = constrain(x_BxTxD + pos_LxD[None, :t].astype(self.dtype), ("act_batch", "act_len", "act_embed"))
+    for i in range(self.depth):
+      x_BxTxD = EncoderBlock(self.num_heads, self.mlp_dim, self.norm_eps, name=f"block_{i}", **kw)(x_BxTxD, None)
+    pooled_BxD = layer_norm("ln_final", self.norm_eps, **kw)(x_BxTxD)[:, -1]
+    # "embed_out": the image embedding width (a param may not carry one logical name twice).
+    return dense(self.out_dim, ("embed", "embed_out"), "head", **kw)(pooled_BxD)
+
+
+def l2_normalize(x_BxE: Array) -> Array:
+  x32 = x_BxE.astype(jnp.float32)
+  return x32 * jax.lax.rsqrt(jnp.maximum(jnp.sum(x32 * x32, axis=-1, keepdims=True), 1e-12))
+
+
+class SigLIP(nn.Module):
+  """__call__(image, text) -> logits_per_text TxI (float32): row i text, column j image."""
+  encoder: nn.Module   # vit.ViT with final_norm=True
+  map_head: nn.Module  # MAPHead
+  text: nn.Module      # TextEncoder
+  logit_scale_init: float = math.log(10.0)
+  logit_bias_init: float = -10.0
+  task = "contrastive"
+
+  def setup(self):
+    const = lambda v: partitioned(nn.initializers.constant(v), ())
+    self.logit_scale = self.param("logit_scale", const(self.logit_scale_init), (), jnp.float32)
+    self.logit_bias = self.param("logit_bias", const(self.logit_bias_init), (), jnp.float32)
+
+  def embed_image(self, image_BxHxWxC: Array) -> Array:
+    """L2-normalised image embeddings BxE, float32."""
+    return l2_normalize(self.map_head(self.encoder(image_BxHxWxC)))
+
+  def embed_text(self, text_BxT: Array) -> Array:
+    """L2-normalised text embeddings BxE, float32."""
+    return l2_normalize(self.text(text_BxT))
+
+  def logits(self, txt_BxE: Array, img_BxE: Array) -> Array:
+    return txt_BxE @ img_BxE.T * jnp.exp(self.logit_scale) + self.logit_bias
+
+  def __call__(self, image_BxHxWxC: Array, text_BxT: Array) -> Array:
+    return self.logits(self.embed_text(text_BxT), self.embed_image(image_BxHxWxC))
