@@ -1,0 +1,162 @@
+"""A Hugging Face config.json -> an mm_jax config (configs/shapes_tiny.py's schema, model.* from HF).
+
+  GemmaForCausalLM, LlamaForCausalLM   family "lm": the decoder alone
+  PaliGemmaForConditionalGeneration    "unified": SigLIP encoder with its post-LN, linear connector,
+                                       Gemma decoder; image first, prefix-LM attention
+  LlavaForConditionalGeneration        "unified": SigLIP encoder cut at vision_feature_layer (no
+                                       post-LN), MLP connector, Llama decoder; image after BOS, causal
+  SiglipVisionModel                    "unified" whose init.parts reads only encoder/ (see __init__)
+
+A field absent from config.json takes the default of its HF config class, as from_pretrained does.
+A value our modules do not compute the same way is a UserError naming the field; shapes are checked
+later against the weights' headers.
+"""
+import ml_collections as mlc
+
+from mm_jax.errors import UserError
+
+_GEMMA = dict(vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,
+              num_attention_heads=16, num_key_value_heads=16, head_dim=256,
+              hidden_act="gelu_pytorch_tanh", rms_norm_eps=1e-6, tie_word_embeddings=True,
+              attention_bias=False, use_bidirectional_attention=None, max_position_embeddings=8192)
+_LLAMA = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+              num_attention_heads=32, num_key_value_heads=None, head_dim=None, hidden_act="silu",
+              rms_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+              max_position_embeddings=2048)
+_SIGLIP_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                      num_attention_heads=12, num_channels=3, image_size=224, patch_size=16,
+                      hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, vision_use_head=True)
+TEXT_DEFAULTS = {"gemma": _GEMMA, "llama": _LLAMA}
+
+
+class Fields:
+  """One (sub)config of config.json: `f["key"]` is its value or the HF default; `where` names it."""
+
+  def __init__(self, raw: dict, defaults: dict, where: str = ""):
+    self.raw, self.defaults, self.where = raw, defaults, where
+
+  def __getitem__(self, key):
+    return self.raw[key] if self.raw.get(key) is not None else self.defaults.get(key)
+
+  def sub(self, key: str, defaults_by_type: dict) -> "Fields":
+    raw = self.raw.get(key)
+    if not isinstance(raw, dict):
+      raise UserError(f"config.json has no {self.where}{key}; it is needed to build the model")
+    kind = raw.get("model_type")
+    if kind not in defaults_by_type:
+      self.unsupported(f"{key}.model_type", kind, ", ".join(sorted(defaults_by_type)))
+    return Fields(raw, defaults_by_type[kind], f"{self.where}{key}.")
+
+  def unsupported(self, key: str, value, supported: str):
+    raise UserError(f"config.json: {self.where}{key}={value!r} is not supported by mm_jax.convert "
+                    f"(supported: {supported})")
+
+  def require(self, key: str, allowed: tuple):
+    if self[key] not in allowed:
+      self.unsupported(key, self[key], " or ".join(repr(a) for a in allowed))
+    return self[key]
+
+
+def _rope(t: Fields) -> dict:
+  """decoder.rope_* from rope_parameters (transformers 5) or rope_theta + rope_scaling (older)."""
+  params = t.raw.get("rope_parameters") or t.raw.get("rope_scaling") or {}
+  kind = params.get("rope_type", params.get("type", "default"))
+  if params.get("partial_rotary_factor", 1.0) != 1.0:
+    t.unsupported("rope_parameters.partial_rotary_factor", params["partial_rotary_factor"], "1.0")
+  out = dict(rope_theta=float(params.get("rope_theta", t.raw.get("rope_theta", 10_000.0))))
+  if kind == "default":
+    return dict(out, rope_type="default")
+  if kind != "llama3":
+    t.unsupported("rope_parameters.rope_type", kind, "'default', 'llama3'")
+  return dict(out, rope_type="llama3", rope_factor=float(params["factor"]),
+              rope_low_freq_factor=float(params["low_freq_factor"]),
+              rope_high_freq_factor=float(params["high_freq_factor"]),
+              rope_original_max_len=int(params.get("original_max_position_embeddings",
+                                                   t["max_position_embeddings"])))
+
+
+def decoder(t: Fields, tied: bool) -> dict:
+  """model.decoder from a Gemma or Llama text config."""
+  kind = t["model_type"]
+  if kind == "gemma":
+    # "gelu" in Gemma configs means the tanh approximation (HF rewrites it so).
+    t.require("hidden_act", ("gelu", "gelu_pytorch_tanh"))
+    if t.raw.get("hidden_activation") is not None:
+      t.require("hidden_activation", ("gelu_pytorch_tanh",))
+    act = "gelu_tanh"
+  else:
+    act = {"silu": "silu"}[t.require("hidden_act", ("silu",))]
+    t.require("mlp_bias", (False,))
+  t.require("attention_bias", (False,))
+  heads = t["num_attention_heads"]
+  return dict(vocab_size=t["vocab_size"], width=t["hidden_size"], depth=t["num_hidden_layers"],
+              num_heads=heads, num_kv_heads=t["num_key_value_heads"] or heads,
+              head_dim=t["head_dim"] or t["hidden_size"] // heads, mlp_dim=t["intermediate_size"],
+              norm=kind, norm_eps=float(t["rms_norm_eps"]), mlp_act=act,
+              embed_scale=kind == "gemma", tie_embeddings=bool(tied), **_rope(t))
+
+
+def encoder(v: Fields, depth: int, final_norm: bool) -> dict:
+  """model.encoder from a SigLIP vision config (`depth` of its layers, with or without the post-LN)."""
+  v.require("hidden_act", ("gelu_pytorch_tanh",))
+  v.require("num_channels", (3,))
+  image, patch = v["image_size"], v["patch_size"]
+  if not isinstance(image, int) or not isinstance(patch, int) or image % patch:
+    v.unsupported("image_size", image, f"a square size (one int) divisible by patch_size={patch}")
+  return dict(patch_size=patch, width=v["hidden_size"], depth=depth,
+              num_heads=v["num_attention_heads"], mlp_dim=v["intermediate_size"],
+              norm_eps=float(v["layer_norm_eps"]), final_norm=final_norm)
+
+
+def derive(base: mlc.ConfigDict, hf: dict) -> tuple[str, mlc.ConfigDict]:
+  """(architecture, config): `base` (shapes_tiny's, to be filled in place) with model.* from `hf`."""
+  archs = hf.get("architectures") or [None]
+  arch = archs[0]
+  top = Fields(hf, {})
+  c = base.model
+  if arch in ("GemmaForCausalLM", "LlamaForCausalLM"):
+    want = "gemma" if arch.startswith("Gemma") else "llama"
+    top.require("model_type", (want,))
+    t = Fields(hf, TEXT_DEFAULTS[want])
+    if t["use_bidirectional_attention"]:
+      t.unsupported("use_bidirectional_attention", True, "false (a causal LM)")
+    c.family, c.image_position, c.prefix_attention = "lm", 0, False
+    c.decoder.update(decoder(t, t["tie_word_embeddings"]))
+  elif arch == "PaliGemmaForConditionalGeneration":
+    v = top.sub("vision_config", {"siglip_vision_model": _SIGLIP_VISION})
+    t = top.sub("text_config", {"gemma": _GEMMA})
+    c.family, c.image_position, c.prefix_attention, c.connector = "unified", 0, True, "linear"
+    c.encoder.update(encoder(v, v["num_hidden_layers"], final_norm=True))
+    c.decoder.update(decoder(t, hf.get("tie_word_embeddings", True)))
+  elif arch == "LlavaForConditionalGeneration":
+    v = top.sub("vision_config", {"siglip_vision_model": _SIGLIP_VISION})
+    t = top.sub("text_config", {"llama": _LLAMA})
+    top.require("vision_feature_select_strategy", ("full",))  # "default" drops a CLS SigLIP lacks
+    top.require("projector_hidden_act", ("gelu",))
+    if hf.get("multimodal_projector_bias", True) is not True:
+      top.unsupported("multimodal_projector_bias", hf["multimodal_projector_bias"], "true")
+    layers, k = v["num_hidden_layers"], hf.get("vision_feature_layer", -2)
+    if not isinstance(k, int) or not -layers - 1 <= k <= layers:
+      top.unsupported("vision_feature_layer", k, f"one int in [{-layers - 1}, {layers}]")
+    # hidden_states[k] (k < 0 counts from the end of L + 1 states): the first k layers, no post-LN.
+    depth = k if k >= 0 else layers + 1 + k
+    c.family, c.image_position, c.prefix_attention, c.connector = "unified", 1, False, "mlp"
+    c.encoder.update(encoder(v, depth, final_norm=False))
+    c.decoder.update(decoder(t, hf.get("tie_word_embeddings") or t["tie_word_embeddings"]))
+    n = (v["image_size"] // v["patch_size"]) ** 2
+    if hf.get("image_seq_length", n) != n:
+      top.unsupported("image_seq_length", hf["image_seq_length"], f"{n}, the number of patches")
+  elif arch == "SiglipVisionModel":
+    top.require("model_type", ("siglip_vision_model",))
+    v = Fields(hf, _SIGLIP_VISION)
+    c.family, c.image_position, c.prefix_attention = "unified", 0, True
+    c.encoder.update(encoder(v, v["num_hidden_layers"], final_norm=True))
+  else:
+    top.unsupported("architectures[0]", arch, ", ".join(ARCHITECTURES))
+  if c.family == "unified":
+    base.data.image_size = v["image_size"]
+  return arch, base
+
+
+ARCHITECTURES = ("GemmaForCausalLM", "LlamaForCausalLM", "PaliGemmaForConditionalGeneration",
+                 "LlavaForConditionalGeneration", "SiglipVisionModel")

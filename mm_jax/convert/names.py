@@ -1,0 +1,140 @@
+"""Hugging Face tensor names -> mm_jax param paths, and how each tensor becomes its param.
+
+File names are first made canonical: every layout HF writes or reads (the transformers-5 on-disk one,
+the in-memory one, the hub's) maps to one prefix per part:
+  text.*       model.* (CausalLM), language_model.model.*, model.language_model.*
+  lm_head.*    lm_head.*, language_model.lm_head.*
+  vision.*     vision_tower.*, vision_tower.vision_model.*, model.vision_tower[.vision_model].*,
+               vision_model.* or no prefix (SiglipVisionModel)
+  projector.*  multi_modal_projector.*, model.multi_modal_projector.*
+Then one Entry per param: HF `nn.Linear` weights are (out, in) and become our kernels (in..., out...);
+conv weights (D, C, p, p) become (p, p, C, D); norms, embeddings and biases are copied (reshaped).
+Gemma's RMSNorm weight is the offset w of x * (1 + w), as our "gemma" scale; Llama's is the scale.
+"""
+import dataclasses
+import math
+import re
+
+import jax.numpy as jnp
+
+_ALIASES = {
+    "lm": {"model.": "text.", "lm_head.": "lm_head."},
+    "vlm": {"language_model.model.": "text.", "model.language_model.": "text.",
+            "language_model.lm_head.": "lm_head.", "lm_head.": "lm_head.",
+            "vision_tower.vision_model.": "vision.", "vision_tower.": "vision.",
+            "model.vision_tower.vision_model.": "vision.", "model.vision_tower.": "vision.",
+            "multi_modal_projector.": "projector.", "model.multi_modal_projector.": "projector."},
+    "vision": {"vision_model.": "vision.", "": "vision."},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """HF tensor `hf` (canonical name) -> our param `ours` ('decoder/block_0/attn/q/kernel').
+
+  kind: "copy" (same shape), "flat" (HF holds our shape flattened: q/k/v biases), "linear" (HF (out,
+  in); the first n_in dims of our kernel are the input), "conv". part=(i, n): the i-th of n equal row
+  blocks of the HF tensor (the MAP head's packed q/k/v).
+  """
+  hf: str
+  ours: str
+  kind: str = "copy"
+  n_in: int = 1
+  part: tuple[int, int] = (0, 1)
+
+  def hf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The HF tensor's shape for our param of `shape`."""
+    n = self.part[1]
+    if self.kind == "copy":
+      return shape
+    if self.kind == "flat":
+      return (n * math.prod(shape),)
+    if self.kind == "linear":
+      return (n * math.prod(shape[self.n_in:]), math.prod(shape[:self.n_in]))
+    p, p2, c, d = shape
+    return (d, c, p, p2)
+
+  def transform(self, x, shape: tuple[int, ...]):
+    """Our param of `shape` from the HF tensor `x` (already cut to this entry's part)."""
+    if self.kind == "linear":
+      return jnp.transpose(x.reshape(x.shape[0], -1)).reshape(shape)
+    if self.kind == "conv":
+      return jnp.transpose(x, (2, 3, 1, 0))
+    return x.reshape(shape)
+
+
+def canonical(name: str, layout: str) -> str | None:
+  """The canonical name of file tensor `name`, or None if no prefix of the layout matches."""
+  for prefix in sorted(_ALIASES[layout], key=len, reverse=True):
+    if name.startswith(prefix):
+      return _ALIASES[layout][prefix] + name[len(prefix):]
+  return None
+
+
+def decoder(depth: int, tied: bool) -> list[Entry]:
+  out = [Entry("text.embed_tokens.weight", "decoder/embedder/embedding")]
+  for i in range(depth):
+    t, o = f"text.layers.{i}.", f"decoder/block_{i}/"
+    out += [Entry(t + "input_layernorm.weight", o + "norm_attn/scale"),
+            Entry(t + "post_attention_layernorm.weight", o + "norm_mlp/scale"),
+            Entry(t + "self_attn.o_proj.weight", o + "attn/o/kernel", "linear", n_in=2)]
+    out += [Entry(t + f"self_attn.{x}_proj.weight", o + f"attn/{x}/kernel", "linear") for x in "qkv"]
+    out += [Entry(t + f"mlp.{x}_proj.weight", o + f"{x}/kernel", "linear")
+            for x in ("gate", "up", "down")]
+  out.append(Entry("text.norm.weight", "decoder/final_norm/scale"))
+  if not tied:
+    out.append(Entry("lm_head.weight", "decoder/head/kernel", "linear"))
+  return out
+
+
+def _layer_norm(hf: str, ours: str) -> list[Entry]:
+  return [Entry(hf + ".weight", ours + "/scale"), Entry(hf + ".bias", ours + "/bias")]
+
+
+def _dense(hf: str, ours: str, kind_bias: str = "copy", n_in: int = 1) -> list[Entry]:
+  return [Entry(hf + ".weight", ours + "/kernel", "linear", n_in), Entry(hf + ".bias", ours + "/bias", kind_bias)]
+
+
+def encoder(depth: int, final_norm: bool, root: str = "encoder", hf: str = "vision.") -> list[Entry]:
+  """The SigLIP vision tower (vit.ViT): its first `depth` layers, and the post-LN if `final_norm`."""
+  out = [Entry(hf + "embeddings.patch_embedding.weight", f"{root}/patch_embed/kernel", "conv"),
+         Entry(hf + "embeddings.patch_embedding.bias", f"{root}/patch_embed/bias"),
+         Entry(hf + "embeddings.position_embedding.weight", f"{root}/pos_embedding")]
+  for i in range(depth):
+    t, o = f"{hf}encoder.layers.{i}.", f"{root}/block_{i}/"
+    out += _layer_norm(t + "layer_norm1", o + "ln_attn") + _layer_norm(t + "layer_norm2", o + "ln_mlp")
+    for x in "qkv":
+      out += _dense(t + f"self_attn.{x}_proj", o + f"attn/{x}", "flat")
+    out += _dense(t + "self_attn.out_proj", o + "attn/o", n_in=2)
+    out += _dense(t + "mlp.fc1", o + "mlp_in") + _dense(t + "mlp.fc2", o + "mlp_out")
+  if final_norm:
+    out += _layer_norm(hf + "post_layernorm", f"{root}/ln_final")
+  return out
+
+
+def connector(kind: str) -> list[Entry]:
+  if kind == "linear":  # PaliGemma
+    return _dense("projector.linear", "connector/proj")
+  return _dense("projector.linear_1", "connector/fc1") + _dense("projector.linear_2", "connector/fc2")
+
+
+def plan(arch: str, hf: dict, model_cfg) -> tuple[str, list[Entry], re.Pattern | None]:
+  """(layout, entries, skipped): `skipped` matches the canonical names of file tensors that are
+  knowingly not converted (HF does not use them either, or they duplicate a converted one)."""
+  enc, dec = model_cfg.encoder, model_cfg.decoder
+  skip = [r"text\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"]  # a buffer in old checkpoints
+  if dec.tie_embeddings:
+    skip.append(r"lm_head\.weight")  # some files keep a copy of the tied embedding
+  if arch in ("GemmaForCausalLM", "LlamaForCausalLM"):
+    return "lm", decoder(dec.depth, dec.tie_embeddings), re.compile("|".join(skip))
+  vision = hf.get("vision_config", hf)
+  layers = vision.get("num_hidden_layers", enc.depth)
+  skip += [r"vision\.head\..*"]  # a MAP head the VLMs do not use (vision_use_head)
+  if enc.depth < layers:  # LLaVA: the layers after vision_feature_layer, and the post-LN
+    skip.append(r"vision\.encoder\.layers\.(%s)\..*" % "|".join(map(str, range(enc.depth, layers))))
+  if not enc.final_norm:
+    skip.append(r"vision\.post_layernorm\..*")
+  if arch == "SiglipVisionModel":
+    return "vision", encoder(enc.depth, enc.final_norm), re.compile("|".join(skip))
+  entries = encoder(enc.depth, enc.final_norm) + connector(model_cfg.connector)
+  return "vlm", entries + decoder(dec.depth, dec.tie_embeddings), re.compile("|".join(skip))
