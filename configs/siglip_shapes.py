@@ -39,7 +39,7 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
   c.total_steps = 1500
   c.global_batch_size = 128
   c.checkpoint_every = 500
-  c.data.text_len = 24               # caption + eos (the longest caption needs 23), padded
+  c.data.text_len = 20               # caption + eos, padded (the longest caption needs all 20)
 
   encoder = c.model.encoder
   c.model = mlc.ConfigDict()
@@ -64,7 +64,6 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
     c.total_steps = 4
     c.global_batch_size = 8
     c.checkpoint_every = 2
-    c.data.text_len = 20
     c.model.text.update(dict(width=32, depth=1, num_heads=2, mlp_dim=64, max_len=20))
     c.eval.batch_size = 8
   return c

@@ -7,6 +7,7 @@ shardings and donates the state.
 import contextlib
 import dataclasses
 import functools
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -15,20 +16,23 @@ import ml_collections as mlc
 import optax
 from jax.sharding import Mesh
 
-from mm_jax import sharding
+from mm_jax import contrastive, sharding
+from mm_jax.errors import UserError
 from mm_jax.models import build_model
 
 
-def example_batch(config: mlc.ConfigDict, batch: int = 1) -> dict:
+def example_batch(config: mlc.ConfigDict, batch: int = 1, task: str = "vqa") -> dict:
+  """Zeros shaped like a training batch of `task` (the model's `task` attribute)."""
   s, t = config.data.image_size, config.data.text_len
-  return {"image": jnp.zeros((batch, s, s, 3), jnp.float32), "text": jnp.zeros((batch, t), jnp.int32),
-          "mask_ar": jnp.zeros((batch, t), jnp.int32), "mask_input": jnp.ones((batch, t), jnp.int32),
-          "mask_loss": jnp.zeros((batch, t), jnp.int32)}
+  out = {"image": jnp.zeros((batch, s, s, 3), jnp.float32), "text": jnp.zeros((batch, t), jnp.int32)}
+  if task == "vqa":
+    out.update(mask_ar=jnp.zeros((batch, t), jnp.int32), mask_input=jnp.ones((batch, t), jnp.int32),
+               mask_loss=jnp.zeros((batch, t), jnp.int32))
+  return out
 
 
 def forward(model: nn.Module, params, batch: dict) -> jax.Array:
-  return model.apply({"params": params}, batch["image"], batch["text"], batch["mask_ar"],
-                     batch["mask_input"])
+  return model.apply({"params": params}, *(batch[k] for k in TASKS[model.task].inputs))
 
 
 def loss_fn(model: nn.Module, params, batch: dict, norm: str = "example") -> jax.Array:
@@ -48,6 +52,39 @@ def loss_fn(model: nn.Module, params, batch: dict, norm: str = "example") -> jax
 
 
 LOSS_NORMS = ("example", "token")
+
+
+def _vqa_loss(model: nn.Module, params, batch: dict, optim_cfg: mlc.ConfigDict) -> jax.Array:
+  return loss_fn(model, params, batch, norm=optim_cfg.loss_norm)
+
+
+def _contrastive_loss(model: nn.Module, params, batch: dict, optim_cfg: mlc.ConfigDict) -> jax.Array:
+  """contrastive.LOSSES[optim.loss] over the TxI logits of the whole (global) batch."""
+  return contrastive.LOSSES[optim_cfg.loss](forward(model, params, batch))
+
+
+def _choice(field: str, known) -> Callable[[mlc.ConfigDict], None]:
+  def check(config):
+    value = config.optim.get(field)
+    if value not in known:
+      raise UserError(f"optim.{field}={value!r} is unknown; use one of {tuple(known)} "
+                      f"(--config.optim.{field}=...)")
+  return check
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """What the trainer needs of a model's task (`model.task`): the batch keys its __call__ takes, its
+  loss (model, params, batch, optim_cfg) and a check of the config's loss fields."""
+  inputs: tuple[str, ...]
+  loss: Callable
+  check: Callable[[mlc.ConfigDict], None]
+
+
+TASKS = {
+    "vqa": Task(("image", "text", "mask_ar", "mask_input"), _vqa_loss, _choice("loss_norm", LOSS_NORMS)),
+    "contrastive": Task(("image", "text"), _contrastive_loss, _choice("loss", contrastive.LOSSES)),
+}
 
 
 @contextlib.contextmanager
@@ -80,8 +117,8 @@ class ModelOnMesh:
 
   @staticmethod
   def _init_boxed(model, config, rng):
-    b = example_batch(config)
-    return model.init(rng, b["image"], b["text"], b["mask_ar"], b["mask_input"])["params"]
+    b = example_batch(config, task=model.task)
+    return model.init(rng, *(b[k] for k in TASKS[model.task].inputs))["params"]
 
   def context(self):
     """The mesh and the logical axis rules, for tracing anything that calls the model."""
@@ -118,7 +155,7 @@ class ModelOnMesh:
 
     def step(state, batch):
       loss, grads = jax.value_and_grad(functools.partial(
-          loss_fn, self.model, norm=self.config.optim.loss_norm))(state["params"], batch)
+          TASKS[self.model.task].loss, self.model, optim_cfg=self.config.optim))(state["params"], batch)
       updates, opt = tx.update(grads, state["opt_state"], state["params"])
       params = optax.apply_updates(state["params"], updates)
       return {"params": params, "opt_state": opt, "step": state["step"] + 1}, {"loss": loss}

@@ -19,7 +19,7 @@ from mm_jax.checkpoint import Checkpoints, load_parts, plan_parts, workdir_path
 from mm_jax.errors import UserError
 from mm_jax.metrics import MetricWriter, parameter_table
 from mm_jax.models import CONNECTORS, FAMILIES
-from mm_jax.state import LOSS_NORMS, ModelOnMesh
+from mm_jax.state import TASKS, ModelOnMesh
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None,
@@ -31,12 +31,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics g
 def train(config: mlc.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) training; returns the last logged metrics."""
   # 1. Everything that can fail on bad input, before the workdir is touched.
-  if config.optim.loss_norm not in LOSS_NORMS:
-    raise UserError(f"optim.loss_norm={config.optim.loss_norm!r} is unknown; use one of {LOSS_NORMS}")
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.global_batch_size, mesh)
   tokenizer, source = data.prepare(config, "train")
   mm = ModelOnMesh.create(config, tokenizer.vocab_size, mesh)
+  TASKS[mm.model.task].check(config)  # the task's loss fields (optim.loss_norm, optim.loss)
   labels = optim.param_labels(mm.abstract_params, config.optim.rules)
   tx = optim.make_optimizer(config.optim, config.total_steps, labels)
   existing = Checkpoints(workdir, read_only=True)
@@ -49,8 +48,8 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict:
   # 2. Build the run.
   workdir_path(workdir).mkdir(parents=True, exist_ok=True)
   ckpt = Checkpoints(workdir, keep=config.keep_checkpoints)
-  data_iter = data.train_iterator(config, tokenizer, source, process_index=jax.process_index(),
-                                  process_count=jax.process_count())
+  data_iter = data.TRAIN_ITERATORS[mm.model.task](
+      config, tokenizer, source, process_index=jax.process_index(), process_count=jax.process_count())
   if resume_step is not None:
     state = ckpt.restore(resume_step, mm.abstract_train_state(tx), data_iter)
     logging.info("Resumed from step %d of %s", resume_step, ckpt.directory)

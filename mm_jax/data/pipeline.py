@@ -64,11 +64,20 @@ def load_tokenizer(config) -> tokenizer_lib.Tokenizer:
 def train_iterator(config, tokenizer: tokenizer_lib.Tokenizer, source, *, process_index: int,
                    process_count: int) -> grain.DatasetIterator:
   """Returns an endless, checkpointable iterator over this process's training batches."""
+  num = len(source) * QA_PER_IMAGE + _num_captions(config, len(source))
+  return shuffled_batches(config, num, _TrainExample(config, tokenizer, source),
+                          process_index=process_index, process_count=process_count)
+
+
+def shuffled_batches(config, num_elements: int, make_element, *, process_index: int,
+                     process_count: int) -> grain.DatasetIterator:
+  """Elements make_element(j), j in [0, num_elements): this process's strided shard, shuffled with
+  config.seed and reshuffled every epoch, batched; endless, deterministic and checkpointable."""
   batch_size = _local_batch_size(config.global_batch_size, process_count, "global_batch_size")
-  ds = grain.MapDataset.range(len(source) * QA_PER_IMAGE + _num_captions(config, len(source)))
+  ds = grain.MapDataset.range(num_elements)
   ds = ds[process_index::process_count]  # Disjoint strided shards that together cover the split.
   ds = ds.shuffle(seed=config.seed).repeat(None)  # repeat() reseeds the shuffle every epoch.
-  ds = ds.map(_TrainExample(config, tokenizer, source)).batch(batch_size, drop_remainder=True)
+  ds = ds.map(make_element).batch(batch_size, drop_remainder=True)
   threads = config.data.num_threads
   # Elements are computed by index, so the order never depends on thread timing.
   options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(1, 2 * threads))

@@ -1,0 +1,72 @@
+r"""(image, caption) pairs of the `shapes` dataset, for contrastive training and retrieval eval.
+
+  it = train_iterator(config, tok, source, process_index=..., process_count=...)  # as pipeline's
+  for batch in eval_batches(config, tok, source, indices, process_index=..., process_count=...): ...
+
+Train: element j is record j of the split; the same sharding (strided by process, before shuffling),
+shuffling (config.seed, reshuffled every epoch), batching and checkpointing as pipeline.train_iterator.
+Batches of b = global_batch_size // process_count:
+
+  image  float32 [b, S, S, 3]  in [-1, 1]; S = data.image_size
+  text   int32   [b, T]        caption tokens, eos, then pad (0) up to T = data.text_len (no bos)
+
+Eval yields the records `indices` once (this process's strided share), every process the same number
+of batches (the last padded): image, text as above, and index int32 [b], the record index (-1 on
+padding rows).
+"""
+import math
+
+import numpy as np
+
+from mm_jax.data import pipeline
+from mm_jax.data.pipeline import _image, _local_batch_size, _padded
+from mm_jax.errors import UserError
+
+
+def captions(source) -> list[str]:
+  """The caption of every record of the split, in order."""
+  return [source[i]["caption"].decode() for i in range(len(source))]
+
+
+def caption_tokens(tokenizer, caption: str, text_len: int, record: int) -> np.ndarray:
+  ids = tokenizer.encode(caption) + [tokenizer.eos_id]
+  if len(ids) > text_len:
+    raise UserError(f"the caption of record {record} ({caption!r}) needs {len(ids)} tokens with eos but "
+                    f"--config.data.text_len is {text_len}; set it to at least {len(ids)}")
+  return _padded(ids, text_len)
+
+
+class _Pair:
+  """Record index -> one unbatched (image, caption tokens) element."""
+
+  def __init__(self, config, tokenizer, source):
+    self._config, self._tokenizer, self._source = config, tokenizer, source
+
+  def __call__(self, j: int) -> dict[str, np.ndarray]:
+    record = self._source[int(j)]
+    return dict(image=_image(record["image"], self._config),
+                text=caption_tokens(self._tokenizer, record["caption"].decode(),
+                                    self._config.data.text_len, int(j)))
+
+
+def train_iterator(config, tokenizer, source, *, process_index: int, process_count: int):
+  """An endless, checkpointable iterator over this process's (image, caption) training batches."""
+  return pipeline.shuffled_batches(config, len(source), _Pair(config, tokenizer, source),
+                                   process_index=process_index, process_count=process_count)
+
+
+def eval_batches(config, tokenizer, source, indices: list[int], *, process_index: int,
+                 process_count: int):
+  """Yields the records `indices` (this process's share) once, in a fixed order."""
+  batch_size = _local_batch_size(config.eval.batch_size, process_count, "eval.batch_size")
+  num_batches = math.ceil(len(indices) / (batch_size * process_count))
+  mine = list(indices[process_index::process_count])
+  mine += [-1] * (num_batches * batch_size - len(mine))
+  pair = _Pair(config, tokenizer, source)
+  size, text_len = config.data.image_size, config.data.text_len
+  padding = dict(image=np.zeros([size, size, 3], np.float32), text=_padded([tokenizer.eos_id], text_len))
+  for start in range(0, len(mine), batch_size):
+    chunk = mine[start:start + batch_size]
+    rows = [padding if j < 0 else pair(j) for j in chunk]
+    yield dict(image=np.stack([r["image"] for r in rows]), text=np.stack([r["text"] for r in rows]),
+               index=np.array(chunk, np.int32))
