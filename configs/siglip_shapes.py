@@ -7,8 +7,10 @@ r"""SigLIP contrastive pretraining on `shapes` (image, caption) pairs: the encod
   python -m mm_jax.train --config=configs/shapes_tiny.py --workdir=workdirs/tiny_from_siglip \
       --config.init.parts='(("workdirs/siglip", "encoder/", "encoder/"),)'
 
-Expected on a 2-core CPU: see experiments/README.md ("SigLIP pretraining") for the measured time and
-the recall@1 (image->text, text->image) on the test images whose caption is unique in the split.
+Expected on a 2-core CPU: about 5 minutes of training (1500 steps of 128 pairs at ~5 steps/s on
+shared cores), then on the 395 of 500 test images whose caption is unique in the split: image->text
+recall@1 0.97, text->image recall@1 0.97. experiments/README.md ("SigLIP pretraining") has the
+measurements and what the encoder does for the unified model.
 
 Variants (`--config=configs/siglip_shapes.py:VARIANT`):
   softmax  the CLIP loss (softmax cross-entropy both ways) instead of the sigmoid loss.

@@ -128,7 +128,8 @@ def retrieval(config, mm: ModelOnMesh, params, tokenizer, source) -> tuple[dict,
     index.append(batch["index"])
   img, txt, index = (np.concatenate(x) if x else np.zeros((0,)) for x in (img, txt, index))
   if jax.process_count() > 1:  # every process holds the same number of rows (padded): gather them all
-    img, txt, index = (np.concatenate(list(multihost_utils.process_allgather(x))) for x in (img, txt, index))
+    gather = lambda x: np.concatenate(list(multihost_utils.process_allgather(x)))
+    img, txt, index = gather(img), gather(txt), gather(index)
   real = index >= 0  # image i and text i come from the same record; only padding rows are dropped
   if not real.any():
     raise UserError(f"no image of the split has a caption of its own ({len(source)} images)")

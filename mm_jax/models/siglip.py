@@ -64,7 +64,8 @@ class MAPHead(nn.Module):
     q_Bx1xD = jnp.broadcast_to(probe_1x1xD.astype(self.dtype), (b, 1, d))
     attn = Attention(self.num_heads, self.num_heads, d // self.num_heads, use_bias=True, name="attn", **kw)
     o_Bx1xD, _ = attn(q_Bx1xD, jnp.ones((b, 1, 1), bool), kv_BxSxD=x_BxPxD)
-    y = dense(self.mlp_dim, ("embed", "mlp"), "mlp_in", **kw)(layer_norm("ln_mlp", self.norm_eps, **kw)(o_Bx1xD))
+    y = layer_norm("ln_mlp", self.norm_eps, **kw)(o_Bx1xD)
+    y = dense(self.mlp_dim, ("embed", "mlp"), "mlp_in", **kw)(y)
     o_Bx1xD = o_Bx1xD + dense(d, ("mlp", "embed"), "mlp_out", **kw)(ACTIVATIONS["gelu_tanh"](y))
     return o_Bx1xD[:, 0]
 
@@ -93,11 +94,13 @@ class TextEncoder(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x_BxTxD = nn.Embed(self.vocab_size, d, name="embedder", **kw, embedding_init=partitioned(
         nn.initializers.normal(stddev=d ** -0.5), ("vocab", "embed")))(text_BxT)
-    pos_LxD = self.param("pos_embedding", partitioned(nn.initializers.normal(stddev=d ** -0.5),
-                                                      ("text_len", "embed")), (self.max_len, d), self.param_dtype)
-    x_BxTxD = constrain(x_BxTxD + pos_LxD[None, :t].astype(self.dtype), ("act_batch", "act_len", "act_embed"))
+    pos_init = partitioned(nn.initializers.normal(stddev=d ** -0.5), ("text_len", "embed"))
+    pos_LxD = self.param("pos_embedding", pos_init, (self.max_len, d), self.param_dtype)
+    x_BxTxD = x_BxTxD + pos_LxD[None, :t].astype(self.dtype)
+    x_BxTxD = constrain(x_BxTxD, ("act_batch", "act_len", "act_embed"))
     for i in range(self.depth):
-      x_BxTxD = EncoderBlock(self.num_heads, self.mlp_dim, self.norm_eps, name=f"block_{i}", **kw)(x_BxTxD, None)
+      block = EncoderBlock(self.num_heads, self.mlp_dim, self.norm_eps, name=f"block_{i}", **kw)
+      x_BxTxD = block(x_BxTxD, None)
     pooled_BxD = layer_norm("ln_final", self.norm_eps, **kw)(x_BxTxD)[:, -1]
     # "embed_out": the image embedding width (a param may not carry one logical name twice).
     return dense(self.out_dim, ("embed", "embed_out"), "head", **kw)(pooled_BxD)
