@@ -33,15 +33,21 @@ def signature(params) -> dict[str, str]:
 class Checkpoints:
   """A thin wrapper over one CheckpointManager: save / restore of state, data iterator and meta."""
 
-  def __init__(self, workdir: str, *, keep: int = 2, read_only: bool = False):
+  def __init__(self, workdir: str, *, keep: int = 2, read_only: bool = False, compress: bool = True):
+    """compress=False (for save_params only; mm_jax.convert) writes arrays without zstd: tensorstore
+    then writes straight from them, where compressing buffers them again, up to their whole size."""
     self.directory = workdir_path(workdir) / "checkpoints"
     self._mngr = None
+    self._params_save = ocp.args.StandardSave if compress else ocp.args.PyTreeSave  # its handler's args
+    handlers = None if compress else {"state": ocp.PyTreeCheckpointHandler(use_compression=False),
+                                      "meta": ocp.JsonCheckpointHandler()}
     if not read_only or self.directory.is_dir():
       self._mngr = ocp.CheckpointManager(
           self.directory,
           options=ocp.CheckpointManagerOptions(
               max_to_keep=keep, create=not read_only, read_only=read_only,
-              enable_async_checkpointing=not read_only))
+              enable_async_checkpointing=not read_only),
+          item_handlers=handlers)
 
   def latest_step(self) -> int | None:
     return None if self._mngr is None else self._mngr.latest_step()
@@ -75,7 +81,7 @@ class Checkpoints:
     """Params only (no optimizer state, no data iterator): what an import writes."""
     meta = {"config": json.loads(config.to_json_best_effort()), "signature": signature(params)}
     self._mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave({"params": params}), meta=ocp.args.JsonSave(meta)))
+        state=self._params_save({"params": params}), meta=ocp.args.JsonSave(meta)))
 
   def restore(self, step: int, abstract_state, data_iterator) -> dict:
     """Restores the state onto the shardings of `abstract_state` and the data iterator in place."""

@@ -68,8 +68,8 @@ def ours(out: str, config=None, dtype: str | None = None):
   if dtype is not None:
     config.model.dtype = dtype
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  vocab = config.model.decoder.vocab_size or config.data.vocab_size
-  mm = ModelOnMesh.create(config, vocab, mesh)
+  tower = config.model.get("decoder") or config.model.get("text")
+  mm = ModelOnMesh.create(config, tower.vocab_size or config.data.vocab_size, mesh)
   _, params = restore_params(out, mm, None)
   return mm.model, params
 

@@ -34,42 +34,53 @@ from mm_jax.state import ModelOnMesh
 DTYPES = ("float32", "bfloat16")
 
 
-def base_config() -> mlc.ConfigDict:
-  """configs/shapes_tiny.py's get_config(): the schema and the training defaults."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "shapes_tiny.py")
-  spec = importlib.util.spec_from_file_location("shapes_tiny_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+def tokenizer_file(hf_dir: str) -> str | None:
+  """The checkpoint's SentencePiece model: tokenizer.model, or spiece.model (SigLIP's name)."""
+  for name in ("tokenizer.model", "spiece.model"):
+    if os.path.isfile(os.path.join(hf_dir, name)):
+      return os.path.join(hf_dir, name)
+  return None
 
 
 def derive_config(hf: dict, hf_dir: str, out: str, dtype: str) -> tuple[str, mlc.ConfigDict]:
   """(architecture, the config OUT/config.py will return)."""
   if dtype not in DTYPES:
     raise UserError(f"--dtype={dtype} is not one of {', '.join(DTYPES)}")
-  arch, config = hf_config.derive(base_config(), hf)
+  arch, config = hf_config.derive(hf)
   config.model.dtype = config.model.param_dtype = dtype
   root = str(workdir_path(out))
-  if arch == "SiglipVisionModel":
+  if arch == "SiglipVisionModel":  # a tokenizer of this model would be its text tower's: none here
     config.init.parts = ((root, "encoder/", "encoder/"),)
   else:
     config.init.parts = ((root, "", ""),)
-    if os.path.isfile(os.path.join(hf_dir, "tokenizer.model")):
+    if tokenizer_file(hf_dir):
       config.data.tokenizer = os.path.join(root, "tokenizer.model")
   return arch, config
+
+
+def _abstract_params(arch: str, config: mlc.ConfigDict) -> dict:
+  """path -> ShapeDtypeStruct (with its sharding on the current mesh) of every param to write."""
+  if arch == "SiglipVisionModel":  # encoder + MAP head, named and sharded as in the siglip family
+    probe = hf_config.base_config("siglip_shapes")
+    probe.model.encoder = config.model.encoder
+    probe.model.dtype = probe.model.param_dtype = config.model.param_dtype
+    probe.data.image_size = config.data.image_size
+    config = probe
+  model_cfg = config.model
+  vocab = (model_cfg.get("decoder", {}).get("vocab_size") or model_cfg.get("text", {}).get("vocab_size")
+           or config.data.vocab_size)
+  mm = ModelOnMesh.create(config, vocab, sharding.make_mesh(config.mesh))
+  flat = writer.flat_params(mm.abstract_params)
+  if arch == "SiglipVisionModel":
+    flat = {k: v for k, v in flat.items() if k.startswith(("encoder/", "map_head/"))}
+  return flat
 
 
 def convert(hf_dir: str, out: str, dtype: str = "float32") -> mlc.ConfigDict:
   """Checks, then writes OUT; returns the config written. Raises UserError (OUT untouched) on bad input."""
   ckpt = HFCheckpoint(hf_dir)
   arch, config = derive_config(ckpt.config, hf_dir, out, dtype)
-  mesh = sharding.make_mesh(config.mesh)
-  vocab = config.model.decoder.vocab_size or config.data.vocab_size
-  mm = ModelOnMesh.create(config, vocab, mesh)
-  abstract = writer.flat_params(mm.abstract_params)
-  if arch == "SiglipVisionModel":
-    abstract = {k: v for k, v in abstract.items() if k.startswith("encoder/")}
+  abstract = _abstract_params(arch, config)
   layout, entries, skipped = names.plan(arch, ckpt.config, config.model)
   writer.check(ckpt, layout, entries, skipped, abstract)
   writer.refuse_existing(out)
@@ -78,7 +89,7 @@ def convert(hf_dir: str, out: str, dtype: str = "float32") -> mlc.ConfigDict:
                     "before eval or train", hf_dir, out)
 
   params = writer.stream(ckpt, layout, entries, abstract)
-  writer.write(out, hf_dir, arch, config, params)
+  writer.write(out, hf_dir, arch, config, params, tokenizer_file(hf_dir))
   print(f"Converted {arch} from {hf_dir}: {len(entries)} tensors -> {out} "
         f"(python -m mm_jax.eval --config={out}/config.py --workdir={out})", flush=True)
   return config

@@ -5,12 +5,17 @@
                                        Gemma decoder; image first, prefix-LM attention
   LlavaForConditionalGeneration        "unified": SigLIP encoder cut at vision_feature_layer (no
                                        post-LN), MLP connector, Llama decoder; image after BOS, causal
+  SiglipModel                          "siglip" (configs/siglip_shapes.py's schema): encoder, MAP head,
+                                       text tower, logit scale and bias
   SiglipVisionModel                    "unified" whose init.parts reads only encoder/ (see __init__)
 
 A field absent from config.json takes the default of its HF config class, as from_pretrained does.
 A value our modules do not compute the same way is a UserError naming the field; shapes are checked
 later against the weights' headers.
 """
+import importlib.util
+import os
+
 import ml_collections as mlc
 
 from mm_jax.errors import UserError
@@ -26,7 +31,19 @@ _LLAMA = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_h
 _SIGLIP_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                       num_attention_heads=12, num_channels=3, image_size=224, patch_size=16,
                       hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, vision_use_head=True)
+_SIGLIP_TEXT = dict(vocab_size=32000, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                    num_attention_heads=12, max_position_embeddings=64, hidden_act="gelu_pytorch_tanh",
+                    layer_norm_eps=1e-6, projection_size=None)
 TEXT_DEFAULTS = {"gemma": _GEMMA, "llama": _LLAMA}
+_CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
+
+
+def base_config(name: str) -> mlc.ConfigDict:
+  """configs/<name>.py's get_config(): the schema and the training defaults an import starts from."""
+  spec = importlib.util.spec_from_file_location(f"{name}_config", os.path.join(_CONFIGS, f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 class Fields:
@@ -108,11 +125,23 @@ def encoder(v: Fields, depth: int, final_norm: bool) -> dict:
               norm_eps=float(v["layer_norm_eps"]), final_norm=final_norm)
 
 
-def derive(base: mlc.ConfigDict, hf: dict) -> tuple[str, mlc.ConfigDict]:
-  """(architecture, config): `base` (shapes_tiny's, to be filled in place) with model.* from `hf`."""
+def siglip_text(t: Fields, image_width: int) -> dict:
+  """model.text (siglip.TextEncoder) from a SigLIP text config."""
+  t.require("hidden_act", ("gelu_pytorch_tanh",))
+  if (t["projection_size"] or t["hidden_size"]) != image_width:
+    t.unsupported("projection_size", t["projection_size"], f"{image_width}, the vision hidden_size")
+  return dict(vocab_size=t["vocab_size"], width=t["hidden_size"], depth=t["num_hidden_layers"],
+              num_heads=t["num_attention_heads"], mlp_dim=t["intermediate_size"],
+              max_len=t["max_position_embeddings"], norm_eps=float(t["layer_norm_eps"]))
+
+
+def derive(hf: dict) -> tuple[str, mlc.ConfigDict]:
+  """(architecture, config): configs/shapes_tiny.py's (siglip_shapes.py's for SiglipModel) with model.*
+  and data.image_size from `hf`."""
   archs = hf.get("architectures") or [None]
   arch = archs[0]
   top = Fields(hf, {})
+  base = base_config("siglip_shapes" if arch == "SiglipModel" else "shapes_tiny")
   c = base.model
   if arch in ("GemmaForCausalLM", "LlamaForCausalLM"):
     want = "gemma" if arch.startswith("Gemma") else "llama"
@@ -146,6 +175,13 @@ def derive(base: mlc.ConfigDict, hf: dict) -> tuple[str, mlc.ConfigDict]:
     n = (v["image_size"] // v["patch_size"]) ** 2
     if hf.get("image_seq_length", n) != n:
       top.unsupported("image_seq_length", hf["image_seq_length"], f"{n}, the number of patches")
+  elif arch == "SiglipModel":
+    v = top.sub("vision_config", {"siglip_vision_model": _SIGLIP_VISION})
+    t = top.sub("text_config", {"siglip_text_model": _SIGLIP_TEXT})
+    v.require("vision_use_head", (True,))  # the image embedding is the MAP head's output
+    c.encoder.update(encoder(v, v["num_hidden_layers"], final_norm=True))
+    c.text.update(siglip_text(t, v["hidden_size"]))
+    base.data.text_len = c.text.max_len  # HF pads to max_length and pools the last position
   elif arch == "SiglipVisionModel":
     top.require("model_type", ("siglip_vision_model",))
     v = Fields(hf, _SIGLIP_VISION)
@@ -153,10 +189,10 @@ def derive(base: mlc.ConfigDict, hf: dict) -> tuple[str, mlc.ConfigDict]:
     c.encoder.update(encoder(v, v["num_hidden_layers"], final_norm=True))
   else:
     top.unsupported("architectures[0]", arch, ", ".join(ARCHITECTURES))
-  if c.family == "unified":
+  if c.family != "lm":
     base.data.image_size = v["image_size"]
   return arch, base
 
 
 ARCHITECTURES = ("GemmaForCausalLM", "LlamaForCausalLM", "PaliGemmaForConditionalGeneration",
-                 "LlavaForConditionalGeneration", "SiglipVisionModel")
+                 "LlavaForConditionalGeneration", "SiglipModel", "SiglipVisionModel")

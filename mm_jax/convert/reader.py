@@ -6,7 +6,6 @@ tensor, or one block of its rows, at a time: a converter holds only the tensor i
 Tensors come back as jax arrays on the default device (safetensors' "flax" framework: numpy has no
 bfloat16).
 """
-import contextlib
 import json
 import os
 
@@ -41,24 +40,18 @@ class HFCheckpoint:
       if absent:
         raise UserError(f"model.safetensors.index.json in {hf_dir} puts {absent[0]} in "
                         f"{os.path.basename(file)}, which does not hold it")
-    self._handles = {}
-    self._stack = contextlib.ExitStack()
-
   def read(self, name: str, part: tuple[int, int] = (0, 1)):
-    """Tensor `name`; with part=(i, n), only the i-th of n equal blocks of its rows."""
-    file = self._file_of[name]
-    if file not in self._handles:
-      self._handles[file] = self._stack.enter_context(safe_open(file, framework="flax"))
-    f = self._handles[file]
-    i, n = part
-    if n == 1:
-      return f.get_tensor(name)
-    rows = self.headers[name][0][0] // n
-    return f.get_slice(name)[i * rows:(i + 1) * rows]
+    """Tensor `name`; with part=(i, n), only the i-th of n equal blocks of its rows.
 
-  def close(self) -> None:
-    self._stack.close()
-    self._handles = {}
+    The file is opened (memory-mapped) for this one read: pages of a mapping stay in the process's
+    resident set while it is open, so one open handle would add the whole file to the peak.
+    """
+    with safe_open(self._file_of[name], framework="flax") as f:
+      i, n = part
+      if n == 1:
+        return f.get_tensor(name)
+      rows = self.headers[name][0][0] // n
+      return f.get_slice(name)[i * rows:(i + 1) * rows]
 
 
 def _weight_files(hf_dir: str) -> tuple[list[str], dict[str, str]]:

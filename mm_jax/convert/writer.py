@@ -1,12 +1,14 @@
 """Checks a checkpoint's headers against the model, then streams its tensors into params and writes
 OUT: checkpoints/0 (params only), config.py and tokenizer.model."""
 import json
+import math
 import os
 import re
 import shutil
 
 import jax
 import ml_collections as mlc
+import numpy as np
 
 from mm_jax.checkpoint import Checkpoints, workdir_path
 from mm_jax.convert import names
@@ -58,17 +60,17 @@ def stream(ckpt: HFCheckpoint, layout: str, entries: list[names.Entry], abstract
   """The params (nested dicts), each read, transformed, cast and placed with its sharding in turn."""
   file_name = {names.canonical(n, layout) or n: n for n in ckpt.headers}
   params = {}
-  for e in entries:
+  # Largest first: a tensor's transient copies then sit on top of the fewest params already held.
+  for e in sorted(entries, key=lambda e: -math.prod(abstract[e.ours].shape)):
     target = abstract[e.ours]
-    x = ckpt.read(file_name[e.hf], e.part)
-    x = e.transform(x, target.shape).astype(target.dtype)
+    x = np.asarray(ckpt.read(file_name[e.hf], e.part))  # a view: no copy
+    x = e.transform(x, target.shape).astype(target.dtype, copy=False)
     node = params
     *parents, leaf = e.ours.split("/")
     for key in parents:
       node = node.setdefault(key, {})
     node[leaf] = jax.device_put(x, target.sharding)
     del x  # only the placed param stays
-  ckpt.close()
   return params
 
 
@@ -88,8 +90,10 @@ _CONFIG_PY = '''r"""Imported from Hugging Face ({arch}) by
   python -m mm_jax.train --config={out}/config.py --workdir=NEW   # starts from these params (init.parts)
 """
 import json
+import math
 
 import ml_collections as mlc
+import numpy as np
 
 _CONFIG = r"""
 {json}
@@ -110,17 +114,18 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
 '''
 
 
-def write(out: str, hf_dir: str, arch: str, config: mlc.ConfigDict, params: dict) -> None:
-  """OUT/checkpoints/0 (params and, in its meta, the config), OUT/config.py, and a copy of
-  hf_dir/tokenizer.model at data.tokenizer when that is set."""
+def write(out: str, hf_dir: str, arch: str, config: mlc.ConfigDict, params: dict,
+          tokenizer: str | None) -> None:
+  """OUT/checkpoints/0 (params and, in its meta, the config), OUT/config.py, and a copy of the
+  `tokenizer` file at data.tokenizer when that is set."""
   root = workdir_path(out)
   root.mkdir(parents=True, exist_ok=True)
-  ckpt = Checkpoints(out, keep=1)
+  # Uncompressed: compressing would buffer every array again (experiments/convert_memory.py).
+  ckpt = Checkpoints(out, keep=1, compress=False)
   ckpt.save_params(0, params, config)
   ckpt.wait()
   ckpt.close()
   text = json.dumps(json.loads(config.to_json_best_effort()), indent=1)
   (root / "config.py").write_text(_CONFIG_PY.format(arch=arch, hf_dir=hf_dir, out=out, json=text))
-  source = os.path.join(hf_dir, "tokenizer.model")
-  if config.data.tokenizer and os.path.abspath(source) != os.path.abspath(config.data.tokenizer):
-    shutil.copyfile(source, config.data.tokenizer)
+  if config.data.tokenizer and os.path.abspath(tokenizer) != os.path.abspath(config.data.tokenizer):
+    shutil.copyfile(tokenizer, config.data.tokenizer)
