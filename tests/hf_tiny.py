@@ -12,6 +12,8 @@ import numpy as np
 import torch
 
 from mm_jax import sharding
+from mm_jax.convert import convert
+from mm_jax.decode import greedy_decode
 from mm_jax.eval import restore_params
 from mm_jax.state import ModelOnMesh
 
@@ -19,6 +21,12 @@ SIGLIP_VISION = dict(model_type="siglip_vision_model", hidden_size=32, intermedi
                      num_hidden_layers=3, num_attention_heads=2, image_size=32, patch_size=8)
 IMAGE = 32
 N_PATCHES = (IMAGE // 8) ** 2
+
+
+def build(model_cls, config, seed: int = 0) -> torch.nn.Module:
+  """model_cls(config) with seeded init, randomized (below), in eval mode."""
+  torch.manual_seed(seed)
+  return randomize(model_cls(config), seed)
 
 
 def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:
@@ -81,11 +89,9 @@ def max_diff(a, b) -> float:
 def check_lm(hf_model, tmp_path, vocab: int) -> dict:
   """Converts a CausalLM and compares logits (a right-padded batch), 16 greedy tokens and bfloat16.
 
-  Returns {"max_diff", "bf16_rel", "greedy_equal"} (the callers assert, so failures name the family).
+  Returns {"max_diff", "bf16_rel", "greedy": (ours, HF)} (the callers assert: failures name the family).
   """
-  from mm_jax.convert import convert  # pylint: disable=g-import-not-at-top
-  from mm_jax.decode import greedy_decode  # pylint: disable=g-import-not-at-top
-  config = convert(save(randomize(hf_model), tmp_path / "hf"), str(tmp_path / "out"))
+  config = convert(save(hf_model, tmp_path / "hf"), str(tmp_path / "out"))
   assert load_config(str(tmp_path / "out")) == config
   b, t, p = 2, 12, 8
   ids = np.random.default_rng(1).integers(3, vocab, (b, t))

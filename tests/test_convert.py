@@ -28,8 +28,8 @@ def hf_dirs(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("hf")
   text = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2)
-  llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(**text))
-  llava = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
+  llama = hf_tiny.build(transformers.LlamaForCausalLM, transformers.LlamaConfig(**text))
+  llava = hf_tiny.build(transformers.LlavaForConditionalGeneration, transformers.LlavaConfig(
       vision_config=dict(hf_tiny.SIGLIP_VISION, vision_use_head=False),
       text_config=dict(text, model_type="llama"), image_token_index=250,
       image_seq_length=hf_tiny.N_PATCHES, vision_feature_select_strategy="full"))
@@ -158,7 +158,7 @@ def test_cli_then_eval_and_train_load_the_workdir(test_config, tmp_path):
   # exactly its pieces (eval decodes every predicted id).
   tokenizer = shapes.tokenizer_path(shapes.build(test_config.data))
   vocab = Tokenizer.load(tokenizer).vocab_size
-  llava = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
+  llava = hf_tiny.build(transformers.LlavaForConditionalGeneration, transformers.LlavaConfig(
       vision_config=dict(hf_tiny.SIGLIP_VISION, vision_use_head=False),
       text_config=dict(model_type="llama", vocab_size=vocab, hidden_size=32, intermediate_size=64,
                        num_hidden_layers=1, num_attention_heads=4),

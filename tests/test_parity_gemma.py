@@ -12,7 +12,7 @@ def test_gemma_gqa_untied_head_dim_apart_from_width(tmp_path):
       vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
       num_key_value_heads=2, head_dim=24, tie_word_embeddings=False, pad_token_id=0, bos_token_id=2,
       eos_token_id=1)
-  r = hf_tiny.check_lm(transformers.GemmaForCausalLM(config), tmp_path, V)
+  r = hf_tiny.check_lm(hf_tiny.build(transformers.GemmaForCausalLM, config), tmp_path, V)
   print(r)
   assert r["max_diff"] <= 1e-4
   assert r["bf16_rel"] <= 2e-2

@@ -14,7 +14,7 @@ def test_llama3_rope_gqa_untied(tmp_path):
       num_key_value_heads=2, head_dim=32, tie_word_embeddings=False, rms_norm_eps=1e-5,
       rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
                        "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
-  r = hf_tiny.check_lm(transformers.LlamaForCausalLM(config), tmp_path, V)
+  r = hf_tiny.check_lm(hf_tiny.build(transformers.LlamaForCausalLM, config), tmp_path, V)
   print(r)
   assert r["max_diff"] <= 1e-4
   assert r["bf16_rel"] <= 2e-2

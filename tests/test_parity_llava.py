@@ -25,7 +25,7 @@ def converted(tmp_path_factory):
                        tie_word_embeddings=False),
       image_token_index=IMG, image_seq_length=N, vision_feature_layer=-2,
       vision_feature_select_strategy="full")
-  hf = hf_tiny.randomize(transformers.LlavaForConditionalGeneration(config))
+  hf = hf_tiny.build(transformers.LlavaForConditionalGeneration, config)
   cfg = convert(hf_tiny.save(hf, tmp / "hf"), str(tmp / "out"))
   assert cfg.model.encoder.depth == 2 and not cfg.model.encoder.final_norm
   return hf, str(tmp / "out")

@@ -22,7 +22,7 @@ def converted(tmp_path_factory):
       text_config=dict(model_type="gemma", vocab_size=V, hidden_size=64, intermediate_size=128,
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=24),
       image_token_index=IMG, vocab_size=V, projection_dim=64, hidden_size=64)
-  hf = hf_tiny.randomize(transformers.PaliGemmaForConditionalGeneration(config))
+  hf = hf_tiny.build(transformers.PaliGemmaForConditionalGeneration, config)
   convert(hf_tiny.save(hf, tmp / "hf"), str(tmp / "out"))
   return hf, str(tmp / "out")
 

@@ -1,5 +1,7 @@
 """SiglipModel -> mm_jax "siglip" family (image and text embeddings, logits, bfloat16), and
 SiglipVisionModel -> an encoder for the unified family plus the MAP head under the siglip names."""
+import math
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -26,7 +28,10 @@ def converted(tmp_path_factory):
       text_config=dict(vocab_size=TEXT_VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
                        num_attention_heads=2, max_position_embeddings=TEXT_LEN, projection_size=32,
                        pad_token_id=1, bos_token_id=2, eos_token_id=3))
-  hf = hf_tiny.randomize(transformers.SiglipModel(config))
+  hf = hf_tiny.build(transformers.SiglipModel, config)
+  with torch.no_grad():  # the paper's init (HF's is 0, 0): logits of a realistic scale for the bf16 check
+    hf.logit_scale.fill_(math.log(10.0))
+    hf.logit_bias.fill_(-10.0)
   cfg = convert(hf_tiny.save(hf, tmp / "hf"), str(tmp / "out"))
   assert cfg.model.family == "siglip" and cfg.data.text_len == TEXT_LEN
   return hf, str(tmp / "out")
@@ -58,8 +63,8 @@ def test_embeddings_logits_and_bfloat16(converted):
 
 
 def test_vision_model_alone_gives_the_unified_encoder_and_the_map_head(tmp_path):
-  hf = hf_tiny.randomize(transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
-      **{k: v for k, v in hf_tiny.SIGLIP_VISION.items() if k != "model_type"})))
+  hf = hf_tiny.build(transformers.SiglipVisionModel, transformers.SiglipVisionConfig(
+      **{k: v for k, v in hf_tiny.SIGLIP_VISION.items() if k != "model_type"}))
   out = str(tmp_path / "out")
   convert(hf_tiny.save(hf, tmp_path / "hf"), out)
   config = hf_tiny.load_config(out)

@@ -1,4 +1,4 @@
-"""python -m mm_jax.convert --hf_dir=DIR --out=OUT [--dtype=float32|bfloat16]; see mm_jax/convert/__init__.py."""
+"""python -m mm_jax.convert --hf_dir=DIR --out=OUT [--dtype=float32|bfloat16] (see __init__.py)."""
 from absl import flags
 
 from mm_jax import cli

@@ -35,6 +35,7 @@ _SIGLIP_TEXT = dict(vocab_size=32000, hidden_size=768, intermediate_size=3072, n
                     num_attention_heads=12, max_position_embeddings=64, hidden_act="gelu_pytorch_tanh",
                     layer_norm_eps=1e-6, projection_size=None)
 TEXT_DEFAULTS = {"gemma": _GEMMA, "llama": _LLAMA}
+_VISION = {"siglip_vision_model": _SIGLIP_VISION}
 _CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
 
 
@@ -55,11 +56,13 @@ class Fields:
   def __getitem__(self, key):
     return self.raw[key] if self.raw.get(key) is not None else self.defaults.get(key)
 
-  def sub(self, key: str, defaults_by_type: dict) -> "Fields":
+  def sub(self, key: str, defaults_by_type: dict, default_type: str) -> "Fields":
+    """The sub-config `key`, of its model_type (`default_type` if absent, as HF's class default)."""
     raw = self.raw.get(key)
     if not isinstance(raw, dict):
       raise UserError(f"config.json has no {self.where}{key}; it is needed to build the model")
-    kind = raw.get("model_type")
+    raw = dict(raw, model_type=raw.get("model_type") or default_type)
+    kind = raw["model_type"]
     if kind not in defaults_by_type:
       self.unsupported(f"{key}.model_type", kind, ", ".join(sorted(defaults_by_type)))
     return Fields(raw, defaults_by_type[kind], f"{self.where}{key}.")
@@ -96,10 +99,9 @@ def decoder(t: Fields, tied: bool) -> dict:
   """model.decoder from a Gemma or Llama text config."""
   kind = t["model_type"]
   if kind == "gemma":
-    # "gelu" in Gemma configs means the tanh approximation (HF rewrites it so).
+    # "gelu" in Gemma configs means the tanh approximation (HF rewrites it so; transformers 5 reads
+    # hidden_act only, an old hidden_activation field is ignored there too).
     t.require("hidden_act", ("gelu", "gelu_pytorch_tanh"))
-    if t.raw.get("hidden_activation") is not None:
-      t.require("hidden_activation", ("gelu_pytorch_tanh",))
     act = "gelu_tanh"
   else:
     act = {"silu": "silu"}[t.require("hidden_act", ("silu",))]
@@ -152,14 +154,14 @@ def derive(hf: dict) -> tuple[str, mlc.ConfigDict]:
     c.family, c.image_position, c.prefix_attention = "lm", 0, False
     c.decoder.update(decoder(t, t["tie_word_embeddings"]))
   elif arch == "PaliGemmaForConditionalGeneration":
-    v = top.sub("vision_config", {"siglip_vision_model": _SIGLIP_VISION})
-    t = top.sub("text_config", {"gemma": _GEMMA})
+    v = top.sub("vision_config", _VISION, "siglip_vision_model")
+    t = top.sub("text_config", {"gemma": _GEMMA}, "gemma")
     c.family, c.image_position, c.prefix_attention, c.connector = "unified", 0, True, "linear"
     c.encoder.update(encoder(v, v["num_hidden_layers"], final_norm=True))
     c.decoder.update(decoder(t, hf.get("tie_word_embeddings", True)))
   elif arch == "LlavaForConditionalGeneration":
-    v = top.sub("vision_config", {"siglip_vision_model": _SIGLIP_VISION})
-    t = top.sub("text_config", {"llama": _LLAMA})
+    v = top.sub("vision_config", _VISION, "clip_vision_model")
+    t = top.sub("text_config", {"llama": _LLAMA}, "llama")
     top.require("vision_feature_select_strategy", ("full",))  # "default" drops a CLS SigLIP lacks
     top.require("projector_hidden_act", ("gelu",))
     if hf.get("multimodal_projector_bias", True) is not True:
@@ -176,8 +178,8 @@ def derive(hf: dict) -> tuple[str, mlc.ConfigDict]:
     if hf.get("image_seq_length", n) != n:
       top.unsupported("image_seq_length", hf["image_seq_length"], f"{n}, the number of patches")
   elif arch == "SiglipModel":
-    v = top.sub("vision_config", {"siglip_vision_model": _SIGLIP_VISION})
-    t = top.sub("text_config", {"siglip_text_model": _SIGLIP_TEXT})
+    v = top.sub("vision_config", _VISION, "siglip_vision_model")
+    t = top.sub("text_config", {"siglip_text_model": _SIGLIP_TEXT}, "siglip_text_model")
     v.require("vision_use_head", (True,))  # the image embedding is the MAP head's output
     c.encoder.update(encoder(v, v["num_hidden_layers"], final_norm=True))
     c.text.update(siglip_text(t, v["hidden_size"]))

@@ -4,9 +4,9 @@ File names are first made canonical: every layout HF writes or reads (the transf
 the in-memory one, the hub's) maps to one prefix per part:
   text.*       model.* (CausalLM), language_model.model.*, model.language_model.*
   lm_head.*    lm_head.*, language_model.lm_head.*
-  vision.*     vision_tower.*, vision_tower.vision_model.*, model.vision_tower[.vision_model].*,
-               vision_model.* or no prefix (SiglipVisionModel, SiglipModel)
-  text.*       text_model.* (SiglipModel)
+  vision.*     vision_tower.*, vision_tower.vision_model.*, model.vision_tower[.vision_model].*;
+               SigLIP: vision_model.*, or no prefix (SiglipVisionModel)
+  text.*       SiglipModel: text_model.* (logit_scale, logit_bias as they are)
   projector.*  multi_modal_projector.*, model.multi_modal_projector.*
 Then one Entry per param: HF `nn.Linear` weights are (out, in) and become our kernels (in..., out...);
 conv weights (D, C, p, p) become (p, p, C, D); norms, embeddings and biases are copied (reshaped).
@@ -96,7 +96,8 @@ def _layer_norm(hf: str, ours: str) -> list[Entry]:
 
 
 def _dense(hf: str, ours: str, kind_bias: str = "copy", n_in: int = 1) -> list[Entry]:
-  return [Entry(hf + ".weight", ours + "/kernel", "linear", n_in), Entry(hf + ".bias", ours + "/bias", kind_bias)]
+  return [Entry(hf + ".weight", ours + "/kernel", "linear", n_in),
+          Entry(hf + ".bias", ours + "/bias", kind_bias)]
 
 
 def encoder(depth: int, final_norm: bool, root: str = "encoder", hf: str = "vision.") -> list[Entry]:

@@ -90,10 +90,8 @@ _CONFIG_PY = '''r"""Imported from Hugging Face ({arch}) by
   python -m mm_jax.train --config={out}/config.py --workdir=NEW   # starts from these params (init.parts)
 """
 import json
-import math
 
 import ml_collections as mlc
-import numpy as np
 
 _CONFIG = r"""
 {json}
