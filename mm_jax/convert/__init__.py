@@ -6,18 +6,22 @@ r"""Imports a Hugging Face checkpoint (safetensors + config.json) as an mm_jax w
 
 Architectures (config.json's architectures[0]; hf_config.py says what each becomes): GemmaForCausalLM,
 LlamaForCausalLM, PaliGemmaForConditionalGeneration, LlavaForConditionalGeneration (SigLIP tower + Llama
-text), SiglipVisionModel. SiglipVisionModel alone writes the encoder params and a unified-family config
-whose init.parts reads only encoder/ from OUT (decoder and connector start fresh): it is a starting
-point for training, and eval on OUT alone is not meaningful.
+text), SiglipModel, SiglipVisionModel. SiglipVisionModel alone writes the encoder params (and its MAP
+head, named as in the siglip family) with a unified-family config whose init.parts reads only encoder/
+from OUT (decoder and connector start fresh): a starting point for training; eval on OUT alone is not
+meaningful.
 
-Writes OUT/checkpoints/0 (params only, with their shardings on the current mesh), OUT/config.py (the
-derived config: configs/shapes_tiny.py's with model.* from config.json, data.tokenizer =
-OUT/tokenizer.model, init.parts reading the params by name) and OUT/tokenizer.model (a copy).
+Writes OUT/checkpoints/0 (params only, placed with their shardings on the derived config's mesh over
+the current devices; saved uncompressed, see experiments/README.md), OUT/config.py (the derived config:
+configs/shapes_tiny.py's, or siglip_shapes.py's, with model.* and data.image_size from config.json,
+data.tokenizer = OUT/tokenizer.model, init.parts reading the params by name) and OUT/tokenizer.model
+(a copy of DIR's tokenizer.model or spiece.model).
 
 Nothing is written until everything is checked: the architecture and config fields, then every
 tensor's name and shape against the model built from the derived config, from the safetensors headers
-alone. Then tensors are streamed one at a time (read, transposed, cast, placed), so the host holds the
-params plus one tensor in flight (experiments/convert_memory.py measures the peak).
+alone; an OUT that already holds a checkpoint is refused. Then tensors are streamed one at a time
+(read, transposed, cast, placed), largest first, so the host holds the params plus one tensor in
+flight: peak RSS 1.3x the checkpoint (experiments/convert_memory.py).
 """
 import os
 
