@@ -58,3 +58,10 @@ def test_shipped_tokenizer_covers_the_dataset(tokenizer, train_source):
       text = text.decode()
       assert tokenizer.decode(tokenizer.encode(text)) == text
       assert tokenizer.unk_id not in tokenizer.encode(text)
+
+
+def test_decode_drops_ids_past_the_tokenizer(tmp_path):
+  """A model's vocabulary may be larger than its tokenizer's (LLaVA-1.5); those ids decode to nothing."""
+  tok = tokenizer_lib.train(_corpus(50), 128, str(tmp_path / "t.model"))
+  ids = tok.encode("yes")
+  assert tok.decode([tok.vocab_size, *ids, tok.vocab_size + 7]) == "yes"

@@ -49,11 +49,13 @@ class Tokenizer:
     return self._sp.encode(text)
 
   def decode(self, ids: Sequence[int]) -> str:
-    """Decodes up to the first eos; pad and bos are dropped."""
+    """Decodes up to the first eos; pad and bos are dropped, and so are ids past the last piece (a
+    model's vocabulary may be larger than its tokenizer's, e.g. LLaVA-1.5: 32064 vs 32000)."""
     ids = [int(i) for i in ids]
     if self.eos_id in ids:
       ids = ids[:ids.index(self.eos_id)]
-    return self._sp.decode([i for i in ids if i not in (self.pad_id, self.bos_id)])
+    return self._sp.decode([i for i in ids
+                            if i not in (self.pad_id, self.bos_id) and 0 <= i < self.vocab_size])
 
   def pieces(self, ids: Sequence[int]) -> list[str]:
     return [self._sp.id_to_piece(int(i)) for i in ids]
