@@ -3,14 +3,17 @@ r"""SigLIP contrastive pretraining on `shapes` (image, caption) pairs: the encod
 
   python -m mm_jax.train --config=configs/siglip_shapes.py --workdir=workdirs/siglip
   python -m mm_jax.eval  --config=configs/siglip_shapes.py --workdir=workdirs/siglip
-  # then the unified model from this encoder:
-  python -m mm_jax.train --config=configs/shapes_tiny.py --workdir=workdirs/tiny_from_siglip \
-      --config.init.parts='(("workdirs/siglip", "encoder/", "encoder/"),)'
+  # then the unified model on this encoder, frozen (LLaVA stage 1):
+  python -m mm_jax.train --config=configs/shapes_tiny.py --workdir=workdirs/tiny_from_siglip_frozen \
+      --config.init.parts='(("workdirs/siglip", "encoder/", "encoder/"),)' \
+      --config.optim.rules='(("encoder/.*", "frozen"), (".*", "trainable"))'
 
 Expected on a 2-core CPU: about 5 minutes of training (1500 steps of 128 pairs at ~5 steps/s on
 shared cores), then on the 395 of 500 test images whose caption is unique in the split: image->text
-recall@1 0.97, text->image recall@1 0.97. experiments/README.md ("SigLIP pretraining") has the
-measurements and what the encoder does for the unified model.
+recall@1 0.97, text->image recall@1 0.97. The unified model on the frozen encoder passes test
+vqa_exact_match 0.85 at step 750 (from scratch: 2500) and ends at 0.99 (from scratch: 0.91); fine-tuning
+the encoder from step 0 at shapes_tiny's lr instead ends at 0.84. experiments/README.md ("SigLIP
+pretraining") has the measurements.
 
 Variants (`--config=configs/siglip_shapes.py:VARIANT`):
   softmax  the CLIP loss (softmax cross-entropy both ways) instead of the sigmoid loss.
