@@ -64,7 +64,16 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
   c.model.param_dtype = "float32"
   c.model.encoder = mlc.ConfigDict(dict(  # vit.ViT
       patch_size=16, width=128, depth=3, num_heads=4, mlp_dim=512, norm_eps=1e-6, final_norm=True))
-  c.model.connector = "linear"       # models.CONNECTORS
+  c.model.connector = "linear"       # models.CONNECTORS; `python -m mm_jax.models` lists them
+  # Options per connector, by name; only the chosen connector's section is used, every one is checked.
+  # linear (LLaVA-1.0, PaliGemma) and mlp (LLaVA-1.5) have none: one token per patch.
+  c.model.connector_options = mlc.ConfigDict(dict(
+      # Learned queries cross-attend to the patches: num_queries tokens whatever the resolution.
+      # mlp_dim 0: 4x the encoder width; num_heads must divide the encoder width.
+      resampler=mlc.ConfigDict(dict(num_queries=8, depth=2, num_heads=4, mlp_dim=512)),
+      # scale x scale neighbouring patches in one token (Idefics3); must divide the patch grid's side.
+      pixel_shuffle=mlc.ConfigDict(dict(scale=2)),
+  ))
   c.model.decoder = mlc.ConfigDict(dict(  # decoder.Decoder; Llama-style: norm "llama", mlp_act "silu",
       vocab_size=0,                  #   embed_scale False, tie_embeddings False. 0: the tokenizer's size
       width=128, depth=3, num_heads=4, num_kv_heads=4, head_dim=32, mlp_dim=512,
@@ -117,5 +126,6 @@ def _shrink_for_tests(c: mlc.ConfigDict) -> None:
   c.data.caption_ratio = 0.0
   c.model.encoder.update(dict(patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64))
   c.model.decoder.update(dict(width=32, depth=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64))
+  c.model.connector_options.resampler.update(dict(num_queries=6, depth=1, num_heads=2, mlp_dim=64))
   c.optim.warmup_steps = 1
   c.eval.batch_size = 8

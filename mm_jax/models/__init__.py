@@ -1,7 +1,8 @@
 """Model registry: a config's `model.family` picks a builder, `model.connector` a connector.
 
 Config fields map one to one onto module fields (model.encoder -> vit.ViT, model.decoder -> decoder.Decoder
-with its `rope_*` fields -> layers.Rope); a field left out takes the module's default.
+with its `rope_*` fields -> layers.Rope, model.connector_options.<name> -> CONNECTORS[name]); a field left
+out takes the module's default. `python -m mm_jax.models` lists the registries.
 """
 import dataclasses
 
@@ -26,12 +27,17 @@ def _pick(registry: dict, name: str, field: str):
   return registry[name]
 
 
+def options(cls, exclude=()) -> list[str]:
+  """The config-settable fields of a module class (those not set by the builder)."""
+  return sorted({f.name for f in dataclasses.fields(cls)} - {"parent", "name", *exclude})
+
+
 def _make(cls, fields: dict, section: str, **extra):
-  known = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
-  unknown = sorted(set(fields) - known)
+  known = options(cls, extra)
+  unknown = sorted(set(fields) - set(known))
   if unknown:
     raise UserError(f"model.{section}.{unknown[0]} is not a field of {cls.__name__}; known: "
-                    f"{', '.join(sorted(known - set(extra)))}")
+                    f"{', '.join(known) or '(none)'}")
   return cls(**fields, **extra)
 
 
@@ -69,10 +75,25 @@ def build_decoder(model_cfg: mlc.ConfigDict, tokenizer_vocab: int) -> Decoder:
                **dtypes(model_cfg))
 
 
+def build_connector(model_cfg: mlc.ConfigDict):
+  """CONNECTORS[model.connector] with its options from model.connector_options.<name>. Every section
+  there is checked (a typo in another connector's options is an error too) but only the chosen one used."""
+  cls = _pick(CONNECTORS, model_cfg.connector, "model.connector")
+  sections = dict(model_cfg.get("connector_options", None) or {})
+  extra = dict(width=model_cfg.decoder.width, **dtypes(model_cfg))
+  made = {}
+  for name, fields in sections.items():
+    if name not in CONNECTORS:
+      raise UserError(f"model.connector_options.{name}: unknown connector; known: "
+                      f"{', '.join(sorted(CONNECTORS))}")
+    made[name] = _make(CONNECTORS[name], dict(fields), f"connector_options.{name}", **extra)
+  return made[model_cfg.connector] if model_cfg.connector in made else cls(**extra)
+
+
 def unified(model_cfg: mlc.ConfigDict, tokenizer_vocab: int) -> UnifiedVLM:
-  connector = _pick(CONNECTORS, model_cfg.connector, "model.connector")
+  """Method A: image tokens from the connector in the decoder's sequence (PaliGemma, LLaVA)."""
   return UnifiedVLM(encoder=build_encoder(model_cfg),
-                    connector=connector(model_cfg.decoder.width, **dtypes(model_cfg)),
+                    connector=build_connector(model_cfg),
                     decoder=build_decoder(model_cfg, tokenizer_vocab),
                     image_position=model_cfg.get("image_position", 0),
                     prefix_attention=model_cfg.get("prefix_attention", True))

@@ -25,7 +25,10 @@ class UnifiedVLM(nn.Module):
   task = "vqa"
 
   def num_image_tokens(self, image_shape) -> int:
-    return 0 if self.encoder is None else self.encoder.num_patches(image_shape)
+    """Image tokens in the decoder's sequence: the connector's count for the encoder's patches."""
+    if self.encoder is None:
+      return 0
+    return self.connector.num_tokens(self.encoder.num_patches(image_shape))
 
   def embed_image(self, image_BxHxWxC: Array) -> Array:
     return self.connector(self.encoder(image_BxHxWxC))

@@ -1,0 +1,28 @@
+"""Lists the model registries: `python -m mm_jax.models`."""
+import dataclasses
+
+from mm_jax.models import CONNECTORS, FAMILIES, options
+
+
+def _summary(obj) -> str:
+  """The docstring's first sentence."""
+  para = " ".join((obj.__doc__ or "").strip().split("\n\n")[0].split())
+  return para.split(". ")[0].rstrip(".") + "."
+
+
+def _defaults(cls) -> str:
+  fields = {f.name: f.default for f in dataclasses.fields(cls)}
+  return ", ".join(f"{k}={fields[k]}" for k in options(cls, ("width", "dtype", "param_dtype"))) or "none"
+
+
+def main() -> None:
+  print("model.family:")
+  for name, build in sorted(FAMILIES.items()):
+    print(f"  {name:14s}{_summary(build)}")
+  print("model.connector (options, with defaults: model.connector_options.<name>.<option>):")
+  for name, cls in sorted(CONNECTORS.items()):
+    print(f"  {name:14s}{_summary(cls)}\n  {'':14s}options: {_defaults(cls)}")
+
+
+if __name__ == "__main__":
+  main()
