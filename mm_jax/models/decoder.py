@@ -96,10 +96,13 @@ class Decoder(nn.Module):
       x_BxLxD, c = block(x_BxLxD, positions_BxL, mask_BxLxS,
                          None if cache is None else cache[i], cache_index)
       new_cache.append(c)
+    return self.logits(x_BxLxD), (None if cache is None else tuple(new_cache))
+
+  def logits(self, x_BxLxD: Array) -> Array:
+    """Final norm and output head: the last block's output -> logits BxLxV."""
     x_BxLxD = self.final_norm(x_BxLxD)
     logits_BxLxV = self.embedder.attend(x_BxLxD) if self.tie_embeddings else self.head(x_BxLxD)
-    logits_BxLxV = constrain(logits_BxLxV, ("act_batch", "act_len", "act_vocab"))
-    return logits_BxLxV, (None if cache is None else tuple(new_cache))
+    return constrain(logits_BxLxV, ("act_batch", "act_len", "act_vocab"))
 
   def init_cache(self, batch: int, length: int) -> Cache:
     shape = (batch, length, self.num_kv_heads, self.head_dim)

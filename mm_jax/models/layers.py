@@ -96,13 +96,14 @@ class RMSNorm(nn.Module):
   eps: float = 1e-6
   form: str = "gemma"
   param_dtype: DType = jnp.float32
+  axis: str = "embed"  # the logical name of the normalised dim ("head_dim" for per-head q/k norms)
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     if self.form not in ("gemma", "llama"):
       raise ValueError(f"unknown norm {self.form!r}; known: gemma, llama")
     init = nn.initializers.zeros_init() if self.form == "gemma" else nn.initializers.ones_init()
-    w = self.param("scale", partitioned(init, ("embed",)), (x.shape[-1],), self.param_dtype)
+    w = self.param("scale", partitioned(init, (self.axis,)), (x.shape[-1],), self.param_dtype)
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     if self.form == "gemma":
@@ -149,6 +150,19 @@ class Projection(nn.Module):
     return y
 
 
+def attend(q_BxLxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_BxLxS: Array) -> Array:
+  """Grouped-query softmax attention (logits and softmax in float32), scale head_dim^-0.5."""
+  (b, l, n, h), k = q_BxLxNxH.shape, k_BxSxKxH.shape[2]
+  q_BxLxKxGxH = q_BxLxNxH.reshape(b, l, k, n // k, h)  # query head i uses kv head i // G, as HF
+  logits_BxKxGxLxS = jnp.einsum("blkgh,bskh->bkgls", q_BxLxKxGxH, k_BxSxKxH,
+                                preferred_element_type=jnp.float32) * h ** -0.5
+  logits_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxKxGxLxS,
+                               jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits_BxKxGxLxS, axis=-1).astype(v_BxSxKxH.dtype)
+  out_BxLxKxGxH = jnp.einsum("bkgls,bskh->blkgh", probs, v_BxSxKxH)
+  return out_BxLxKxGxH.reshape(b, l, n, h)
+
+
 class Attention(nn.Module):
   """Multi-head attention with grouped-query heads, optional RoPE and an optional KV cache.
 
@@ -192,15 +206,8 @@ class Attention(nn.Module):
       v_BxLxKxH = jax.lax.dynamic_update_slice(cache["v"], v_BxLxKxH.astype(cache["v"].dtype), start)
       new_cache = {"k": k_BxLxKxH, "v": v_BxLxKxH}
 
-    b, l = q_BxLxNxH.shape[:2]
-    q_BxLxKxGxH = q_BxLxNxH.reshape(b, l, k, n // k, h)  # query head i uses kv head i // G, as HF
-    logits_BxKxGxLxS = jnp.einsum("blkgh,bskh->bkgls", q_BxLxKxGxH, k_BxLxKxH,
-                                  preferred_element_type=jnp.float32) * h ** -0.5
-    logits_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxKxGxLxS,
-                                 jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits_BxKxGxLxS, axis=-1).astype(v_BxLxKxH.dtype)
-    out_BxLxKxGxH = jnp.einsum("bkgls,bskh->blkgh", probs, v_BxLxKxH)
-    out_BxLxNxH = constrain(out_BxLxKxGxH.reshape(b, l, n, h), ("act_batch", "act_len", "act_heads", None))
+    out_BxLxNxH = constrain(attend(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_BxLxS),
+                            ("act_batch", "act_len", "act_heads", None))
     y_BxLxD = Projection((x_BxLxD.shape[-1],), ("heads", "head_dim", "embed"), n_in=2,
                          use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
                          name="o")(out_BxLxNxH)
