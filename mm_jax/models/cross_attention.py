@@ -1,0 +1,220 @@
+"""Cross-attention VLM (DESIGN.md "Method B": Flamingo, Llama 3.2 Vision, NVLM-X): images never enter the
+decoder's sequence; gated cross-attention blocks between the decoder's blocks let text attend to them.
+
+  image(s) -> encoder (ViT) -> connector -> features BxIxPxD -> per cross block k/v (computed once)
+  text -> embed -> [cross_0, block_0 .. block_N-1] [cross_1, block_N .. block_2N-1] ... -> final norm -> head
+One super-block is 1 cross block + N = cross_every decoder blocks (cross first, as Flamingo), so a later
+scan over layers sees a repeating unit; a last partial super-block has fewer decoder blocks.
+
+Parameter subtrees: `encoder`, `connector`, `decoder` (exactly the text LLM of the `lm` / `unified`
+families: `init.parts` loads it, rule "decoder/.*" freezes exactly it), `cross/block_i`.
+
+Cross block (Mllama's MllamaCrossAttentionDecoderLayer, pre-norm in the decoder's RMSNorm form):
+  x = x + tanh(attn_gate) * row * CrossAttn(norm_attn(x), image)    q from text, k/v from the image;
+  x = x + tanh(mlp_gate)  * row * MLP(norm_mlp(x))                  per-head q/k RMSNorm, GQA, no RoPE.
+Gates are scalars initialised at 0: the untrained model is exactly the text LLM.
+
+Media mask: image i sits before text position image_pos[b, i]; token t sees image i iff image_pos[i] <= t
+and (last_image_only) no other image sits between them (images with the same position form one group,
+all seen: Mllama's processor rule; Flamingo's is the last image). Absent images: image_pos >= T.
+`row` is 1 where a token sees some image. Rows that see none get NOTHING from the cross path, both
+branches zeroed. This differs from HF Mllama, which zeroes only the MLP branch: there such a row attends
+uniformly over all image tokens and its attention output is still added (hf_transformers.md "Mllama").
+Default image_pos = 0: every token sees every image (the shapes data: one image before the text).
+With prefix attention a token before an image still sees it indirectly, through later prefix tokens.
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mm_jax.errors import UserError
+from mm_jax.models.decoder import Cache, Decoder
+from mm_jax.models.layers import (ACTIVATIONS, DType, Projection, RMSNorm, attend, constrain, dense,
+                                  make_attn_mask, partitioned)
+
+Array = jax.Array
+KV = dict[str, Array]  # {"k", "v"}: BxSxKxH, S = images x tokens per image
+
+
+def visible_images(image_pos_BxI: Array, positions_BxL: Array, last_image_only: bool) -> Array:
+  """BxLxI bool: which images each text token sees (see the module docstring)."""
+  seen_BxLxI = image_pos_BxI[:, None, :] <= positions_BxL[:, :, None]
+  if last_image_only:  # keep the images at the largest position seen: the last group
+    last_BxL = jnp.max(jnp.where(seen_BxLxI, image_pos_BxI[:, None, :], -1), axis=-1)
+    seen_BxLxI = seen_BxLxI & (image_pos_BxI[:, None, :] == last_BxL[:, :, None])
+  return seen_BxLxI
+
+
+class CrossBlock(nn.Module):
+  """Gated cross-attention + gated MLP. `kv` once per image set, then `__call__` per text chunk."""
+  width: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  norm: str = "gemma"
+  norm_eps: float = 1e-6
+  mlp_act: str = "gelu_tanh"
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  def setup(self):
+    n, k, h, d = self.num_heads, self.num_kv_heads, self.head_dim, self.width
+    if n % k:
+      raise ValueError(f"cross num_heads={n} must be a multiple of num_kv_heads={k}")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    proj = lambda m, heads, name: Projection((m, h), ("embed", heads, "head_dim"), name=name, **kw)
+    norm = lambda name, axis="embed": RMSNorm(self.norm_eps, self.norm, self.param_dtype, axis, name=name)
+    self.q, self.k, self.v = proj(n, "heads", "q"), proj(k, "kv_heads", "k"), proj(k, "kv_heads", "v")
+    self.o = Projection((d,), ("heads", "head_dim", "embed"), n_in=2, name="o", **kw)
+    self.q_norm, self.k_norm = norm("q_norm", "head_dim"), norm("k_norm", "head_dim")
+    self.norm_attn, self.norm_mlp = norm("norm_attn"), norm("norm_mlp")
+    self.gate = dense(self.mlp_dim, ("embed", "mlp"), "gate", use_bias=False, **kw)
+    self.up = dense(self.mlp_dim, ("embed", "mlp"), "up", use_bias=False, **kw)
+    self.down = dense(d, ("mlp", "embed"), "down", use_bias=False, **kw)
+    zero = partitioned(nn.initializers.zeros_init(), ())
+    self.attn_gate = self.param("attn_gate", zero, (), self.param_dtype)
+    self.mlp_gate = self.param("mlp_gate", zero, (), self.param_dtype)
+
+  def kv(self, img_BxSxD: Array) -> KV:
+    """Image keys (normalised per head, no RoPE) and values."""
+    return {"k": self.k_norm(self.k(img_BxSxD)), "v": self.v(img_BxSxD)}
+
+  def __call__(self, x_BxLxD: Array, kv: KV, mask_BxLxS: Array) -> Array:
+    row_BxLx1 = jnp.any(mask_BxLxS, axis=-1, keepdims=True).astype(self.dtype)
+    gate = lambda g: jnp.tanh(g.astype(jnp.float32)).astype(self.dtype)
+    q_BxLxNxH = self.q_norm(self.q(self.norm_attn(x_BxLxD)))
+    out_BxLxNxH = constrain(attend(q_BxLxNxH, kv["k"], kv["v"], mask_BxLxS),
+                            ("act_batch", "act_len", "act_heads", None))
+    # A row that sees no image attends uniformly over masked keys: finite, and zeroed by `row`.
+    x_BxLxD = x_BxLxD + gate(self.attn_gate) * (row_BxLx1 * self.o(out_BxLxNxH))
+    y_BxLxD = self.norm_mlp(x_BxLxD)
+    h_BxLxF = constrain(ACTIVATIONS[self.mlp_act](self.gate(y_BxLxD)) * self.up(y_BxLxD),
+                        ("act_batch", "act_len", "act_mlp"))
+    x_BxLxD = x_BxLxD + gate(self.mlp_gate) * (row_BxLx1 * self.down(h_BxLxF))
+    return constrain(x_BxLxD, ("act_batch", "act_len", "act_embed"))
+
+
+class CrossStack(nn.Module):
+  """The `cross` subtree: `count` CrossBlocks named block_i."""
+  count: int
+  block: dict  # CrossBlock's fields
+
+  def setup(self):
+    self.blocks = [CrossBlock(**self.block, name=f"block_{i}") for i in range(self.count)]
+
+  def kv(self, img_BxSxD: Array) -> tuple[KV, ...]:
+    return tuple(b.kv(img_BxSxD) for b in self.blocks)
+
+  def __call__(self, i: int, x_BxLxD: Array, kv: KV, mask_BxLxS: Array) -> Array:
+    return self.blocks[i](x_BxLxD, kv, mask_BxLxS)
+
+
+class CrossAttentionVLM(nn.Module):
+  """Same interface as vlm.UnifiedVLM (trainer, eval, decode.greedy_decode). `image` is BxHxWxC (one
+  image) or BxIxHxWxC; `image_pos_BxI` (optional, default 0) places the images in the text."""
+  encoder: nn.Module
+  connector: nn.Module
+  decoder: Decoder
+  cross: CrossStack
+  cross_every: int = 1
+  prefix_attention: bool = True
+  last_image_only: bool = True
+  task = "vqa"
+
+  def num_image_tokens(self, image_shape) -> int:
+    del image_shape
+    return 0  # images are not in the decoder's sequence
+
+  def image_features(self, image: Array) -> Array:
+    """BxHxWxC or BxIxHxWxC -> connector features Bx(I*P)xD, and I."""
+    image_BxIxHxWxC = image[:, None] if image.ndim == 4 else image
+    b, i = image_BxIxHxWxC.shape[:2]
+    f_NxPxD = self.connector(self.encoder(image_BxIxHxWxC.reshape(b * i, *image_BxIxHxWxC.shape[2:])))
+    return f_NxPxD.reshape(b, i * f_NxPxD.shape[1], f_NxPxD.shape[2]), i
+
+  def _cross_mask(self, image_pos_BxI: Array, positions_BxL: Array, s: int) -> Array:
+    """BxLxS over the image tokens (each image's P tokens share its visibility)."""
+    seen_BxLxI = visible_images(image_pos_BxI, positions_BxL, self.last_image_only)
+    return jnp.repeat(seen_BxLxI, s // image_pos_BxI.shape[1], axis=2)
+
+  def _image(self, image: Array, image_pos_BxI: Array | None):
+    img_BxSxD, i = self.image_features(image)
+    if image_pos_BxI is None:
+      image_pos_BxI = jnp.zeros((img_BxSxD.shape[0], i), jnp.int32)
+    return self.cross.kv(img_BxSxD.astype(self.decoder.dtype)), image_pos_BxI
+
+  def _run(self, x_BxLxD, positions_BxL, mask_BxLxS, kvs, xmask_BxLxS, cache=None, cache_index=None):
+    """Super-blocks (cross block, then cross_every decoder blocks) -> logits BxLxV, self-attn cache."""
+    x_BxLxD, new_cache = x_BxLxD.astype(self.decoder.dtype), []
+    for i, block in enumerate(self.decoder.blocks):
+      if i % self.cross_every == 0:
+        x_BxLxD = self.cross(i // self.cross_every, x_BxLxD, kvs[i // self.cross_every], xmask_BxLxS)
+      x_BxLxD, c = block(x_BxLxD, positions_BxL, mask_BxLxS,
+                         None if cache is None else cache[i], cache_index)
+      new_cache.append(c)
+    return self.decoder.logits(x_BxLxD), tuple(new_cache)
+
+  def __call__(self, image: Array, text_BxT: Array, mask_ar_BxT: Array, mask_input_BxT: Array,
+               image_pos_BxI: Array | None = None) -> Array:
+    """Teacher-forced forward -> text logits BxTxV (logit t predicts token t + 1)."""
+    kvs, image_pos_BxI = self._image(image, image_pos_BxI)
+    positions_BxT = jnp.broadcast_to(jnp.arange(text_BxT.shape[1]), text_BxT.shape)
+    mask_ar_BxT = mask_ar_BxT if self.prefix_attention else jnp.ones_like(mask_input_BxT)
+    xmask_BxTxS = self._cross_mask(image_pos_BxI, positions_BxT, kvs[0]["k"].shape[1])
+    logits_BxTxV, _ = self._run(self.decoder.embed(text_BxT), positions_BxT,
+                                make_attn_mask(mask_input_BxT, mask_ar_BxT), kvs, xmask_BxTxS)
+    return logits_BxTxV
+
+  def prefill(self, image: Array, prefix_BxP: Array, prefix_mask_BxP: Array, cache: Cache,
+              image_pos_BxI: Array | None = None):
+    """Runs the (right-padded) prefix, filling self-attention slots [0, P) of `cache` (the decoder's
+    init_cache); the image k/v of every cross block are computed here, once, and kept in the cache.
+
+    Returns (logits BxPxV, cache {"self", "cross", "image_pos"}, cache_mask BxS: real slots).
+    """
+    kvs, image_pos_BxI = self._image(image, image_pos_BxI)
+    (b, l), s = prefix_mask_BxP.shape, cache[0]["k"].shape[1]
+    cache_mask_BxS = jnp.pad(prefix_mask_BxP, ((0, 0), (0, s - l))) > 0
+    mask_BxLxS = jnp.broadcast_to(cache_mask_BxS[:, None, :], (b, l, s))
+    if not self.prefix_attention:
+      mask_BxLxS = mask_BxLxS & (jnp.arange(s)[None, None, :] <= jnp.arange(l)[None, :, None])
+    positions_BxL = jnp.broadcast_to(jnp.arange(l), (b, l))
+    xmask_BxLxS = self._cross_mask(image_pos_BxI, positions_BxL, kvs[0]["k"].shape[1])
+    logits_BxLxV, cache = self._run(self.decoder.embed(prefix_BxP), positions_BxL, mask_BxLxS, kvs,
+                                    xmask_BxLxS, cache, 0)
+    return logits_BxLxV, {"self": cache, "cross": kvs, "image_pos": image_pos_BxI}, cache_mask_BxS
+
+  def decode_step(self, token_B: Array, position_B: Array, cache: dict, cache_mask_BxS: Array, slot):
+    """One token per example at text position `position_B` (also its RoPE position), cache slot `slot`."""
+    cache_mask_BxS = cache_mask_BxS.at[:, slot].set(True)
+    kvs = cache["cross"]
+    xmask_Bx1xS = self._cross_mask(cache["image_pos"], position_B[:, None], kvs[0]["k"].shape[1])
+    logits_Bx1xV, self_cache = self._run(self.decoder.embed(token_B[:, None]), position_B[:, None],
+                                         cache_mask_BxS[:, None, :], kvs, xmask_Bx1xS, cache["self"], slot)
+    return logits_Bx1xV[:, 0], dict(cache, self=self_cache), cache_mask_BxS
+
+
+def cross_attention(model_cfg, tokenizer_vocab: int) -> CrossAttentionVLM:
+  """Builder for FAMILIES["cross"]: model.encoder, model.connector, model.decoder as the other families;
+  model.cross_every, model.cross_{num_heads,num_kv_heads,head_dim,mlp_dim} (0: the decoder's),
+  model.cross_last_image_only, model.prefix_attention."""
+  from mm_jax import models  # pylint: disable=g-import-not-at-top  (models/__init__ imports families)
+  decoder = models.build_decoder(model_cfg, tokenizer_vocab)
+  every = model_cfg.get("cross_every", 1)
+  if every < 1:
+    raise UserError(f"model.cross_every must be >= 1, got {every}")
+  field = lambda name: model_cfg.get(f"cross_{name}", 0) or getattr(decoder, name)
+  block = dict(width=decoder.width, num_heads=field("num_heads"), num_kv_heads=field("num_kv_heads"),
+               head_dim=field("head_dim"), mlp_dim=field("mlp_dim"), norm=decoder.norm,
+               norm_eps=decoder.norm_eps, mlp_act=decoder.mlp_act, **models.dtypes(model_cfg))
+  if hasattr(models, "build_connector"):  # model.connector_options (being added beside this file)
+    connector = models.build_connector(model_cfg)
+  else:
+    connector = models._pick(models.CONNECTORS, model_cfg.connector, "model.connector")(  # pylint: disable=protected-access
+        model_cfg.decoder.width, **models.dtypes(model_cfg))
+  return CrossAttentionVLM(
+      encoder=models.build_encoder(model_cfg), connector=connector, decoder=decoder,
+      cross=CrossStack(count=-(-decoder.depth // every), block=block), cross_every=every,
+      prefix_attention=model_cfg.get("prefix_attention", True),
+      last_image_only=model_cfg.get("cross_last_image_only", True))
