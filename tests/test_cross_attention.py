@@ -102,15 +102,15 @@ def test_kv_cache_decoding_gives_full_forward_logits(setup):
   model, _, _, params, images, text, ones = setup
   params = _set_gates(params, -0.8)
   pos = jnp.array([[0, 5], [1, 3]])
-  full = model.apply({"params": params}, images, text, ones, ones, pos)
+  full = jax.jit(model.apply)({"params": params}, images, text, ones, ones, pos)
   p = 4
-  logits, cache, cache_mask = model.apply({"params": params}, images, text[:, :p], ones[:, :p],
-                                          model.decoder.init_cache(B, T), pos, method=model.prefill)
+  prefill = jax.jit(lambda *a: model.apply({"params": params}, *a, method=model.prefill))
+  decode_step = jax.jit(lambda *a: model.apply({"params": params}, *a, method=model.decode_step))
+  logits, cache, cache_mask = prefill(images, text[:, :p], ones[:, :p], model.decoder.init_cache(B, T), pos)
   np.testing.assert_allclose(logits, full[:, :p], atol=1e-5)
   assert len(cache["cross"]) == 2 and cache["cross"][0]["k"].shape == (B, 2 * 16, 2, 8)
   for t in range(p, T):
-    step, cache, cache_mask = model.apply({"params": params}, text[:, t], jnp.full((B,), t), cache,
-                                          cache_mask, t, method=model.decode_step)
+    step, cache, cache_mask = decode_step(text[:, t], jnp.full((B,), t), cache, cache_mask, t)
     np.testing.assert_allclose(step, full[:, t], atol=1e-5)
 
 
@@ -137,6 +137,7 @@ def test_greedy_decode_unchanged_with_ragged_prefixes(setup):
 def test_train_step_with_frozen_llm_keeps_the_text_llm(monkeypatch):
   monkeypatch.setitem(models.FAMILIES, "cross", cross_attention)  # until models/__init__ registers it
   config = _config()
+  config.mesh.update(dict(data=2, fsdp=2, tensor=2))  # cross params sharded over fsdp and tensor too
   config.optim.rules = (("decoder/.*", "frozen"), (".*", "trainable"))
   mm, tx = make_run(config, jax.devices(), V)
   state = mm.init_train_state(tx, seed=0)

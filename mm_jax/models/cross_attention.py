@@ -208,13 +208,8 @@ def cross_attention(model_cfg, tokenizer_vocab: int) -> CrossAttentionVLM:
   block = dict(width=decoder.width, num_heads=field("num_heads"), num_kv_heads=field("num_kv_heads"),
                head_dim=field("head_dim"), mlp_dim=field("mlp_dim"), norm=decoder.norm,
                norm_eps=decoder.norm_eps, mlp_act=decoder.mlp_act, **models.dtypes(model_cfg))
-  if hasattr(models, "build_connector"):  # model.connector_options (being added beside this file)
-    connector = models.build_connector(model_cfg)
-  else:
-    connector = models._pick(models.CONNECTORS, model_cfg.connector, "model.connector")(  # pylint: disable=protected-access
-        model_cfg.decoder.width, **models.dtypes(model_cfg))
   return CrossAttentionVLM(
-      encoder=models.build_encoder(model_cfg), connector=connector, decoder=decoder,
+      encoder=models.build_encoder(model_cfg), connector=models.build_connector(model_cfg), decoder=decoder,
       cross=CrossStack(count=-(-decoder.depth // every), block=block), cross_every=every,
       prefix_attention=model_cfg.get("prefix_attention", True),
       last_image_only=model_cfg.get("cross_last_image_only", True))
