@@ -25,7 +25,7 @@ def _connector(name: str) -> nn.Module:
 def test_output_shape_is_num_tokens_by_width_and_params_are_named(name):
   conn = _connector(name)
   x = jax.random.normal(jax.random.key(0), (B, 16, E))  # a 4x4 grid
-  out, boxed = conn.init_with_output(jax.random.key(1), x)
+  out, boxed = jax.jit(conn.init_with_output)(jax.random.key(1), x)
   chex.assert_shape(out, (B, conn.num_tokens(16), D))
   assert conn.num_tokens(16) == {"resampler": 5, "pixel_shuffle": 4}.get(name, 16)
   leaves = jax.tree.leaves(boxed, is_leaf=lambda v: isinstance(v, nn.LogicallyPartitioned))
@@ -63,10 +63,10 @@ def test_pixel_shuffle_module_projects_the_folded_tokens_without_bias():
 
 def test_resampler_token_count_does_not_depend_on_patches():
   conn = Resampler(D, num_queries=7, depth=1, num_heads=4, mlp_dim=64)
-  params = conn.init(jax.random.key(0), jnp.zeros((B, 16, E)))  # no param depends on P
+  params = jax.eval_shape(conn.init, jax.random.key(0), jnp.zeros((B, 16, E)))  # no param depends on P
   for p in (1, 16, 49):
     assert conn.num_tokens(p) == 7
-    chex.assert_shape(conn.apply(params, jax.random.normal(jax.random.key(p), (B, p, E))), (B, 7, D))
+    chex.assert_shape(jax.eval_shape(conn.apply, params, jnp.zeros((B, p, E))), (B, 7, D))
 
 
 def test_resampler_sees_the_features_but_not_their_order():
@@ -103,7 +103,7 @@ def test_bad_options_are_named():
     build_model(config.model, V)
   config = _config("linear")
   config.model.connector_options.linear = {"width": 3}  # set by the builder, not an option
-  with pytest.raises(UserError, match=r"connector_options.linear.width is not a field of Linear; known: \(none"):
+  with pytest.raises(UserError, match=r"options.linear.width is not a field of Linear; known: \(none"):
     build_model(config.model, V)
   config = _config("linear")
   config.model.connector_options.resamplr = {}
@@ -127,24 +127,34 @@ def test_config_without_connector_options_builds():
   assert build_model(config.model, V).connector.num_queries == 64
 
 
+@pytest.fixture(scope="module")
+def encoder_decoder_params():
+  """Encoder and decoder params of the test config, shared: each test inits only its connector."""
+  model = build_model(_config("linear").model, V)
+  image, text = jnp.zeros((2, 32, 32, 3)), jnp.ones((2, 4), jnp.int32)
+  return nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), image, text, text, text))["params"]
+
+
 @pytest.mark.parametrize("name,n", [("linear", 16), ("mlp", 16), ("resampler", 6), ("pixel_shuffle", 4)])
-def test_unified_model_forward_and_cached_greedy_decode(name, n):
+def test_unified_model_forward_and_cached_greedy_decode(name, n, encoder_decoder_params):
   model = build_model(_config(name).model, V)
   b, s, p, m = 2, 32, 4, 4
   image = jax.random.normal(jax.random.key(1), (b, s, s, 3))
   prefix = jax.random.randint(jax.random.key(2), (b, p), 4, V)
   ones = jnp.ones((b, p), jnp.int32)
-  params = nn.meta.unbox(model.init(jax.random.key(0), image, prefix, jnp.zeros_like(prefix), ones))["params"]
+  connector = jax.jit(model.connector.init)(jax.random.key(3), jnp.zeros((b, 16, 32)))["params"]
+  params = dict(encoder_decoder_params, connector=nn.meta.unbox(connector))
   assert model.num_image_tokens(image.shape) == n
-  seq = model.apply({"params": params}, image, prefix, jnp.zeros_like(prefix), ones,
-                    method=model.sequence_logits)
-  chex.assert_shape(seq, (b, n + p, V))
   # Scale the head so greedy choices are not near-ties (as test_decode).
-  params["decoder"]["embedder"]["embedding"] = params["decoder"]["embedder"]["embedding"] * 50
-  got = jax.jit(lambda *a: greedy_decode(model, params, *a, max_new=m))(image, prefix, ones, jnp.full((b,), p))
+  embedding = params["decoder"]["embedder"]["embedding"] * 50
+  params["decoder"] = dict(params["decoder"], embedder={"embedding": embedding})
+  decode = jax.jit(lambda *a: greedy_decode(model, params, *a, max_new=m))
+  got = decode(image, prefix, ones, jnp.full((b,), p))
   # Full forward over prefix + generated tokens: its argmax at each position is the next generated one.
   text = jnp.concatenate([prefix, got[:, :-1]], axis=1)
   ar = jnp.concatenate([jnp.zeros_like(prefix), jnp.ones((b, m - 1), jnp.int32)], axis=1)
-  logits = model.apply({"params": params}, image, text, ar, jnp.ones_like(text))
-  chex.assert_shape(logits, (b, p + m - 1, V))
+  seq = jax.jit(lambda *a: model.apply({"params": params}, *a, method=model.sequence_logits))(
+      image, text, ar, jnp.ones_like(text))
+  chex.assert_shape(seq, (b, n + p + m - 1, V))
+  logits = seq[:, n:]  # image first (image_position 0)
   np.testing.assert_array_equal(np.argmax(logits[:, p - 1:], -1), np.asarray(got))

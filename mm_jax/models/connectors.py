@@ -64,7 +64,8 @@ class ResamplerBlock(nn.Module):
     y, _ = attn(layer_norm("ln_q", self.norm_eps, **kw)(q_BxQxE), all_BxQxP,
                 kv_BxSxD=layer_norm("ln_kv", self.norm_eps, **kw)(x_BxPxE))
     q_BxQxE = q_BxQxE + y
-    y = dense(self.mlp_dim, ("embed", "mlp"), "mlp_in", **kw)(layer_norm("ln_mlp", self.norm_eps, **kw)(q_BxQxE))
+    y = layer_norm("ln_mlp", self.norm_eps, **kw)(q_BxQxE)
+    y = dense(self.mlp_dim, ("embed", "mlp"), "mlp_in", **kw)(y)
     y = constrain(ACTIVATIONS["gelu_tanh"](y), ("act_batch", "act_len", "act_mlp"))
     q_BxQxE = q_BxQxE + dense(e, ("mlp", "embed"), "mlp_out", **kw)(y)
     return constrain(q_BxQxE, ("act_batch", "act_len", "act_embed"))
