@@ -80,6 +80,14 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
       norm="gemma", norm_eps=1e-6, mlp_act="gelu_tanh", embed_scale=True, tie_embeddings=True,
       rope_theta=10_000.0, rope_type="default", rope_factor=8.0, rope_low_freq_factor=1.0,
       rope_high_freq_factor=4.0, rope_original_max_len=8192))
+  # family "cross" (models/cross_attention.py): the image reaches the decoder only through gated
+  # cross-attention blocks (gates start at 0); encoder, connector, decoder, prefix_attention as above.
+  c.model.cross_every = 1               # a cross block before every N decoder blocks (Llama 3.2: ~4-5)
+  c.model.cross_num_heads = 0           # cross-attention query heads; 0: the decoder's
+  c.model.cross_num_kv_heads = 0        # 0: the decoder's
+  c.model.cross_head_dim = 0            # 0: the decoder's
+  c.model.cross_mlp_dim = 0             # the cross block's MLP width; 0: the decoder's
+  c.model.cross_last_image_only = True  # a token sees the last image (group) before it; False: all before it
   c.model.max_answer_len = 6         # greedy decoding budget in eval
 
   # Parts loaded from other checkpoints at step 0 (params only), by name: ordered

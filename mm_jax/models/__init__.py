@@ -11,6 +11,7 @@ import ml_collections as mlc
 
 from mm_jax.errors import UserError
 from mm_jax.models.connectors import CONNECTORS
+from mm_jax.models.cross_attention import cross_attention
 from mm_jax.models.decoder import Decoder
 from mm_jax.models.layers import Rope
 from mm_jax.models.siglip import MAPHead, SigLIP, TextEncoder
@@ -121,7 +122,7 @@ def siglip(model_cfg: mlc.ConfigDict, tokenizer_vocab: int) -> SigLIP:
   return SigLIP(encoder=encoder, map_head=head, text=text, **init)
 
 
-FAMILIES = {"unified": unified, "lm": language_model, "siglip": siglip}
+FAMILIES = {"unified": unified, "lm": language_model, "siglip": siglip, "cross": cross_attention}
 
 
 def build_model(model_cfg: mlc.ConfigDict, tokenizer_vocab: int):
