@@ -15,9 +15,9 @@ if str(REPO) not in sys.path:  # Lets `pytest` run from a plain checkout without
 from mm_jax.data import pipeline
 
 
-def load_config(arg: str = ""):
-  """configs/shapes_tiny.py with `arg` (e.g. "test", "test,blind")."""
-  spec = importlib.util.spec_from_file_location("shapes_tiny_config", REPO / "configs" / "shapes_tiny.py")
+def load_config(arg: str = "", name: str = "shapes_tiny"):
+  """configs/NAME.py with `arg` (e.g. "test", "test,blind"), as --config=configs/NAME.py:ARG loads it."""
+  spec = importlib.util.spec_from_file_location(f"{name}_config", REPO / "configs" / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)

@@ -1,7 +1,5 @@
 """SigLIP two-tower model: param names and shapes (the converter's contract), the forward math, the MAP
 head, and that its encoder is the unified model's."""
-import importlib.util
-
 import chex
 import flax.linen as nn
 import jax
@@ -9,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, load_config
+from conftest import load_config
 from mm_jax.models import build_model
 from mm_jax.optim import path_str
 
@@ -17,10 +15,7 @@ B, S, T, V = 3, 32, 12, 40
 
 
 def load_siglip_config(arg: str = ""):
-  spec = importlib.util.spec_from_file_location("siglip_shapes_config", REPO / "configs" / "siglip_shapes.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return load_config(arg, "siglip_shapes")
 
 
 @pytest.fixture(scope="module")
