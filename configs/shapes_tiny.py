@@ -57,7 +57,9 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
   c.data.num_threads = 2             # grain read threads
 
   c.model = mlc.ConfigDict()
-  c.model.family = "unified"         # image tokens beside text tokens (models.FAMILIES)
+  # models.FAMILIES: unified (image tokens beside text tokens), cross (gated cross-attention), hybrid
+  # (NVLM-H: thumbnail in the sequence, tiles by cross-attention), fuyu (raw patches, no encoder), lm.
+  c.model.family = "unified"
   c.model.image_position = 0         # text tokens before the image: 0 PaliGemma, 1 LLaVA (after BOS)
   c.model.prefix_attention = True    # PaliGemma prefix-LM; False: causal everywhere (LLaVA)
   c.model.dtype = "float32"          # compute dtype, or "bfloat16" (norms, softmax, loss stay float32)
@@ -88,6 +90,7 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
   c.model.cross_head_dim = 0            # 0: the decoder's
   c.model.cross_mlp_dim = 0             # the cross block's MLP width; 0: the decoder's
   c.model.cross_last_image_only = True  # a token sees the last image (group) before it; False: all before it
+  c.model.hybrid_tiles = 2              # family "hybrid": a G x G grid of tiles; thumbnail pooled by G
   c.model.max_answer_len = 6         # greedy decoding budget in eval
 
   # Parts loaded from other checkpoints at step 0 (params only), by name: ordered

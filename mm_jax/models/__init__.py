@@ -13,9 +13,10 @@ from mm_jax.errors import UserError
 from mm_jax.models.connectors import CONNECTORS
 from mm_jax.models.cross_attention import cross_attention
 from mm_jax.models.decoder import Decoder
+from mm_jax.models.hybrid import hybrid
 from mm_jax.models.layers import Rope
 from mm_jax.models.siglip import MAPHead, SigLIP, TextEncoder
-from mm_jax.models.vit import ViT
+from mm_jax.models.vit import RawPatches, ViT
 from mm_jax.models.vlm import UnifiedVLM
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -100,6 +101,16 @@ def unified(model_cfg: mlc.ConfigDict, tokenizer_vocab: int) -> UnifiedVLM:
                     prefix_attention=model_cfg.get("prefix_attention", True))
 
 
+def fuyu(model_cfg: mlc.ConfigDict, tokenizer_vocab: int) -> UnifiedVLM:
+  """Fuyu: no image encoder. Raw pixel patches of model.encoder.patch_size (the encoder's other fields
+  are unused) go through the connector (linear in Fuyu) straight into the decoder's sequence."""
+  return UnifiedVLM(encoder=RawPatches(model_cfg.encoder.patch_size),
+                    connector=build_connector(model_cfg),
+                    decoder=build_decoder(model_cfg, tokenizer_vocab),
+                    image_position=model_cfg.get("image_position", 0),
+                    prefix_attention=model_cfg.get("prefix_attention", True))
+
+
 def language_model(model_cfg: mlc.ConfigDict, tokenizer_vocab: int) -> UnifiedVLM:
   """The decoder alone (an imported Gemma / Llama): a causal LM that ignores the image."""
   return UnifiedVLM(encoder=None, connector=None, decoder=build_decoder(model_cfg, tokenizer_vocab),
@@ -122,7 +133,8 @@ def siglip(model_cfg: mlc.ConfigDict, tokenizer_vocab: int) -> SigLIP:
   return SigLIP(encoder=encoder, map_head=head, text=text, **init)
 
 
-FAMILIES = {"unified": unified, "lm": language_model, "siglip": siglip, "cross": cross_attention}
+FAMILIES = {"unified": unified, "lm": language_model, "siglip": siglip, "cross": cross_attention,
+            "hybrid": hybrid, "fuyu": fuyu}
 
 
 def build_model(model_cfg: mlc.ConfigDict, tokenizer_vocab: int):

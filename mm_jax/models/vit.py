@@ -71,3 +71,19 @@ class ViT(nn.Module):
       x_BxPxD = EncoderBlock(self.num_heads, self.mlp_dim, self.norm_eps, name=f"block_{i}",
                              **kw)(x_BxPxD, None)
     return layer_norm("ln_final", self.norm_eps, **kw)(x_BxPxD) if self.final_norm else x_BxPxD
+
+
+class RawPatches(nn.Module):
+  """Fuyu's "encoder": no parameters, no transformer. Image BxHxWxC -> flattened pixel patches
+  BxPx(patch_size * patch_size * C) in row-major patch order; the connector projects them (linearly,
+  in Fuyu) into the decoder, whose RoPE positions give the only position information."""
+  patch_size: int
+
+  def num_patches(self, image_shape: tuple[int, ...]) -> int:
+    return (image_shape[-3] // self.patch_size) * (image_shape[-2] // self.patch_size)
+
+  def __call__(self, image_BxHxWxC: Array) -> Array:
+    p = self.patch_size
+    b, h, w, c = image_BxHxWxC.shape
+    x = image_BxHxWxC.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return constrain(x.reshape(b, (h // p) * (w // p), p * p * c), ("act_batch", "act_len", None))

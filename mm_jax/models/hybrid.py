@@ -1,0 +1,132 @@
+"""NVLM-H hybrid: a thumbnail's tokens in the decoder's sequence (Method A), the full-resolution tiles
+through gated cross-attention (Method B).
+
+  image HxW -> tiles: a G x G grid of (H/G)x(W/G) tiles -> encoder -> connector -> + tile embedding
+                                                         -> k/v of every cross block (all text sees them)
+            -> thumbnail: the image average-pooled by G to (H/G)x(W/G) -> encoder -> connector
+                                                         -> tokens at image_position in the sequence
+  [text_1..k, thumb_1..N, text_k+1..T] -> [cross_0, block_0 ..] [cross_1, ..] ... -> logits
+One encoder and one connector serve both paths (NVLM-H shares InternViT and its projector), so tiles and
+thumbnail are encoded at the same resolution and the encoder's position table fits both. A tile's
+features carry no position in the image, and cross-attention has no RoPE: a learned embedding per tile
+(`tile_embed`, zero-initialised) says which tile a feature came from (NVLM-H writes tile tags as text).
+
+Parameter subtrees: `encoder`, `connector`, `decoder` (the text LLM), `cross/block_i`, `tile_embed`.
+With the gates at 0 the model is the unified-embedding model on the thumbnail.
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mm_jax.errors import UserError
+from mm_jax.models.cross_attention import CrossAttentionVLM
+from mm_jax.models.layers import make_attn_mask, partitioned
+
+Array = jax.Array
+
+
+def split_tiles(image_BxHxWxC: Array, grid: int) -> Array:
+  """BxHxWxC -> B x G*G x (H/G) x (W/G) x C, tiles in row-major order."""
+  b, h, w, c = image_BxHxWxC.shape
+  x = image_BxHxWxC.reshape(b, grid, h // grid, grid, w // grid, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, grid * grid, h // grid, w // grid, c)
+
+
+def thumbnail(image_BxHxWxC: Array, grid: int) -> Array:
+  """The image average-pooled by `grid` in both directions: Bx(H/G)x(W/G)xC."""
+  b, h, w, c = image_BxHxWxC.shape
+  return image_BxHxWxC.reshape(b, h // grid, grid, w // grid, grid, c).mean(axis=(2, 4))
+
+
+class HybridVLM(CrossAttentionVLM):
+  """Same interface as vlm.UnifiedVLM (trainer, eval, decode.greedy_decode); one image BxHxWxC."""
+  image_position: int = 0
+  tiles: int = 2  # G: the tile grid's side
+
+  def setup(self):
+    self.tile_embed = self.param("tile_embed", partitioned(nn.initializers.zeros_init(), (None, "embed")),
+                                 (self.tiles ** 2, self.decoder.width), self.decoder.param_dtype)
+
+  def _check(self, image_shape):
+    if image_shape[-3] % self.tiles or image_shape[-2] % self.tiles:
+      raise UserError(f"model.hybrid_tiles={self.tiles} must divide the image size "
+                      f"{image_shape[-3]}x{image_shape[-2]}")
+
+  def num_image_tokens(self, image_shape) -> int:
+    """The thumbnail's tokens in the decoder's sequence."""
+    g = self.tiles
+    thumb = (*image_shape[:-3], image_shape[-3] // g, image_shape[-2] // g, image_shape[-1])
+    return self.connector.num_tokens(self.encoder.num_patches(thumb))
+
+  def _image_paths(self, image_BxHxWxC: Array):
+    """(thumbnail tokens BxNxD, the cross blocks' k/v of the tiles, image_pos Bx1 = 0)."""
+    self._check(image_BxHxWxC.shape)
+    g, b = self.tiles, image_BxHxWxC.shape[0]
+    tiles_BxGxhxwxC = split_tiles(image_BxHxWxC, g)
+    f_NxPxD = self.connector(self.encoder(tiles_BxGxhxwxC.reshape(b * g * g, *tiles_BxGxhxwxC.shape[2:])))
+    d = f_NxPxD.shape[-1]
+    tiles_BxGxPxD = f_NxPxD.reshape(b, g * g, -1, d)
+    tiles_BxGxPxD = tiles_BxGxPxD + self.tile_embed[None, :, None].astype(tiles_BxGxPxD.dtype)
+    kvs = self.cross.kv(tiles_BxGxPxD.reshape(b, -1, d).astype(self.decoder.dtype))
+    thumb_BxNxD = self.connector(self.encoder(thumbnail(image_BxHxWxC, g))).astype(self.decoder.dtype)
+    return thumb_BxNxD, kvs, jnp.zeros((b, 1), jnp.int32)
+
+  def _insert(self, text_BxTx_: Array, image_BxNx_: Array) -> Array:
+    k = self.image_position
+    return jnp.concatenate([text_BxTx_[:, :k], image_BxNx_, text_BxTx_[:, k:]], axis=1)
+
+  def _drop_image(self, x_BxLx_: Array, n: int) -> Array:
+    k = self.image_position
+    return jnp.concatenate([x_BxLx_[:, :k], x_BxLx_[:, k + n:]], axis=1)
+
+  def _sequence(self, thumb_BxNxD: Array, text_BxT: Array, mask_input_BxT: Array, mask_ar_BxT: Array):
+    """Decoder input BxLxD, input mask, autoregressive mask (thumbnail in the prefix), positions."""
+    b, n = thumb_BxNxD.shape[:2]
+    x_BxLxD = self._insert(self.decoder.embed(text_BxT).astype(self.decoder.dtype), thumb_BxNxD)
+    input_BxL = self._insert(mask_input_BxT, jnp.ones((b, n), mask_input_BxT.dtype))
+    if self.prefix_attention:
+      ar_BxL = self._insert(mask_ar_BxT, jnp.zeros((b, n), mask_ar_BxT.dtype))
+    else:
+      ar_BxL = jnp.ones_like(input_BxL)
+    return x_BxLxD, input_BxL, ar_BxL, jnp.broadcast_to(jnp.arange(x_BxLxD.shape[1]), input_BxL.shape)
+
+  def __call__(self, image_BxHxWxC: Array, text_BxT: Array, mask_ar_BxT: Array,
+               mask_input_BxT: Array) -> Array:
+    """Teacher-forced forward -> text logits BxTxV (the thumbnail's positions dropped)."""
+    thumb_BxNxD, kvs, image_pos_Bx1 = self._image_paths(image_BxHxWxC)
+    x_BxLxD, input_BxL, ar_BxL, positions_BxL = self._sequence(thumb_BxNxD, text_BxT, mask_input_BxT,
+                                                               mask_ar_BxT)
+    xmask_BxLxS = self._cross_mask(image_pos_Bx1, positions_BxL, kvs[0]["k"].shape[1])
+    logits_BxLxV, _ = self._run(x_BxLxD, positions_BxL, make_attn_mask(input_BxL, ar_BxL), kvs,
+                                xmask_BxLxS)
+    return self._drop_image(logits_BxLxV, thumb_BxNxD.shape[1])
+
+  def prefill(self, image_BxHxWxC: Array, prefix_BxP: Array, prefix_mask_BxP: Array, cache):
+    """Thumbnail + (right-padded) prefix into self-attention slots [0, N + P); the tiles' k/v once.
+    Returns (logits BxPxV, cache {"self", "cross", "image_pos"}, cache_mask BxS); decode_step is the
+    cross-attention model's."""
+    thumb_BxNxD, kvs, image_pos_Bx1 = self._image_paths(image_BxHxWxC)
+    x_BxLxD, input_BxL, _, positions_BxL = self._sequence(thumb_BxNxD, prefix_BxP, prefix_mask_BxP,
+                                                          jnp.zeros_like(prefix_mask_BxP))
+    (b, l), s = input_BxL.shape, cache[0]["k"].shape[1]
+    cache_mask_BxS = jnp.pad(input_BxL, ((0, 0), (0, s - l))) > 0
+    mask_BxLxS = jnp.broadcast_to(cache_mask_BxS[:, None, :], (b, l, s))
+    if not self.prefix_attention:
+      mask_BxLxS = mask_BxLxS & (jnp.arange(s)[None, None, :] <= jnp.arange(l)[None, :, None])
+    xmask_BxLxS = self._cross_mask(image_pos_Bx1, positions_BxL, kvs[0]["k"].shape[1])
+    logits_BxLxV, cache = self._run(x_BxLxD, positions_BxL, mask_BxLxS, kvs, xmask_BxLxS, cache, 0)
+    return (self._drop_image(logits_BxLxV, thumb_BxNxD.shape[1]),
+            {"self": cache, "cross": kvs, "image_pos": image_pos_Bx1}, cache_mask_BxS)
+
+
+def hybrid(model_cfg, tokenizer_vocab: int) -> HybridVLM:
+  """Builder for FAMILIES["hybrid"]: the cross family's fields, plus model.hybrid_tiles (G) and
+  model.image_position (where the thumbnail sits)."""
+  from mm_jax.models.cross_attention import cross_attention  # pylint: disable=g-import-not-at-top
+  cross = cross_attention(model_cfg, tokenizer_vocab)
+  tiles = model_cfg.get("hybrid_tiles", 2)
+  if tiles < 1:
+    raise UserError(f"model.hybrid_tiles must be >= 1, got {tiles}")
+  fields = {f: getattr(cross, f) for f in ("encoder", "connector", "decoder", "cross", "cross_every",
+                                           "prefix_attention", "last_image_only")}
+  return HybridVLM(**fields, image_position=model_cfg.get("image_position", 0), tiles=tiles)

@@ -1,0 +1,48 @@
+"""Fuyu: no encoder, raw pixel patches projected by the connector into the decoder's sequence."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from conftest import load_config, make_run
+from mm_jax import models
+from mm_jax.models.vit import RawPatches
+
+V = 40
+
+
+def test_raw_patches_are_row_major_flattened_pixels():
+  image = jax.random.normal(jax.random.key(0), (2, 16, 24, 3))
+  patches = RawPatches(8).apply({}, image)
+  assert patches.shape == (2, 2 * 3, 8 * 8 * 3)
+  np.testing.assert_array_equal(patches[1, 4], image[1, 8:16, 8:16].reshape(-1))  # row 1, column 1
+  np.testing.assert_array_equal(patches[0, 2], image[0, 0:8, 16:24].reshape(-1))
+
+
+def test_fuyu_family_params_tokens_and_a_train_step():
+  config = load_config("test")
+  config.model.family = "fuyu"
+  config.mesh.update(dict(data=2, fsdp=2, tensor=2))
+  mm, tx = make_run(config, jax.devices(), V)
+  params = mm.abstract_params
+  assert set(params) == {"connector", "decoder"}  # no encoder parameters at all
+  assert params["connector"]["proj"]["kernel"].shape == (8 * 8 * 3, 32)
+  s = config.data.image_size
+  assert mm.model.num_image_tokens((1, s, s, 3)) == (s // 8) ** 2
+  state = mm.init_train_state(tx, seed=0)
+  n, t = config.global_batch_size, config.data.text_len
+  batch = {"image": jax.random.normal(jax.random.key(1), (n, s, s, 3)),
+           "text": jax.random.randint(jax.random.key(2), (n, t), 4, V),
+           "mask_ar": jnp.zeros((n, t), jnp.int32).at[:, t // 2:].set(1),
+           "mask_input": jnp.ones((n, t), jnp.int32),
+           "mask_loss": jnp.zeros((n, t), jnp.int32).at[:, t // 2:].set(1)}
+  step = mm.make_train_step(tx)
+  losses = []
+  for _ in range(3):
+    state, out = step(state, batch)
+    losses.append(float(out["loss"]))
+  assert losses[-1] < losses[0]
+  # The image reaches the logits.
+  p = jax.device_get(state["params"])
+  run = lambda im: mm.model.apply({"params": p}, im, batch["text"], batch["mask_ar"], batch["mask_input"])
+  assert np.abs(np.asarray(run(batch["image"]) - run(-batch["image"]))).max() > 1e-6
