@@ -102,8 +102,10 @@ def unified(model_cfg: mlc.ConfigDict, tokenizer_vocab: int) -> UnifiedVLM:
 
 
 def fuyu(model_cfg: mlc.ConfigDict, tokenizer_vocab: int) -> UnifiedVLM:
-  """Fuyu: no image encoder. Raw pixel patches of model.encoder.patch_size (the encoder's other fields
-  are unused) go through the connector (linear in Fuyu) straight into the decoder's sequence."""
+  """Fuyu: raw pixel patches, no image encoder, through the connector into the decoder's sequence.
+
+  Patches of model.encoder.patch_size (the encoder's other fields are unused) go through the connector
+  (linear in Fuyu) straight into the decoder's sequence."""
   return UnifiedVLM(encoder=RawPatches(model_cfg.encoder.patch_size),
                     connector=build_connector(model_cfg),
                     decoder=build_decoder(model_cfg, tokenizer_vocab),

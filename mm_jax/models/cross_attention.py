@@ -196,7 +196,9 @@ class CrossAttentionVLM(nn.Module):
 
 
 def cross_attention(model_cfg, tokenizer_vocab: int) -> CrossAttentionVLM:
-  """Builder for FAMILIES["cross"]: model.encoder, model.connector, model.decoder as the other families;
+  """Method B (Llama 3.2 Vision, Flamingo, NVLM-X): text attends to the image by gated cross-attention.
+
+  model.encoder, model.connector, model.decoder as the other families;
   model.cross_every, model.cross_{num_heads,num_kv_heads,head_dim,mlp_dim} (0: the decoder's),
   model.cross_last_image_only, model.prefix_attention."""
   from mm_jax import models  # pylint: disable=g-import-not-at-top  (models/__init__ imports families)

@@ -120,8 +120,9 @@ class HybridVLM(CrossAttentionVLM):
 
 
 def hybrid(model_cfg, tokenizer_vocab: int) -> HybridVLM:
-  """Builder for FAMILIES["hybrid"]: the cross family's fields, plus model.hybrid_tiles (G) and
-  model.image_position (where the thumbnail sits)."""
+  """NVLM-H: a thumbnail's tokens in the sequence, the image's tiles through gated cross-attention.
+
+  The cross family's fields, plus model.hybrid_tiles (G) and model.image_position (the thumbnail's)."""
   from mm_jax.models.cross_attention import cross_attention  # pylint: disable=g-import-not-at-top
   cross = cross_attention(model_cfg, tokenizer_vocab)
   tiles = model_cfg.get("hybrid_tiles", 2)
