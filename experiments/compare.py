@@ -1,0 +1,252 @@
+r"""Families, connectors and stage recipes on shapes at one step budget (experiments/README.md, issue 4).
+
+  python experiments/compare.py run --group=families,connectors [--parallel=4] [--root=workdirs/compare]
+  python experiments/compare.py run --variant=cross_mlp --steps=3000
+  python experiments/compare.py recipes [--parallel=3]      # every recipe of configs/recipes.py
+  python experiments/compare.py report [--step_time]        # table + experiments/compare.png
+
+`run`: for each variant (configs/shapes_tiny.py + the overrides in VARIANTS), `python -m mm_jax.train`
+with a checkpoint every 250 steps (all kept), then `curve`: every checkpoint scored on the validation
+split (800 questions), the last also on test (2000); scores go to <workdir>/curve.json. Runs that
+already have a curve.json are skipped. `recipes`: `python -m mm_jax.recipe` per recipe (one shared
+pretraining dir), then curves of each stage (steps counted from the recipe's first multimodal stage).
+`report`: collects the curves into experiments/compare.json, prints the Markdown table (test EM,
+train step time on this machine's CPU, the decoder's sequence length, trainable / total params) and
+plots validation EM vs step per variant into experiments/compare.png. --step_time measures each
+variant's train step (one device, fixed batch, all variants alternated in the one run, median of 3).
+"""
+import argparse
+import concurrent.futures
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE))
+_RESULTS, _PLOT = HERE / "compare.json", HERE / "compare.png"
+_CONFIG = "configs/shapes_tiny.py"
+
+# name -> (group, overrides of configs/shapes_tiny.py). "unified_linear" is the default config.
+VARIANTS = {
+    "unified_linear": ("families connectors", {}),
+    "cross_linear": ("families", {"model.family": "cross"}),
+    "hybrid_linear": ("families", {"model.family": "hybrid"}),
+    "fuyu_linear": ("families", {"model.family": "fuyu"}),
+    "unified_mlp": ("connectors", {"model.connector": "mlp"}),
+    "unified_resampler": ("connectors", {"model.connector": "resampler"}),
+    "unified_pixel_shuffle": ("connectors", {"model.connector": "pixel_shuffle"}),
+    "cross_mlp": ("cross", {"model.family": "cross", "model.connector": "mlp"}),
+    "cross_resampler": ("cross", {"model.family": "cross", "model.connector": "resampler"}),
+    # Image tokens skip the decoder's 3 blocks in the cross family: give the encoder 3 more.
+    "cross_linear_enc6": ("cross", {"model.family": "cross", "model.encoder.depth": 6}),
+}
+RECIPES = ("llava", "llama32_vision", "molmo", "baichuan_omni", "qwen2_vl", "nvlm_x")
+
+
+def _flags(overrides: dict) -> list[str]:
+  return [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+def _sh(cmd: list[str], log: pathlib.Path) -> None:
+  log.parent.mkdir(parents=True, exist_ok=True)
+  with log.open("a") as f:
+    f.write("$ " + " ".join(cmd) + "\n")
+    f.flush()
+    subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=True, cwd=REPO)
+
+
+def _train_and_curve(name: str, overrides: dict, root: pathlib.Path, steps: int) -> str:
+  workdir = root / name
+  if (workdir / "curve.json").exists():
+    return f"{name}: done before"
+  start = time.time()
+  flags = _flags({"total_steps": steps, "checkpoint_every": 250, "keep_checkpoints": 1000, **overrides})
+  _sh([sys.executable, "-m", "mm_jax.train", f"--config={_CONFIG}", f"--workdir={workdir}", *flags],
+      workdir / "log.txt")
+  train_s = time.time() - start
+  _sh([sys.executable, __file__, "curve", f"--workdir={workdir}", f"--train_seconds={train_s:.0f}"],
+      workdir / "log.txt")
+  return f"{name}: test EM {json.loads((workdir / 'curve.json').read_text())['test']['vqa_exact_match']}"
+
+
+def curve(workdir: str, train_seconds: float, offset: int = 0) -> dict:
+  """Scores every checkpoint of `workdir` on validation and the newest on test; writes curve.json."""
+  import ml_collections as mlc  # pylint: disable=g-import-not-at-top
+  from mm_jax import eval as eval_lib  # pylint: disable=g-import-not-at-top
+  from mm_jax.checkpoint import Checkpoints  # pylint: disable=g-import-not-at-top
+  ckpt = Checkpoints(workdir, read_only=True)
+  steps = ckpt.all_steps()
+  config = mlc.ConfigDict(ckpt.meta(steps[-1])["config"])
+  ckpt.close()
+  val = {offset + s: eval_lib.evaluate(config, workdir, "validation", s)["vqa_exact_match"] for s in steps}
+  test = eval_lib.evaluate(config, workdir, "test", steps[-1])
+  out = {"validation": val, "test": test, "train_seconds": train_seconds}
+  pathlib.Path(workdir, "curve.json").write_text(json.dumps(out, indent=1))
+  return out
+
+
+def _recipe(name: str, root: pathlib.Path) -> str:
+  workdir = root / "recipes" / name
+  _sh([sys.executable, "-m", "mm_jax.recipe", f"--config=configs/recipes.py:{name}",
+       f"--workdir={workdir}", f"--pretrain_dir={root / 'pretrain'}", "--config.checkpoint_every=250",
+       "--config.keep_checkpoints=1000"], workdir / "log.txt")
+  summary = json.loads((workdir / "recipe.json").read_text())
+  offset = 0
+  for stage in summary["stages"]:
+    if stage.get("pretrain"):
+      continue
+    if not (pathlib.Path(stage["workdir"]) / "curve.json").exists():
+      curve(stage["workdir"], stage.get("train_seconds", 0.0), offset)
+    offset += stage["total_steps"]
+  return f"{name}: done"
+
+
+def _pool(jobs, parallel: int) -> None:
+  with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
+    for fut in concurrent.futures.as_completed([pool.submit(*job) for job in jobs]):
+      print(fut.result(), flush=True)
+
+
+def _prebuild(root: pathlib.Path) -> None:
+  """Builds the dataset and tokenizer once, before parallel runs could race to build them."""
+  from mm_jax import data  # pylint: disable=g-import-not-at-top
+  config = _load_config({})
+  for split in ("train", "validation", "test"):
+    data.prepare(config, split)
+  root.mkdir(parents=True, exist_ok=True)
+
+
+def _load_config(overrides: dict):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("cfg", REPO / _CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("")
+  config.update_from_flattened_dict(overrides)
+  return config
+
+
+def _describe(overrides: dict) -> dict:
+  """Decoder sequence length and trainable / total params of a variant (abstract, nothing computed)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from mm_jax import optim, sharding  # pylint: disable=g-import-not-at-top
+  from mm_jax.state import ModelOnMesh  # pylint: disable=g-import-not-at-top
+  config = _load_config(overrides)
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  mm = ModelOnMesh.create(config, config.data.vocab_size, mesh)
+  labels = optim.param_labels(mm.abstract_params, config.optim.rules)
+  sizes = [(x.size, lab) for x, lab in zip(jax.tree.leaves(mm.abstract_params), jax.tree.leaves(labels))]
+  s = config.data.image_size
+  return {"seq_len": config.data.text_len + mm.model.num_image_tokens((1, s, s, 3)),
+          "trainable": sum(n for n, lab in sizes if lab == "trainable"), "total": sum(n for n, _ in sizes)}
+
+
+def report(root: pathlib.Path, step_time: bool) -> None:
+  results = json.loads(_RESULTS.read_text()) if _RESULTS.exists() else {}
+  for name, (group, overrides) in VARIANTS.items():
+    path = root / name / "curve.json"
+    if path.exists():
+      results[name] = {"group": group, "overrides": overrides, **json.loads(path.read_text()),
+                       **_describe(overrides)}
+  for name in RECIPES:
+    path = root / "recipes" / name / "recipe.json"
+    if path.exists():
+      results[f"recipe_{name}"] = _recipe_result(json.loads(path.read_text()))
+  if step_time:
+    from step_time import ms_per_step  # pylint: disable=g-import-not-at-top
+    names = [n for n in results if n in VARIANTS]
+    times = {n: [] for n in names}
+    for _ in range(3):  # alternated, so machine noise hits every variant alike
+      for n in names:
+        times[n].append(ms_per_step(_load_config(VARIANTS[n][1]), steps=10))
+    for n in names:
+      results[n]["ms_per_step"] = sorted(times[n])[1]
+  _RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True))
+  _table(results)
+  _plot(results)
+
+
+def _recipe_result(summary: dict) -> dict:
+  stages = [s for s in summary["stages"] if not s.get("pretrain")]
+  val = {}
+  for s in stages:
+    path = pathlib.Path(s["workdir"]) / "curve.json"
+    if path.exists():
+      val.update(json.loads(path.read_text())["validation"])
+  last = stages[-1]
+  test = json.loads((pathlib.Path(last["workdir"]) / "curve.json").read_text())["test"] if (
+      pathlib.Path(last["workdir"]) / "curve.json").exists() else last.get("eval", {})
+  return {"group": "recipes", "validation": val, "test": test,
+          "stages": [f"{s['name']} ({s['total_steps']}: {s['trainable_params']:,} trainable)" for s in stages],
+          "trainable": max(s["trainable_params"] for s in stages), "total": last["total_params"]}
+
+
+def _table(results: dict) -> None:
+  print("| variant | test EM | colour / count / presence / shape | ms/step (CPU) | decoder seq | "
+        "trainable / total params |")
+  print("| --- | --- | --- | --- | --- | --- |")
+  for name, r in results.items():
+    t = r["test"]
+    kinds = " / ".join(f"{t.get('per_kind', {}).get(k, float('nan')):.2f}"
+                       for k in ("color", "count", "presence", "shape"))
+    ms = f"{r['ms_per_step']:.0f}" if "ms_per_step" in r else "–"
+    print(f"| {name} | {t.get('vqa_exact_match', float('nan')):.3f} | {kinds} | {ms} | "
+          f"{r.get('seq_len', '–')} | {r['trainable']:,} / {r['total']:,} |")
+
+
+def _plot(results: dict) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  groups = sorted({g for r in results.values() for g in r["group"].split()})
+  fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), sharey=True, squeeze=False)
+  for ax, group in zip(axes[0], groups):
+    for name, r in results.items():
+      if group in r["group"].split():
+        pts = sorted((int(s), v) for s, v in r["validation"].items())
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=name)
+    ax.axhline(0.85, color="grey", lw=0.8, ls="--")
+    ax.set(title=group, xlabel="training step", ylim=(0, 1))
+    ax.legend(fontsize=7)
+  axes[0][0].set_ylabel("validation VQA exact match")
+  fig.tight_layout()
+  fig.savefig(_PLOT, dpi=110)
+  print(f"wrote {_PLOT}")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("command", choices=("run", "recipes", "curve", "report"))
+  parser.add_argument("--root", default="workdirs/compare")
+  parser.add_argument("--group", default="", help="comma-separated groups of VARIANTS")
+  parser.add_argument("--variant", default="", help="comma-separated names of VARIANTS")
+  parser.add_argument("--recipe", default=",".join(RECIPES))
+  parser.add_argument("--steps", type=int, default=3000)
+  parser.add_argument("--parallel", type=int, default=1)
+  parser.add_argument("--workdir", default="")
+  parser.add_argument("--train_seconds", type=float, default=0.0)
+  parser.add_argument("--step_time", action="store_true")
+  args = parser.parse_args()
+  root = pathlib.Path(args.root).resolve()
+  if args.command == "curve":
+    curve(args.workdir, args.train_seconds)
+  elif args.command == "run":
+    groups, names = set(filter(None, args.group.split(","))), set(filter(None, args.variant.split(",")))
+    chosen = [n for n, (g, _) in VARIANTS.items() if n in names or groups & set(g.split())]
+    _prebuild(root)
+    _pool([(_train_and_curve, n, VARIANTS[n][1], root, args.steps) for n in chosen], args.parallel)
+  elif args.command == "recipes":
+    _prebuild(root)
+    _pool([(_recipe, n, root) for n in args.recipe.split(",")], args.parallel)
+  else:
+    report(root, args.step_time)
+
+
+if __name__ == "__main__":
+  os.environ.setdefault("PYTHONUNBUFFERED", "1")
+  main()
