@@ -158,12 +158,13 @@ def report(root: pathlib.Path, step_time: bool) -> None:
     if path.exists():
       results[f"recipe_{name}"] = _recipe_result(json.loads(path.read_text()))
   if step_time:
-    from step_time import ms_per_step  # pylint: disable=g-import-not-at-top
+    from step_time import step_timer  # pylint: disable=g-import-not-at-top
     names = [n for n in results if n in VARIANTS]
+    timers = {n: step_timer(_load_config(VARIANTS[n][1])) for n in names}
     times = {n: [] for n in names}
     for _ in range(3):  # alternated, so machine noise hits every variant alike
       for n in names:
-        times[n].append(ms_per_step(_load_config(VARIANTS[n][1]), steps=10))
+        times[n].append(timers[n](10))
     for n in names:
       results[n]["ms_per_step"] = sorted(times[n])[1]
   _RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True))
