@@ -40,8 +40,10 @@ VARIANTS = {
     "unified_mlp": ("connectors", {"model.connector": "mlp"}),
     "unified_resampler": ("connectors", {"model.connector": "resampler"}),
     "unified_pixel_shuffle": ("connectors", {"model.connector": "pixel_shuffle"}),
+    "unified_linear_seed1": ("seeds", {"seed": 1}),  # how far one seed moves the result
     "cross_mlp": ("cross", {"model.family": "cross", "model.connector": "mlp"}),
     "cross_resampler": ("cross", {"model.family": "cross", "model.connector": "resampler"}),
+    "cross_pixel_shuffle": ("cross", {"model.family": "cross", "model.connector": "pixel_shuffle"}),
     # Image tokens skip the decoder's 3 blocks in the cross family: give the encoder 3 more.
     "cross_linear_enc6": ("cross", {"model.family": "cross", "model.encoder.depth": 6}),
 }
@@ -151,8 +153,9 @@ def report(root: pathlib.Path, step_time: bool) -> None:
   for name, (group, overrides) in VARIANTS.items():
     path = root / name / "curve.json"
     if path.exists():
+      old = {k: v for k, v in results.get(name, {}).items() if k == "ms_per_step"}
       results[name] = {"group": group, "overrides": overrides, **json.loads(path.read_text()),
-                       **_describe(overrides)}
+                       **_describe(overrides), **old}
   for name in RECIPES:
     path = root / "recipes" / name / "recipe.json"
     if path.exists():
