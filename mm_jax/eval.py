@@ -23,12 +23,6 @@ from mm_jax.decode import greedy_decode
 from mm_jax.errors import UserError
 from mm_jax.state import ModelOnMesh
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
-_SPLIT = flags.DEFINE_string("split", "test", "Dataset split: train, validation or test.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-
 _SPLITS = ("train", "validation", "test")
 
 
@@ -149,4 +143,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+  # Flags only when run as a program: importing evaluate() (mm_jax.recipe does) defines none.
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).",
+                                            lock_config=True)
+  _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
+  _SPLIT = flags.DEFINE_string("split", "test", "Dataset split: train, validation or test.")
+  _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
   cli.run("mm_jax.eval", main)

@@ -140,9 +140,10 @@ class ModelOnMesh:
     step = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(self.mesh))
     return {"params": self.abstract_params, "opt_state": opt, "step": step}
 
-  def init_train_state(self, tx: optax.GradientTransformation, seed: int) -> dict:
+  def init_train_state(self, tx: optax.GradientTransformation, seed: int, params=None) -> dict:
+    """The step-0 state around `params` (default: the init of `seed`), the optimizer state fresh."""
     shardings = jax.tree.map(lambda x: x.sharding, self.abstract_train_state(tx))
-    params = self.init_params(seed)
+    params = self.init_params(seed) if params is None else params
     with self.context():
       opt = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
     step = jax.device_put(jnp.int32(0), shardings["step"])

@@ -15,17 +15,24 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from mm_jax import cli, data, optim, sharding
-from mm_jax.checkpoint import Checkpoints, load_parts, plan_parts, workdir_path
+from mm_jax.checkpoint import Checkpoints, load_parts, plan_parts, signature, workdir_path
 from mm_jax.errors import UserError
 from mm_jax.metrics import MetricWriter, parameter_table
 from mm_jax.models import CONNECTORS, FAMILIES
 from mm_jax.state import TASKS, ModelOnMesh
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None,
-    f"Config file (configs/*.py[:variant]). Registries: model.family in {sorted(FAMILIES)}, "
-    f"model.connector in {sorted(CONNECTORS)}.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")
+def initial_params(config: mlc.ConfigDict, mm: ModelOnMesh, parts=None, needed=None) -> dict:
+  """The params a run starts from at step 0: the init of config.seed, then config.init.parts over it.
+
+  train() and mm_jax.recipe's frozen-params check both call this, so both see the same values.
+  parts: plan_parts' plans (planned here if None). needed: the param paths the caller reads (default
+  all); the seeded init is computed only if one of them is not loaded, else the rest stay abstract.
+  """
+  parts = plan_parts(config.init.parts, mm.abstract_params) if parts is None else parts
+  loaded = {path for plan in parts for path in plan["mapping"]}
+  needed = set(signature(mm.abstract_params) if needed is None else needed)
+  params = mm.abstract_params if needed <= loaded else mm.init_params(config.seed)
+  return load_parts(parts, params) if parts else params
 
 
 def train(config: mlc.ConfigDict, workdir: str) -> dict:
@@ -55,9 +62,7 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict:
     logging.info("Resumed from step %d of %s", resume_step, ckpt.directory)
     print(f"Resuming from the checkpoint at step {resume_step}.", flush=True)
   else:
-    state = mm.init_train_state(tx, config.seed)
-    if parts:
-      state["params"] = load_parts(parts, state["params"])
+    state = mm.init_train_state(tx, config.seed, initial_params(config, mm, parts))
   if jax.process_index() == 0:
     print(parameter_table(mm.abstract_params, labels), flush=True)
   train_step = mm.make_train_step(tx)
@@ -92,4 +97,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+  # Flags only when run as a program: importing train() (mm_jax.recipe does) defines none.
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", None,
+      f"Config file (configs/*.py[:variant]). Registries: model.family in {sorted(FAMILIES)}, "
+      f"model.connector in {sorted(CONNECTORS)}.", lock_config=True)
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")
   cli.run("mm_jax.train", main)
