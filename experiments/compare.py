@@ -9,7 +9,8 @@ r"""Families, connectors and stage recipes on shapes at one step budget (experim
 with a checkpoint every 250 steps (all kept), then `curve`: every checkpoint scored on the validation
 split (800 questions), the last also on test (2000); scores go to <workdir>/curve.json. Runs that
 already have a curve.json are skipped. `recipes`: `python -m mm_jax.recipe` per recipe (one shared
-pretraining dir), then curves of each stage (steps counted from the recipe's first multimodal stage).
+pretraining dir); recipe.json holds each stage's checks and test score (the plot's points for recipes,
+at the step counted from the recipe's first multimodal stage).
 `report`: collects the curves into experiments/compare.json, prints the Markdown table (test EM,
 train step time on this machine's CPU, the decoder's sequence length, trainable / total params) and
 plots validation EM vs step per variant into experiments/compare.png. --step_time measures each
@@ -33,7 +34,7 @@ _CONFIG = "configs/shapes_tiny.py"
 
 # name -> (group, overrides of configs/shapes_tiny.py). "unified_linear" is the default config.
 VARIANTS = {
-    "unified_linear": ("families connectors", {}),
+    "unified_linear": ("families connectors seeds", {}),
     "cross_linear": ("families", {"model.family": "cross"}),
     "hybrid_linear": ("families", {"model.family": "hybrid"}),
     "fuyu_linear": ("families", {"model.family": "fuyu"}),
@@ -93,18 +94,10 @@ def curve(workdir: str, train_seconds: float, offset: int = 0) -> dict:
 
 
 def _recipe(name: str, root: pathlib.Path) -> str:
+  """`python -m mm_jax.recipe` (trains, checks and test-scores every stage; recipe.json)."""
   workdir = root / "recipes" / name
   _sh([sys.executable, "-m", "mm_jax.recipe", f"--config=configs/recipes.py:{name}",
-       f"--workdir={workdir}", f"--pretrain_dir={root / 'pretrain'}", "--config.checkpoint_every=250",
-       "--config.keep_checkpoints=1000"], workdir / "log.txt")
-  summary = json.loads((workdir / "recipe.json").read_text())
-  offset = 0
-  for stage in summary["stages"]:
-    if stage.get("pretrain"):
-      continue
-    if not (pathlib.Path(stage["workdir"]) / "curve.json").exists():
-      curve(stage["workdir"], stage.get("train_seconds", 0.0), offset)
-    offset += stage["total_steps"]
+       f"--workdir={workdir}", f"--pretrain_dir={root / 'pretrain'}"], workdir / "log.txt")
   return f"{name}: done"
 
 
@@ -159,35 +152,59 @@ def report(root: pathlib.Path, step_time: bool) -> None:
   for name in RECIPES:
     path = root / "recipes" / name / "recipe.json"
     if path.exists():
-      results[f"recipe_{name}"] = _recipe_result(json.loads(path.read_text()))
+      results[f"recipe_{name}"] = _recipe_result(name, json.loads(path.read_text()), path.parent)
   if step_time:
     from step_time import step_timer  # pylint: disable=g-import-not-at-top
     names = [n for n in results if n in VARIANTS]
-    timers = {n: step_timer(_load_config(VARIANTS[n][1])) for n in names}
-    times = {n: [] for n in names}
+    timers = {n: [step_timer(_load_config(VARIANTS[n][1]))] for n in names}
+    timers.update({n: _recipe_timers(results[n]["recipe"]) for n in results if "recipe" in results[n]})
+    times = {n: [[] for _ in ts] for n, ts in timers.items()}
     for _ in range(3):  # alternated, so machine noise hits every variant alike
-      for n in names:
-        times[n].append(timers[n](10))
-    for n in names:
-      results[n]["ms_per_step"] = sorted(times[n])[1]
+      for n, ts in timers.items():
+        for i, timer in enumerate(ts):
+          times[n][i].append(timer(10))
+    for n, ts in times.items():
+      if n in VARIANTS:
+        results[n]["ms_per_step"] = sorted(ts[0])[1]
+      else:
+        for stage, t in zip(results[n]["stages"], ts):
+          stage["ms_per_step"] = sorted(t)[1]
   _RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True))
   _table(results)
   _plot(results)
 
 
-def _recipe_result(summary: dict) -> dict:
-  stages = [s for s in summary["stages"] if not s.get("pretrain")]
-  val = {}
-  for s in stages:
-    path = pathlib.Path(s["workdir"]) / "curve.json"
-    if path.exists():
-      val.update(json.loads(path.read_text())["validation"])
-  last = stages[-1]
-  test = json.loads((pathlib.Path(last["workdir"]) / "curve.json").read_text())["test"] if (
-      pathlib.Path(last["workdir"]) / "curve.json").exists() else last.get("eval", {})
-  return {"group": "recipes", "validation": val, "test": test,
-          "stages": [f"{s['name']} ({s['total_steps']}: {s['trainable_params']:,} trainable)" for s in stages],
-          "trainable": max(s["trainable_params"] for s in stages), "total": last["total_params"]}
+def _recipe_result(name: str, summary: dict, recipe_dir: pathlib.Path) -> dict:
+  """A recipe's multimodal stages: steps, params, checks and the test score at each stage's end (the
+  plot's points, at the step counted from the first multimodal stage)."""
+  stages, offset, points = [], 0, {}
+  for st in summary["stages"]:
+    if st.get("pretrain"):
+      continue
+    offset += st["total_steps"]
+    points[str(offset)] = st["eval"]["vqa_exact_match"]
+    stages.append({k: st[k] for k in ("name", "total_steps", "trainable_params", "total_params",
+                                      "frozen_params_unchanged", "opt_state_elements", "train_seconds")}
+                  | {"test": st["eval"]["vqa_exact_match"]})
+  del recipe_dir
+  return {"group": "recipes", "recipe": name, "validation": {}, "stage_ends": points,
+          "test": summary["stages"][-1]["eval"], "stages": stages,
+          "trainable": stages[-1]["trainable_params"], "total": stages[-1]["total_params"]}
+
+
+def _recipe_timers(name: str) -> list:
+  """A step timer per multimodal stage of recipe `name` (its train config; params random)."""
+  from mm_jax import recipe as recipe_lib  # pylint: disable=g-import-not-at-top
+  from step_time import step_timer  # pylint: disable=g-import-not-at-top
+  cfg = recipe_lib.load_config_file(f"configs/recipes.py:{name}")
+  workdirs = recipe_lib.stage_workdirs(cfg, "/nonexistent")
+  return [step_timer(recipe_lib.stage_config(cfg, i, workdirs)[0])
+          for i, st in enumerate(cfg.stages) if not st.pretrain]
+
+
+def _kinds(test: dict) -> str:
+  return " / ".join(f"{test.get('per_kind', {}).get(k, float('nan')):.2f}"
+                    for k in ("color", "count", "presence", "shape"))
 
 
 def _table(results: dict) -> None:
@@ -195,12 +212,24 @@ def _table(results: dict) -> None:
         "trainable / total params |")
   print("| --- | --- | --- | --- | --- | --- |")
   for name, r in results.items():
-    t = r["test"]
-    kinds = " / ".join(f"{t.get('per_kind', {}).get(k, float('nan')):.2f}"
-                       for k in ("color", "count", "presence", "shape"))
+    if "recipe" in r:
+      continue
     ms = f"{r['ms_per_step']:.0f}" if "ms_per_step" in r else "–"
-    print(f"| {name} | {t.get('vqa_exact_match', float('nan')):.3f} | {kinds} | {ms} | "
+    print(f"| {name} | {r['test']['vqa_exact_match']:.3f} | {_kinds(r['test'])} | {ms} | "
           f"{r.get('seq_len', '–')} | {r['trainable']:,} / {r['total']:,} |")
+  print("\n| recipe | stages (steps, trainable / total params) | test EM after each stage | "
+        "final colour / count / presence / shape | ms/step per stage (CPU) | checks per stage: frozen "
+        "arrays unchanged, optimizer-state elements |")
+  print("| --- | --- | --- | --- | --- | --- |")
+  for name, r in results.items():
+    if "recipe" not in r:
+      continue
+    st = r["stages"]
+    print(f"| {r['recipe']} | " + " → ".join(
+        f"{s['name']} ({s['total_steps']}, {s['trainable_params']:,} / {s['total_params']:,})" for s in st)
+          + " | " + " → ".join(f"{s['test']:.3f}" for s in st) + f" | {_kinds(r['test'])} | "
+          + " / ".join(f"{s['ms_per_step']:.0f}" if "ms_per_step" in s else "–" for s in st) + " | "
+          + "; ".join(f"{s['frozen_params_unchanged']}, {s['opt_state_elements']:,}" for s in st) + " |")
 
 
 def _plot(results: dict) -> None:
@@ -208,16 +237,21 @@ def _plot(results: dict) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   groups = sorted({g for r in results.values() for g in r["group"].split()})
-  fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), sharey=True, squeeze=False)
-  for ax, group in zip(axes[0], groups):
+  cols = 3
+  rows = -(-len(groups) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.8 * rows), squeeze=False)
+  for ax in axes.flat[len(groups):]:
+    ax.axis("off")
+  for ax, group in zip(axes.flat, groups):
     for name, r in results.items():
       if group in r["group"].split():
-        pts = sorted((int(s), v) for s, v in r["validation"].items())
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=name)
+        pts = sorted((int(s), v) for s, v in (r["validation"] or r["stage_ends"]).items())
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if r["validation"] else "o",
+                label=r.get("recipe", name))
     ax.axhline(0.85, color="grey", lw=0.8, ls="--")
-    ax.set(title=group, xlabel="training step", ylim=(0, 1))
-    ax.legend(fontsize=7)
-  axes[0][0].set_ylabel("validation VQA exact match")
+    ax.set(title=group, xlabel="training step", ylim=(0.2, 1), xlim=(0, 3100),
+           ylabel="test EM at stage ends" if group == "recipes" else "validation EM")
+    ax.legend(fontsize=7, loc="upper left" if group == "recipes" else "lower right")
   fig.tight_layout()
   fig.savefig(_PLOT, dpi=110)
   print(f"wrote {_PLOT}")
