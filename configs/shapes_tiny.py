@@ -111,6 +111,9 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
   # Ordered (regex over 'subtree/.../name', 'trainable' | 'frozen'); the first match wins; every param
   # must match one. E.g. LLaVA stage 1: (("connector/.*", "trainable"), (".*", "frozen")).
   c.optim.rules = ((".*", "trainable"),)
+  # Ordered (regex, factor): the learning rate of matching trainable params times factor (first match
+  # wins; the rest 1). E.g. a pretrained encoder fine-tuned gently: (("encoder/.*", 0.1),).
+  c.optim.lr_scales = ()
 
   c.eval = mlc.ConfigDict()
   c.eval.batch_size = 256

@@ -51,3 +51,38 @@ def test_connector_only_step_freezes_encoder_and_decoder(test_config, tokenizer,
   n_connector = sum(x.size for x in jax.tree.leaves(before["connector"]))
   state_arrays = [x for x in jax.tree.leaves(state["opt_state"]) if getattr(x, "ndim", 0) > 0]
   assert sum(x.size for x in state_arrays) == 2 * n_connector
+
+
+def test_lr_factors_first_match_and_errors():
+  labels = optim.param_labels(PARAMS, (("decoder/.*", "frozen"), (".*", "trainable")))
+  assert optim.lr_factors(labels, (("encoder/.*", 0.1), (".*", 1.0))) == {"encoder/w": 0.1}
+  with pytest.raises(UserError, match="'decodr/.*' matches no trainable parameter"):
+    optim.lr_factors(labels, (("decodr/.*", 0.5),))
+  with pytest.raises(UserError, match="'decoder/.*' matches no trainable"):  # frozen: nothing to scale
+    optim.lr_factors(labels, (("decoder/.*", 0.5),))
+  with pytest.raises(UserError, match=r"must be \(regex, factor >= 0\)"):
+    optim.lr_factors(labels, (("encoder/.*", "fast"),))
+
+
+def test_lr_scales_scale_the_update_of_their_group_only(test_config, tokenizer, train_source):
+  """One step at factor 0.25 on the encoder: its update is a quarter of the unscaled run's, the rest
+  of the model moves exactly as without scales (one global clip, the same Adam state)."""
+  batch = next(pipeline.train_iterator(test_config, tokenizer, train_source, process_index=0,
+                                       process_count=1))
+  moves = {}
+  for scales in ((), (("encoder/.*", 0.25),)):
+    config = copy.deepcopy(test_config)
+    config.optim.lr_scales = scales
+    mm, tx = make_run(config, jax.devices()[:1], tokenizer.vocab_size)
+    state = mm.init_train_state(tx, seed=0)
+    before = jax.tree.map(np.asarray, state["params"])
+    step = mm.make_train_step(tx)
+    for _ in range(2):  # step 0 has lr 0 (warmup)
+      state, _ = step(state, sharding.to_global(batch, mm.mesh))
+    moves[scales] = jax.tree.map(lambda a, b: np.asarray(b) - a, before, state["params"])
+  plain, scaled = moves[()], moves[(("encoder/.*", 0.25),)]
+  for a, b in zip(jax.tree.leaves(plain["encoder"]), jax.tree.leaves(scaled["encoder"])):
+    np.testing.assert_allclose(b, 0.25 * a, rtol=1e-4, atol=1e-9)
+  assert max(np.abs(x).max() for x in jax.tree.leaves(plain["encoder"])) > 0
+  for part in ("connector", "decoder"):
+    jax.tree.map(np.testing.assert_allclose, plain[part], scaled[part])
