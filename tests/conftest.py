@@ -53,3 +53,23 @@ def make_run(config, devices, vocab_size):
   mm = ModelOnMesh.create(config, vocab_size, mesh)
   labels = optim.param_labels(mm.abstract_params, config.optim.rules)
   return mm, optim.make_optimizer(config.optim, config.total_steps, labels)
+
+
+def random_vqa_batch(config, vocab_size):
+  """A random VQA batch of the config's global size: prefix (first half) and suffix (scored) tokens."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  n, t, s = config.global_batch_size, config.data.text_len, config.data.image_size
+  suffix = jnp.zeros((n, t), jnp.int32).at[:, t // 2:].set(1)
+  return {"image": jax.random.normal(jax.random.key(1), (n, s, s, 3)),
+          "text": jax.random.randint(jax.random.key(2), (n, t), 4, vocab_size),
+          "mask_ar": suffix, "mask_input": jnp.ones((n, t), jnp.int32), "mask_loss": suffix}
+
+
+def train_losses(mm, tx, batch, steps=3):
+  """(state, losses) after `steps` train steps of `mm` on one batch from seed 0."""
+  state, step, losses = mm.init_train_state(tx, seed=0), mm.make_train_step(tx), []
+  for _ in range(steps):
+    state, out = step(state, batch)
+    losses.append(float(out["loss"]))
+  return state, losses

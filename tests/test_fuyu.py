@@ -1,11 +1,8 @@
 """Fuyu: no encoder, raw pixel patches projected by the connector into the decoder's sequence."""
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from conftest import load_config, make_run
-from mm_jax import models
+from conftest import load_config, make_run, random_vqa_batch, train_losses
 from mm_jax.models.vit import RawPatches
 
 V = 40
@@ -29,18 +26,8 @@ def test_fuyu_family_params_tokens_and_a_train_step():
   assert params["connector"]["proj"]["kernel"].shape == (8 * 8 * 3, 32)
   s = config.data.image_size
   assert mm.model.num_image_tokens((1, s, s, 3)) == (s // 8) ** 2
-  state = mm.init_train_state(tx, seed=0)
-  n, t = config.global_batch_size, config.data.text_len
-  batch = {"image": jax.random.normal(jax.random.key(1), (n, s, s, 3)),
-           "text": jax.random.randint(jax.random.key(2), (n, t), 4, V),
-           "mask_ar": jnp.zeros((n, t), jnp.int32).at[:, t // 2:].set(1),
-           "mask_input": jnp.ones((n, t), jnp.int32),
-           "mask_loss": jnp.zeros((n, t), jnp.int32).at[:, t // 2:].set(1)}
-  step = mm.make_train_step(tx)
-  losses = []
-  for _ in range(3):
-    state, out = step(state, batch)
-    losses.append(float(out["loss"]))
+  batch = random_vqa_batch(config, V)
+  state, losses = train_losses(mm, tx, batch)
   assert losses[-1] < losses[0]
   # The image reaches the logits.
   p = jax.device_get(state["params"])

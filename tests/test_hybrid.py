@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_config, make_run
+from conftest import load_config, make_run, random_vqa_batch, train_losses
 from mm_jax import models
 from mm_jax.decode import greedy_decode
 from mm_jax.models.hybrid import split_tiles, thumbnail
@@ -93,17 +93,6 @@ def test_train_step_on_a_sharded_mesh():
   config = _config()
   config.mesh.update(dict(data=2, fsdp=2, tensor=2))
   mm, tx = make_run(config, jax.devices(), V)
-  state = mm.init_train_state(tx, seed=0)
-  n, t, s = config.global_batch_size, config.data.text_len, config.data.image_size
-  batch = {"image": jax.random.normal(jax.random.key(1), (n, s, s, 3)),
-           "text": jax.random.randint(jax.random.key(2), (n, t), 4, V),
-           "mask_ar": jnp.zeros((n, t), jnp.int32).at[:, t // 2:].set(1),
-           "mask_input": jnp.ones((n, t), jnp.int32),
-           "mask_loss": jnp.zeros((n, t), jnp.int32).at[:, t // 2:].set(1)}
-  step = mm.make_train_step(tx)
-  losses = []
-  for _ in range(3):
-    state, out = step(state, batch)
-    losses.append(float(out["loss"]))
+  state, losses = train_losses(mm, tx, random_vqa_batch(config, V))
   assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
   assert float(jax.device_get(state["params"]["cross"]["block_0"]["attn_gate"])) != 0.0
