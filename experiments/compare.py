@@ -152,12 +152,18 @@ def report(root: pathlib.Path, step_time: bool) -> None:
   for name in RECIPES:
     path = root / "recipes" / name / "recipe.json"
     if path.exists():
-      results[f"recipe_{name}"] = _recipe_result(name, json.loads(path.read_text()), path.parent)
+      new = _recipe_result(name, json.loads(path.read_text()), path.parent)
+      before = {s["name"]: s.get("ms_per_step") for s in results.get(f"recipe_{name}", {}).get("stages", [])}
+      for stage in new["stages"]:  # keep measured step times until --step_time measures them again
+        if before.get(stage["name"]) is not None:
+          stage["ms_per_step"] = before[stage["name"]]
+      results[f"recipe_{name}"] = new
   if step_time:
     from step_time import step_timer  # pylint: disable=g-import-not-at-top
     names = [n for n in results if n in VARIANTS]
     timers = {n: [step_timer(_load_config(VARIANTS[n][1]))] for n in names}
-    timers.update({n: _recipe_timers(results[n]["recipe"]) for n in results if "recipe" in results[n]})
+    timers.update({n: _recipe_timers(results[n]["recipe"]) for n in results
+                   if results[n].get("recipe") in RECIPES})
     times = {n: [[] for _ in ts] for n, ts in timers.items()}
     for _ in range(3):  # alternated, so machine noise hits every variant alike
       for n, ts in timers.items():
@@ -250,8 +256,8 @@ def _plot(results: dict) -> None:
                 label=r.get("recipe", name))
     ax.axhline(0.85, color="grey", lw=0.8, ls="--")
     ax.set(title=group, xlabel="training step", ylim=(0.2, 1), xlim=(0, 3100),
-           ylabel="test EM at stage ends" if group == "recipes" else "validation EM")
-    ax.legend(fontsize=7, loc="upper left" if group == "recipes" else "lower right")
+           ylabel="test EM at stage ends" if group.startswith("recipes") else "validation EM")
+    ax.legend(fontsize=7, loc="upper left" if group.startswith("recipes") else "lower right")
   fig.tight_layout()
   fig.savefig(_PLOT, dpi=110)
   print(f"wrote {_PLOT}")
