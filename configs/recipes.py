@@ -30,11 +30,11 @@ the rest frozen; encoder/ from siglip and decoder/ from text_lm, later stages fr
 The cross recipes keep shapes_tiny's linear connector (cross family from scratch at 3000 steps: linear
 0.690, mlp 0.681, resampler 0.593 test EM; experiments/README.md).
 
-What to expect on a 2-core CPU (not yet measured here): the pretraining once (siglip ~5 min, text_lm
-~3 min), then ~8 min per unified recipe and ~11 min per cross one (frozen parts make steps faster);
-WORKDIR/recipe.json gets each stage's test score, experiments/compare.py recipes the curves. For
-reference, the unified default from scratch reaches test vqa_exact_match 0.91 at 3000 steps, on the
-frozen SigLIP encoder 0.99, and the cross family from scratch 0.69.
+What to expect (experiments/README.md, "Families, connectors and stage recipes"), test
+vqa_exact_match at the end: llava 0.915, llama32_vision 0.731, molmo 0.943, baichuan_omni 0.615,
+qwen2_vl 0.852, nvlm_x 0.754. On a 2-core CPU: the pretraining once (siglip 4 min, text_lm 1.5 min),
+then 6-10 min per recipe (llama32_vision: 10 min; frozen parts make steps faster). WORKDIR/recipe.json
+gets each stage's checks and test score.
 
 Variant `test` (`NAME,test`): every base config's :test variant (tiny model and dataset) and 3 steps
 per multimodal stage (siglip as its :test is), one checkpoint per stage, so a whole recipe runs in
