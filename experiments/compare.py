@@ -77,7 +77,7 @@ def _train_and_curve(name: str, overrides: dict, root: pathlib.Path, steps: int)
   return f"{name}: test EM {json.loads((workdir / 'curve.json').read_text())['test']['vqa_exact_match']}"
 
 
-def curve(workdir: str, train_seconds: float, offset: int = 0) -> dict:
+def curve(workdir: str, train_seconds: float) -> dict:
   """Scores every checkpoint of `workdir` on validation and the newest on test; writes curve.json."""
   import ml_collections as mlc  # pylint: disable=g-import-not-at-top
   from mm_jax import eval as eval_lib  # pylint: disable=g-import-not-at-top
@@ -86,7 +86,7 @@ def curve(workdir: str, train_seconds: float, offset: int = 0) -> dict:
   steps = ckpt.all_steps()
   config = mlc.ConfigDict(ckpt.meta(steps[-1])["config"])
   ckpt.close()
-  val = {offset + s: eval_lib.evaluate(config, workdir, "validation", s)["vqa_exact_match"] for s in steps}
+  val = {s: eval_lib.evaluate(config, workdir, "validation", s)["vqa_exact_match"] for s in steps}
   test = eval_lib.evaluate(config, workdir, "test", steps[-1])
   out = {"validation": val, "test": test, "train_seconds": train_seconds}
   pathlib.Path(workdir, "curve.json").write_text(json.dumps(out, indent=1))
@@ -152,7 +152,7 @@ def report(root: pathlib.Path, step_time: bool) -> None:
   for name in RECIPES:
     path = root / "recipes" / name / "recipe.json"
     if path.exists():
-      new = _recipe_result(name, json.loads(path.read_text()), path.parent)
+      new = _recipe_result(name, json.loads(path.read_text()))
       before = {s["name"]: s.get("ms_per_step") for s in results.get(f"recipe_{name}", {}).get("stages", [])}
       for stage in new["stages"]:  # keep measured step times until --step_time measures them again
         if before.get(stage["name"]) is not None:
@@ -180,7 +180,7 @@ def report(root: pathlib.Path, step_time: bool) -> None:
   _plot(results)
 
 
-def _recipe_result(name: str, summary: dict, recipe_dir: pathlib.Path) -> dict:
+def _recipe_result(name: str, summary: dict) -> dict:
   """A recipe's multimodal stages: steps, params, checks and the test score at each stage's end (the
   plot's points, at the step counted from the first multimodal stage)."""
   stages, offset, points = [], 0, {}
@@ -192,7 +192,6 @@ def _recipe_result(name: str, summary: dict, recipe_dir: pathlib.Path) -> dict:
     stages.append({k: st[k] for k in ("name", "total_steps", "trainable_params", "total_params",
                                       "frozen_params_unchanged", "opt_state_elements", "train_seconds")}
                   | {"test": st["eval"]["vqa_exact_match"]})
-  del recipe_dir
   return {"group": "recipes", "recipe": name, "validation": {}, "stage_ends": points,
           "test": summary["stages"][-1]["eval"], "stages": stages,
           "trainable": stages[-1]["trainable_params"], "total": stages[-1]["total_params"]}
