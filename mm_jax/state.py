@@ -149,8 +149,9 @@ class ModelOnMesh:
     step = jax.device_put(jnp.int32(0), shardings["step"])
     return {"params": params, "opt_state": opt, "step": step}
 
-  def make_train_step(self, tx: optax.GradientTransformation):
-    """jit(state, batch) -> (state, {"loss"}), with stated shardings and the state donated."""
+  def train_step_jit(self, tx: optax.GradientTransformation):
+    """The train step's jax.jit object, jit(state, batch) -> (state, {"loss"}), with stated shardings
+    and the state donated; call or .lower() it inside self.context() (mm_jax.plan lowers it)."""
     state_sh = jax.tree.map(lambda x: x.sharding, self.abstract_train_state(tx))
     batch_sh = sharding.batch_sharding(self.mesh)
 
@@ -161,8 +162,12 @@ class ModelOnMesh:
       params = optax.apply_updates(state["params"], updates)
       return {"params": params, "opt_state": opt, "step": state["step"] + 1}, {"loss": loss}
 
-    jitted = jax.jit(step, in_shardings=(state_sh, batch_sh),
-                     out_shardings=(state_sh, sharding.replicated(self.mesh)), donate_argnums=0)
+    return jax.jit(step, in_shardings=(state_sh, batch_sh),
+                   out_shardings=(state_sh, sharding.replicated(self.mesh)), donate_argnums=0)
+
+  def make_train_step(self, tx: optax.GradientTransformation):
+    """train_step_jit(tx), run inside the mesh context: step(state, batch) -> (state, {"loss"})."""
+    jitted = self.train_step_jit(tx)
 
     def run(state, batch):
       with self.context():
