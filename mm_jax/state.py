@@ -108,8 +108,9 @@ class ModelOnMesh:
     model = build_model(config.model, vocab_size)
     rules = tuple((name, tuple(ax) if isinstance(ax, (list, tuple)) else ax)
                   for name, ax in config.axis_rules)
+    key = jax.random.key(0)  # made outside the mesh: its devices may be compile-only (mm_jax.plan)
     with mesh_context(mesh, rules):
-      boxed = jax.eval_shape(functools.partial(cls._init_boxed, model, config), jax.random.key(0))
+      boxed = jax.eval_shape(functools.partial(cls._init_boxed, model, config), key)
     p_sh = sharding.param_shardings(boxed, mesh, rules)
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             nn.meta.unbox(boxed), p_sh)
