@@ -43,8 +43,8 @@ def run(prog: str, main: Callable[[], None]) -> None:
       sys.exit(f"{prog}: error: unexpected arguments {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:  # orbax and tfds log every detail at INFO
       logging.set_verbosity(logging.WARNING)
-    sharding.maybe_initialize_distributed()
     try:
+      sharding.maybe_initialize_distributed()  # MM_JAX_* environment (sharding's docstring)
       main()
     except UserError as e:
       sys.exit(f"{prog}: error: {e}")

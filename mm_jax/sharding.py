@@ -1,7 +1,35 @@
-"""The device mesh, logical-to-mesh axis rules, and the shardings every jit states.
+r"""The device mesh, logical-to-mesh axis rules, multi-host setup, and the shardings every jit states.
 
 Params carry logical names (models/layers.py); `config.axis_rules` maps them to the mesh axes
-("data", "fsdp", "tensor"). The batch is split over data x fsdp; each process feeds its own rows.
+dcn x data x fsdp x tensor (outermost first); a name the rules do not list is replicated (flax's
+default; scanned layers' leading "layers" axis, e.g.). The batch is split over dcn x data x fsdp, in
+blocks of contiguous rows, one block per process (each process feeds its own rows, see to_global).
+
+Strategies are mesh settings only (the rules stay as in configs/shapes_tiny.py); sizes multiply to
+the device count and one may be -1 (the devices left over):
+
+  strategy                 flags                                         params and optimizer state
+  data parallel (default)  --config.mesh.data=-1                         replicated
+  FSDP (ZeRO-3)            --config.mesh.fsdp=-1 --config.mesh.data=1    `embed` dims split over fsdp
+  tensor parallel          --config.mesh.tensor=T                        heads, kv_heads, mlp, vocab
+                                                                         dims split over tensor
+  FSDP + tensor            --config.mesh.fsdp=-1 --config.mesh.data=1 --config.mesh.tensor=T
+  data + FSDP + tensor     --config.mesh.data=D --config.mesh.fsdp=F --config.mesh.tensor=T
+  multi-slice (DCN)        --config.mesh.dcn=S with any of the above     as the strategy inside a slice
+
+Activations at block boundaries: act_batch over dcn x data x fsdp, act_heads / act_mlp / act_vocab over
+tensor, the rest (act_len, act_embed) replicated. A dim that a mesh axis does not divide (1 kv head on
+tensor=2) is replicated instead. dcn is data parallel across slices: gradients are all-reduced over the
+data-centre network once per step, everything else stays inside a slice. On TPU devices that span
+several slices the dcn axis is the slices (mesh.dcn left at 1 means "the slice count"), built with
+mesh_utils.create_hybrid_device_mesh; elsewhere (CPU, GPU, one slice) dcn is just the outermost axis.
+
+Multi-host: maybe_initialize_distributed() (every entry point calls it) reads the environment:
+  MM_JAX_DISTRIBUTED=1            jax.distributed.initialize() finds its peers (TPU pods, SLURM, ...)
+  MM_JAX_COORDINATOR=host:port    explicit coordinates, for other clusters or one machine (loopback):
+  MM_JAX_NUM_PROCESSES=N          all three together; process 0 serves the coordinator at host:port
+  MM_JAX_PROCESS_ID=i             (bound to host only when it is a loopback address)
+  MM_JAX_INIT_TIMEOUT=300         seconds to wait for every process to join
 """
 import math
 import os
@@ -9,42 +37,108 @@ import os
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from mm_jax.errors import UserError
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+MESH_AXES = ("dcn", "data", "fsdp", "tensor")
+BATCH_AXES = ("dcn", "data", "fsdp")
+_ENV_COORDS = ("MM_JAX_COORDINATOR", "MM_JAX_NUM_PROCESSES", "MM_JAX_PROCESS_ID")
 
 
 def maybe_initialize_distributed() -> None:
-  """Multi-host: launch_tpu.sh sets MM_JAX_DISTRIBUTED=1 on every worker (TPU pods find their peers)."""
-  if os.environ.get("MM_JAX_DISTRIBUTED") == "1" and not jax.distributed.is_initialized():
+  """jax.distributed.initialize() as the MM_JAX_* environment says (see the module docstring)."""
+  env = os.environ
+  given = [k for k in _ENV_COORDS if env.get(k)]
+  if jax.distributed.is_initialized() or (not given and env.get("MM_JAX_DISTRIBUTED") != "1"):
+    return
+  if not given:
     jax.distributed.initialize()
+    return
+  if len(given) < len(_ENV_COORDS):
+    missing = [k for k in _ENV_COORDS if k not in given]
+    raise UserError(f"{', '.join(given)} set but {', '.join(missing)} not; set all of "
+                    f"{', '.join(_ENV_COORDS)} (or none, with MM_JAX_DISTRIBUTED=1 where peers are found)")
+  address = env["MM_JAX_COORDINATOR"]
+  host, _, port = address.rpartition(":")
+  try:
+    num, pid = int(env["MM_JAX_NUM_PROCESSES"]), int(env["MM_JAX_PROCESS_ID"])
+    timeout, port = int(env.get("MM_JAX_INIT_TIMEOUT", "300")), int(port)
+  except ValueError:
+    raise UserError(f"MM_JAX_COORDINATOR={address!r} (host:port), MM_JAX_NUM_PROCESSES, "
+                    "MM_JAX_PROCESS_ID and MM_JAX_INIT_TIMEOUT must be integers where numeric") from None
+  if not host or num < 1 or not 0 <= pid < num:
+    raise UserError(f"MM_JAX_COORDINATOR={address!r}, MM_JAX_NUM_PROCESSES={num}, MM_JAX_PROCESS_ID="
+                    f"{pid}: give host:port, a positive count and an id in [0, count)")
+  loopback = host in ("localhost", "::1", "[::1]") or host.startswith("127.")
+  try:
+    jax.distributed.initialize(
+        coordinator_address=address, num_processes=num, process_id=pid,
+        coordinator_bind_address=address if loopback else None,  # None: every interface
+        initialization_timeout=timeout, shutdown_timeout_seconds=min(timeout, 60))
+  except Exception as e:  # pylint: disable=broad-except  # jax raises XlaRuntimeError (deadline, ...)
+    raise UserError(f"process {pid} of {num} could not join the coordinator at {address} within "
+                    f"{timeout} s ({' '.join(str(e).split())[:200]}); start all {num} processes with the "
+                    "same MM_JAX_COORDINATOR, or raise MM_JAX_INIT_TIMEOUT") from None
 
 
-def make_mesh(mesh_cfg, devices=None) -> Mesh:
-  """A mesh with axes data/fsdp/tensor from the config; one size may be -1 (the devices left over)."""
-  devices = jax.devices() if devices is None else devices
+def _resolve(sizes: dict, n: int, where: str) -> dict:
+  """Fills the one -1 in `sizes` so that their product is n (the devices `where`)."""
+  if list(sizes.values()).count(-1) > 1 or any(s == 0 or s < -1 for s in sizes.values()):
+    raise UserError(f"mesh sizes {sizes} are invalid: use positive sizes and at most one -1 "
+                    "(--config.mesh.AXIS=SIZE)")
+  known = math.prod(s for s in sizes.values() if s != -1)
+  sizes = dict(sizes)
+  for axis, s in sizes.items():
+    if s == -1:
+      if n % known:
+        raise UserError(f"mesh {sizes} does not divide the {n} devices{where}; set --config.mesh.* "
+                        "so that their product divides the device count")
+      sizes[axis] = n // known
+  if math.prod(sizes.values()) != n:
+    raise UserError(f"mesh {sizes} needs {math.prod(sizes.values())} devices but {n} are present"
+                    f"{where}; set --config.mesh.* (one may be -1)")
+  return sizes
+
+
+def mesh_shape(mesh_cfg, devices) -> tuple[dict, int]:
+  """({axis: size} over MESH_AXES with the -1 filled, number of slices) for `devices`."""
   unknown = set(mesh_cfg) - set(MESH_AXES)
   if unknown:
     raise UserError(f"unknown mesh axes {sorted(unknown)}; known: {', '.join(MESH_AXES)}")
-  sizes = [int(mesh_cfg.get(a, 1)) for a in MESH_AXES]
-  n = len(devices)
-  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise UserError(f"mesh sizes {dict(zip(MESH_AXES, sizes))} are invalid: use positive sizes and "
-                    "at most one -1 (--config.mesh.AXIS=SIZE)")
-  if -1 in sizes:
-    known = math.prod(s for s in sizes if s != -1)
-    if n % known:
-      raise UserError(f"mesh {dict(zip(MESH_AXES, sizes))} does not divide the {n} devices; "
-                      "set --config.mesh.* so that their product divides the device count")
-    sizes[sizes.index(-1)] = n // known
-  if math.prod(sizes) != n:
-    raise UserError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but "
-                    f"{n} are present; set --config.mesh.* (one may be -1)")
+  sizes = {a: int(mesh_cfg.get(a, 1)) for a in MESH_AXES}
+  slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if slices == 1:
+    return _resolve(sizes, len(devices), ""), 1
+  # Several slices: dcn is the slices; the other axes fill one slice (ICI).
+  if sizes["dcn"] not in (1, -1, slices):
+    raise UserError(f"mesh.dcn={sizes['dcn']} but the devices span {slices} slices; dcn is the "
+                    f"slices: leave --config.mesh.dcn at 1 or set it to {slices}")
+  if len(devices) % slices:
+    raise UserError(f"{len(devices)} devices do not split evenly over {slices} slices")
+  inner = _resolve({a: s for a, s in sizes.items() if a != "dcn"}, len(devices) // slices,
+                   f" of each of the {slices} slices")
+  return {"dcn": slices, **inner}, slices
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+  """A mesh with axes dcn/data/fsdp/tensor from the config over `devices` (default all).
+
+  One size may be -1 (the devices left over). Devices of several TPU slices give a hybrid mesh
+  whose dcn axis is the slices (jax.make_mesh refuses such device lists).
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  sizes, slices = mesh_shape(mesh_cfg, devices)
+  shape = tuple(sizes[a] for a in MESH_AXES)
   # Auto axes: Linen's logical constraints need them (jax.make_mesh defaults to Explicit).
-  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+  axis_types = (AxisType.Auto,) * len(MESH_AXES)
+  if slices == 1:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+  # Split physical axes where needed (tensor=2 on a 4x4 slice), as jax.make_mesh does.
+  grid = mesh_utils.create_hybrid_device_mesh((1,) + shape[1:], (slices,) + (1,) * (len(shape) - 1),
+                                              devices=devices, allow_split_physical_axes=True)
+  return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def data_parallel_size(mesh: Mesh) -> int:
@@ -52,13 +146,26 @@ def data_parallel_size(mesh: Mesh) -> int:
 
 
 def check_batch(global_batch: int, mesh: Mesh, field: str = "global_batch_size") -> None:
-  dp = data_parallel_size(mesh)
+  """The batch splits over the batch axes, and each process's devices hold one contiguous block of
+  global_batch / process_count rows, in process order (what the pipelines feed)."""
+  dp, procs = data_parallel_size(mesh), jax.process_count()
   if global_batch % dp:
     raise UserError(f"{field}={global_batch} is not divisible by the data-parallel size {dp} "
-                    f"(mesh data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']}); "
+                    f"(mesh dcn x data x fsdp = {' x '.join(str(mesh.shape[a]) for a in BATCH_AXES)}); "
                     f"set --config.{field} to a multiple of {dp}")
-  if global_batch % jax.process_count():
-    raise UserError(f"{field}={global_batch} is not divisible by the {jax.process_count()} processes")
+  if global_batch % procs:
+    raise UserError(f"{field}={global_batch} is not divisible by the {procs} processes")
+  if procs == 1:  # one process feeds every row (compile-only devices may name other processes)
+    return
+  b = global_batch // procs
+  rows = {}
+  for device, index in batch_sharding(mesh).devices_indices_map((global_batch,)).items():
+    rows.setdefault(device.process_index, set()).update(range(global_batch)[index[0]])
+  for p, held in rows.items():
+    if held != set(range(p * b, (p + 1) * b)):
+      raise UserError(f"the mesh {dict(mesh.shape)} does not give each of the {procs} processes its "
+                      f"own {b} rows of the batch; make dcn x data x fsdp a multiple of the process "
+                      "count (fsdp or data across hosts, tensor inside a host)")
 
 
 def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
@@ -106,12 +213,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) dim over data x fsdp, the rest replicated."""
+  """Leading (batch) dim over dcn x data x fsdp, the rest replicated."""
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def to_global(local_batch: dict, mesh: Mesh) -> dict:
-  """Assembles each process's rows into global arrays sharded over the batch axes."""
+  """Assembles each process's rows (its block of the global batch, check_batch) into global arrays
+  sharded over the batch axes."""
   sharding = batch_sharding(mesh)
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
