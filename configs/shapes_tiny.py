@@ -26,11 +26,13 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
   c.checkpoint_every = 500
   c.keep_checkpoints = 2
 
-  # Mesh axes; -1 takes the devices left over. data x fsdp x tensor must equal the device count.
-  c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  # Logical axis name -> mesh axes. Params use the plain names, activations the `act_` ones.
+  # Mesh axes; -1 takes the devices left over; dcn x data x fsdp x tensor must equal the device count.
+  # Strategies (data parallel, FSDP, tensor, multi-slice dcn): the table in mm_jax/sharding.py.
+  c.mesh = mlc.ConfigDict(dict(dcn=1, data=-1, fsdp=1, tensor=1))
+  # Logical axis name -> mesh axes. Params use the plain names, activations the `act_` ones; a name
+  # not listed (act_len, act_embed) is replicated.
   c.axis_rules = (
-      ("act_batch", ("data", "fsdp")),
+      ("act_batch", ("dcn", "data", "fsdp")),
       ("embed", "fsdp"),
       ("mlp", "tensor"),
       ("heads", "tensor"),
@@ -39,6 +41,7 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
       ("act_heads", "tensor"),
       ("act_mlp", "tensor"),
       ("act_vocab", "tensor"),
+      ("layers", None),  # scanned layers' leading axis: replicated (each device holds every layer)
   )
 
   c.data = mlc.ConfigDict()
@@ -64,8 +67,11 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
   c.model.prefix_attention = True    # PaliGemma prefix-LM; False: causal everywhere (LLaVA)
   c.model.dtype = "float32"          # compute dtype, or "bfloat16" (norms, softmax, loss stay float32)
   c.model.param_dtype = "float32"
+  # scan: one compiled block for the whole stack (params stacked on a "layers" axis); remat: what the
+  # backward keeps, "none" | "full" | "dots" | "custom" (remat_names); models/stack.py explains both.
   c.model.encoder = mlc.ConfigDict(dict(  # vit.ViT
-      patch_size=16, width=128, depth=3, num_heads=4, mlp_dim=512, norm_eps=1e-6, final_norm=True))
+      patch_size=16, width=128, depth=3, num_heads=4, mlp_dim=512, norm_eps=1e-6, final_norm=True,
+      scan=False, remat="none", remat_names=()))
   c.model.connector = "linear"       # models.CONNECTORS; `python -m mm_jax.models` lists them
   # Options per connector, by name; only the chosen connector's section is used, every one is checked.
   # linear (LLaVA-1.0, PaliGemma) and mlp (LLaVA-1.5) have none: one token per patch.
@@ -81,7 +87,8 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
       width=128, depth=3, num_heads=4, num_kv_heads=4, head_dim=32, mlp_dim=512,
       norm="gemma", norm_eps=1e-6, mlp_act="gelu_tanh", embed_scale=True, tie_embeddings=True,
       rope_theta=10_000.0, rope_type="default", rope_factor=8.0, rope_low_freq_factor=1.0,
-      rope_high_freq_factor=4.0, rope_original_max_len=8192))
+      rope_high_freq_factor=4.0, rope_original_max_len=8192,
+      scan=False, remat="none", remat_names=()))  # also for the cross blocks of cross / hybrid
   # family "cross" (models/cross_attention.py): the image reaches the decoder only through gated
   # cross-attention blocks (gates start at 0); encoder, connector, decoder, prefix_attention as above.
   c.model.cross_every = 1               # a cross block before every N decoder blocks (Llama 3.2: ~4-5)
@@ -143,3 +150,23 @@ def _shrink_for_tests(c: mlc.ConfigDict) -> None:
   c.model.connector_options.resampler.update(dict(num_queries=6, depth=1, num_heads=2, mlp_dim=64))
   c.optim.warmup_steps = 1
   c.eval.batch_size = 8
+
+
+# --- Sweeps: python -m mm_jax.sweep --config=configs/shapes_tiny.py --sweep=NAME --workdir=DIR ---
+# (`--list` shows them.) A sweep is a list, or a generator, of points; a point is a dict of dotted
+# overrides applied to get_config(arg) after the --config.x=y flags given to mm_jax.sweep.
+
+def get_sweeps() -> dict:
+  return {
+      # The four connectors at the default budget (experiments/README.md, "Sweeps": 600 steps on CPU).
+      "connector": [{"model.connector": c} for c in ("linear", "mlp", "resampler", "pixel_shuffle")],
+      # The peak learning rate around the default 2e-3 (a generator works as well as a list).
+      "lr": ({"optim.lr": lr} for lr in (5e-4, 1e-3, 2e-3, 4e-3)),
+      # For the tests (with :test): one field of each kind a flag can set: str, float, tuple, bool, int.
+      "smoke": [
+          {},
+          {"model.connector": "mlp", "optim.lr": 1e-3},
+          {"model.connector": "pixel_shuffle", "optim.lr_scales": (("encoder/.*", 0.5),)},
+          {"model.connector": "resampler", "model.prefix_attention": False, "seed": 1},
+      ],
+  }

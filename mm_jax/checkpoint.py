@@ -3,18 +3,27 @@
 Each step directory holds three items:
   state  params, optimizer state and step (StandardSave: restored onto any mesh by target shardings)
   data   the grain iterator state of every process, so a resumed run sees exactly the same batches
-  meta   json: the config that wrote it and the parameter signature (path -> dtype[shape]), which is
-         checked before restoring, so another architecture's checkpoint gives a clear error.
+  meta   json: the config that wrote it, the parameter signature (path -> dtype[shape]), which is
+         checked before restoring, so another architecture's checkpoint gives a clear error, and the
+         layer layout of each stack ({"decoder": "scanned", "encoder": "unrolled", ...}).
+
+Layer layouts (models/stack.py): an unrolled stack stores P/block_i/R, a scanned one P/blocks/R with a
+leading axis over i. Loading params by name (init.parts, eval) converts between the two; resuming a
+run needs the layout that wrote it.
 """
 import json
 import os
+import re
 
 from etils import epath
-import grain
 import jax
+import jax.numpy as jnp
 import ml_collections as mlc
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mm_jax.data import pipeline
 from mm_jax.errors import UserError
 from mm_jax.optim import path_str
 
@@ -30,6 +39,55 @@ def signature(params) -> dict[str, str]:
   return {path_str(p): f"{x.dtype}{list(x.shape)}" for p, x in flat}
 
 
+_SCANNED = re.compile(r"((?:.*/)?)blocks/(.*)")
+_UNROLLED = re.compile(r"((?:.*/)?)block_(\d+)/(.*)")
+
+
+def layout(sig: dict[str, str]) -> dict[str, str]:
+  """{stack prefix: 'scanned' | 'unrolled'} of a signature, e.g. {'decoder': 'scanned'}."""
+  out = {}
+  for path in sig:
+    for pattern, kind in ((_SCANNED, "scanned"), (_UNROLLED, "unrolled")):
+      m = pattern.fullmatch(path)
+      if m:
+        out[m.group(1).rstrip("/")] = kind
+  return out
+
+
+def _shape(sig_entry: str) -> list[int]:
+  return json.loads("[" + sig_entry.split("[", 1)[1])
+
+
+def relayout(path: str, shape: tuple[int, ...], saved: dict[str, str]):
+  """Where param `path` of `shape` is in a checkpoint of the other layer layout (None if nowhere):
+  ("stack", (P/block_0/R, ..)) for a scanned P/blocks/R; ("index", P/blocks/R, i, n) for P/block_i/R
+  (n: the stack's length)."""
+  m = _SCANNED.fullmatch(path)
+  if m and shape:
+    srcs = tuple(f"{m.group(1)}block_{i}/{m.group(2)}" for i in range(shape[0]))
+    if all(src in saved and _shape(saved[src]) == list(shape[1:]) for src in srcs):
+      return ("stack", srcs)
+  m = _UNROLLED.fullmatch(path)
+  if m:
+    src, i = f"{m.group(1)}blocks/{m.group(3)}", int(m.group(2))
+    if src in saved and _shape(saved[src])[1:] == list(shape) and i < _shape(saved[src])[0]:
+      return ("index", src, i, _shape(saved[src])[0])
+  return None
+
+
+class OtherLayout(UserError):
+  """The checkpoint holds the same params in the other layer layout (scanned vs unrolled)."""
+
+
+def _is_dir_on_process_0(path: epath.Path) -> bool:
+  """path.is_dir() as process 0 saw it: every process then takes the same branch (a manager's creation
+  is collective), even when process 0 creates the directory while another is still checking."""
+  found = path.is_dir()
+  if jax.process_count() > 1:
+    found = bool(multihost_utils.broadcast_one_to_all(int(found)))
+  return found
+
+
 class Checkpoints:
   """A thin wrapper over one CheckpointManager: save / restore of state, data iterator and meta."""
 
@@ -41,7 +99,7 @@ class Checkpoints:
     self._params_save = ocp.args.StandardSave if compress else ocp.args.PyTreeSave  # its handler's args
     handlers = None if compress else {"state": ocp.PyTreeCheckpointHandler(use_compression=False),
                                       "meta": ocp.JsonCheckpointHandler()}
-    if not read_only or self.directory.is_dir():
+    if not read_only or _is_dir_on_process_0(self.directory):
       self._mngr = ocp.CheckpointManager(
           self.directory,
           options=ocp.CheckpointManagerOptions(
@@ -62,6 +120,14 @@ class Checkpoints:
     """Raises UserError if the checkpoint at `step` was written by a model of another shape."""
     saved, now = self.meta(step)["signature"], signature(params_abstract)
     diff = sorted(set(saved) ^ set(now)) + sorted(k for k in set(saved) & set(now) if saved[k] != now[k])
+    if diff and layout(saved) != layout(now) and all(
+        relayout(k, tuple(_shape(now[k])), saved) for k in now if k not in saved):
+      stacks = sorted(k for k, v in layout(now).items() if layout(saved).get(k) != v)
+      raise OtherLayout(
+          f"the checkpoint at step {step} in {self.directory} stores the layers of {', '.join(stacks)} "
+          f"{layout(saved)[stacks[0]]}, this config has them {layout(now)[stacks[0]]}; resume with "
+          f"the model.*.scan setting that wrote it, or start a new --workdir from its params with "
+          f"--config.init.parts=\"(('{self.directory.parent}', '', ''),)\" (which converts them)")
     if diff:
       first = diff[0]
       raise UserError(
@@ -71,15 +137,17 @@ class Checkpoints:
           "that wrote it")
 
   def save(self, step: int, state, data_iterator, config: mlc.ConfigDict) -> None:
-    meta = {"config": json.loads(config.to_json_best_effort()), "signature": signature(state["params"])}
+    sig = signature(state["params"])
+    meta = {"config": json.loads(config.to_json_best_effort()), "signature": sig, "layout": layout(sig)}
     self._mngr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iterator),
+        data=pipeline.IteratorSave(data_iterator),
         meta=ocp.args.JsonSave(meta)))
 
   def save_params(self, step: int, params, config: mlc.ConfigDict) -> None:
     """Params only (no optimizer state, no data iterator): what an import writes."""
-    meta = {"config": json.loads(config.to_json_best_effort()), "signature": signature(params)}
+    sig = signature(params)
+    meta = {"config": json.loads(config.to_json_best_effort()), "signature": sig, "layout": layout(sig)}
     self._mngr.save(step, args=ocp.args.Composite(
         state=self._params_save({"params": params}), meta=ocp.args.JsonSave(meta)))
 
@@ -87,7 +155,7 @@ class Checkpoints:
     """Restores the state onto the shardings of `abstract_state` and the data iterator in place."""
     r = self._mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(data_iterator)))
+        data=pipeline.IteratorRestore(data_iterator)))
     return r.state
 
   def restore_params(self, step: int, abstract_params) -> dict:
@@ -113,9 +181,9 @@ def plan_parts(parts, abstract_params) -> list[dict]:
 
   parts: ordered (checkpoint dir, source prefix, destination prefix). Every param of this model under
   the destination prefix is read from the newest checkpoint of the dir at source prefix + the rest of
-  its path; a later part overrides an earlier one. Raises UserError naming the part and the param.
+  its path (converted from the other layer layout if need be); a later part overrides an earlier one.
+  Raises UserError naming the part and the param.
   """
-  flat = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
   plans = []
   for part in parts:
     if len(part) != 3:
@@ -128,46 +196,87 @@ def plan_parts(parts, abstract_params) -> list[dict]:
       raise UserError(f"init.parts: no checkpoint in {ckpt.directory}; train or convert it first")
     saved = ckpt.meta(step)["signature"]
     ckpt.close()
-    mapping = {}
-    for path, x in flat.items():
-      if not path.startswith(dst):
-        continue
-      src_path = src + path[len(dst):]
-      want = f"{x.dtype}{list(x.shape)}"
-      if src_path not in saved:
-        raise UserError(f"init.parts {part!r}: {src_path} (for {path}) is not in {ckpt.directory} at "
-                        f"step {step}; it holds e.g. {', '.join(sorted(saved)[:3])}")
-      if saved[src_path].split("[")[1] != want.split("[")[1]:
-        raise UserError(f"init.parts {part!r}: {src_path} is {saved[src_path]} in the checkpoint but "
-                        f"{path} is {want} in this model; the architectures differ")
-      mapping[path] = src_path
-    if not mapping:
-      raise UserError(f"init.parts {part!r}: no parameter of this model starts with {dst!r}")
-    unused = [p for p in saved if p.startswith(src) and p not in set(mapping.values())]
-    plans.append({"directory": directory, "step": step, "mapping": mapping, "unused": unused})
+    plans.append(_plan(f"init.parts {part!r}", directory, step, saved, abstract_params, src, dst))
   return plans
 
 
-def load_parts(plans: list[dict], params) -> dict:
+def _plan(what: str, directory: str, step: int, saved: dict, abstract_params, src: str, dst: str) -> dict:
+  """{"mapping": param path -> its source in the checkpoint (a path, or a relayout), ...}."""
+  flat = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+  where = f"{workdir_path(directory) / 'checkpoints'} at step {step}"
+  mapping = {}
+  for path, x in flat.items():
+    if not path.startswith(dst):
+      continue
+    src_path = src + path[len(dst):]
+    want = f"{x.dtype}{list(x.shape)}"
+    if src_path not in saved:
+      mapping[path] = relayout(src_path, tuple(x.shape), saved)
+      if mapping[path] is None:
+        raise UserError(f"{what}: {src_path} (for {path}) is not in {where}; it holds e.g. "
+                        f"{', '.join(sorted(saved)[:3])}")
+      continue
+    if saved[src_path].split("[")[1] != want.split("[")[1]:
+      raise UserError(f"{what}: {src_path} is {saved[src_path]} in the checkpoint but {path} is {want} "
+                      "in this model; the architectures differ")
+    mapping[path] = src_path
+  if not mapping:
+    raise UserError(f"{what}: no parameter of this model starts with {dst!r}")
+  used = {s for m in mapping.values() for s in _sources(m)}
+  unused = [p for p in saved if p.startswith(src) and p not in used]
+  return {"directory": directory, "step": step, "mapping": mapping, "unused": unused}
+
+
+def _sources(m) -> tuple[str, ...]:
+  return (m,) if isinstance(m, str) else m[1] if m[0] == "stack" else (m[1],)
+
+
+def restore_params_by_name(directory: str, step: int, abstract_params) -> dict:
+  """All params of the checkpoint at `step`, by name, converted from the other layer layout where the
+  checkpoint's differs (a scanned run evaluated unrolled, or the reverse)."""
+  ckpt = Checkpoints(directory, read_only=True)
+  saved = ckpt.meta(step)["signature"]
+  ckpt.close()
+  plan = _plan(f"the checkpoint in {directory}", directory, step, saved, abstract_params, "", "")
+  return load_parts([plan], abstract_params, quiet=True)
+
+
+def load_parts(plans: list[dict], params, quiet: bool = False) -> dict:
   """params with the planned parts read from their checkpoints (onto the params' shardings)."""
   paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   flat = {path_str(p): x for p, x in paths_leaves}
   for plan in plans:
     item = {}
-    for path, src_path in plan["mapping"].items():
-      node = item
-      *parents, leaf = src_path.split("/")
-      for key in parents:
-        node = node.setdefault(key, {})
+    for path, source in plan["mapping"].items():
       x = flat[path]
-      node[leaf] = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+      spec = tuple(x.sharding.spec)
+      if isinstance(source, str):
+        wants = {source: (x.shape, spec)}
+      elif source[0] == "stack":  # one layer each
+        wants = {src: (x.shape[1:], spec[1:]) for src in source[1]}
+      else:  # the whole stack, once
+        wants = {source[1]: ((source[3],) + tuple(x.shape), (None,) + spec)}
+      for src, (shape, src_spec) in wants.items():
+        node = item
+        *parents, leaf = src.split("/")
+        for key in parents:
+          node = node.setdefault(key, {})
+        node[leaf] = jax.ShapeDtypeStruct(shape, x.dtype, sharding=NamedSharding(x.sharding.mesh,
+                                                                                 P(*src_spec)))
     ckpt = Checkpoints(plan["directory"], read_only=True)
     restored = ckpt.restore_params(plan["step"], item)
     ckpt.close()
     by_src = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(restored)[0]}
-    for path, src_path in plan["mapping"].items():
-      flat[path] = by_src[src_path]
-    print(f"Loaded {len(plan['mapping'])} params from {plan['directory']} (step {plan['step']})"
-          + (f"; {len(plan['unused'])} of its params under the prefix were not used" if plan["unused"]
-             else "") + ".", flush=True)
+    for path, source in plan["mapping"].items():
+      out = flat[path].sharding
+      if isinstance(source, str):
+        flat[path] = by_src[source]
+      elif source[0] == "stack":
+        flat[path] = jax.jit(lambda *a: jnp.stack(a), out_shardings=out)(*(by_src[s] for s in source[1]))
+      else:
+        flat[path] = jax.jit(lambda a, i=source[2]: a[i], out_shardings=out)(by_src[source[1]])
+    if not quiet:
+      print(f"Loaded {len(plan['mapping'])} params from {plan['directory']} (step {plan['step']})"
+            + (f"; {len(plan['unused'])} of its params under the prefix were not used" if plan["unused"]
+               else "") + ".", flush=True)
   return jax.tree_util.tree_unflatten(treedef, [flat[path_str(p)] for p, _ in paths_leaves])

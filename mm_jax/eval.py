@@ -18,7 +18,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from mm_jax import cli, contrastive, data, sharding
-from mm_jax.checkpoint import Checkpoints, workdir_path
+from mm_jax.checkpoint import Checkpoints, OtherLayout, restore_params_by_name, workdir_path
 from mm_jax.decode import greedy_decode
 from mm_jax.errors import UserError
 from mm_jax.state import ModelOnMesh
@@ -35,8 +35,11 @@ def restore_params(workdir: str, mm: ModelOnMesh, step: int | None):
   step = steps[-1] if step is None else step
   if step not in steps:
     raise UserError(f"no checkpoint at step {step} in {ckpt.directory}; available: {steps}")
-  ckpt.check_compatible(step, mm.abstract_params)
-  params = ckpt.restore_params(step, mm.abstract_params)
+  try:
+    ckpt.check_compatible(step, mm.abstract_params)
+    params = ckpt.restore_params(step, mm.abstract_params)
+  except OtherLayout:
+    params = restore_params_by_name(workdir, step, mm.abstract_params)  # the other layer layout
   ckpt.close()
   return step, params
 

@@ -3,11 +3,15 @@ decoder's sequence; gated cross-attention blocks between the decoder's blocks le
 
   image(s) -> encoder (ViT) -> connector -> features BxIxPxD -> per cross block k/v (computed once)
   text -> embed -> [cross_0, block_0 .. block_N-1] [cross_1, block_N .. block_2N-1] ... -> final norm -> head
-One super-block is 1 cross block + N = cross_every decoder blocks (cross first, as Flamingo), so a later
-scan over layers sees a repeating unit; a last partial super-block has fewer decoder blocks.
+One super-block is 1 cross block + N = cross_every decoder blocks (cross first, as Flamingo); a last
+partial super-block has fewer decoder blocks. With model.decoder.scan the super-blocks are scanned: the
+params stay where they are (decoder/blocks stacked over the depth, cross/blocks over the cross blocks),
+and a lax.scan over super-blocks applies cross block s, then a lax.scan over decoder blocks sN..sN+N-1
+(both functionally, over slices of the stacked params). The depth must then be a multiple of N.
 
 Parameter subtrees: `encoder`, `connector`, `decoder` (exactly the text LLM of the `lm` / `unified`
-families: `init.parts` loads it, rule "decoder/.*" freezes exactly it), `cross/block_i`.
+families: `init.parts` loads it, rule "decoder/.*" freezes exactly it), `cross/block_i` (scanned:
+`cross/blocks`).
 
 Cross block (Mllama's MllamaCrossAttentionDecoderLayer, pre-norm in the decoder's RMSNorm form):
   x = x + tanh(attn_gate) * row * CrossAttn(norm_attn(x), image)    q from text, k/v from the image;
@@ -28,12 +32,18 @@ import jax
 import jax.numpy as jnp
 
 from mm_jax.errors import UserError
-from mm_jax.models.decoder import Cache, Decoder
+from mm_jax.models import stack
+from mm_jax.models.decoder import Cache, Decoder, DecoderBlock, cache_len
 from mm_jax.models.layers import (ACTIVATIONS, DType, Projection, RMSNorm, attend, constrain, dense,
                                   make_attn_mask, partitioned)
 
 Array = jax.Array
-KV = dict[str, Array]  # {"k", "v"}: BxSxKxH, S = images x tokens per image
+KV = dict[str, Array]  # {"k", "v"}: BxSxKxH, S = images x tokens per image (scanned: one, CxBxSxKxH)
+
+
+def kv_len(kvs) -> int:
+  """S, the image tokens of the cross blocks' k/v (a tuple per block, or stacked)."""
+  return kvs["k"].shape[2] if isinstance(kvs, dict) else kvs[0]["k"].shape[1]
 
 
 def visible_images(image_pos_BxI: Array, positions_BxL: Array, last_image_only: bool) -> Array:
@@ -96,15 +106,40 @@ class CrossBlock(nn.Module):
 
 
 class CrossStack(nn.Module):
-  """The `cross` subtree: `count` CrossBlocks named block_i."""
+  """The `cross` subtree: `count` CrossBlocks named block_i, or with scan one `blocks` stacked on a
+  "layers" axis (applied by CrossAttentionVLM._run_scanned)."""
   count: int
   block: dict  # CrossBlock's fields
+  scan: bool = False
+  remat: str = "none"
+  remat_names: tuple[str, ...] = ()
 
   def setup(self):
-    self.blocks = [CrossBlock(**self.block, name=f"block_{i}") for i in range(self.count)]
+    if self.scan:
+      self.blocks = CrossBlock(**self.block, name="blocks")
+    else:
+      cls = stack.remat_module(CrossBlock, self.remat, self.remat_names)
+      self.blocks = [cls(**self.block, name=f"block_{i}") for i in range(self.count)]
 
-  def kv(self, img_BxSxD: Array) -> tuple[KV, ...]:
-    return tuple(b.kv(img_BxSxD) for b in self.blocks)
+  def kv(self, img_BxSxD: Array):
+    """Every block's image k/v: a tuple of KV, or scanned one KV stacked CxBxSxKxH."""
+    if not self.scan:
+      return tuple(b.kv(img_BxSxD) for b in self.blocks)
+    if self.is_initializing():  # run each block once on a dummy query, creating all its params
+      b = img_BxSxD.shape[0]
+      x_Bx1xD = jnp.zeros((b, 1, self.block["width"]), img_BxSxD.dtype)
+      mask_Bx1xS = jnp.ones((b, 1, img_BxSxD.shape[1]), bool)
+
+      def body(block, x, img):
+        kv = block.kv(img)
+        return block(x, kv, mask_Bx1xS), kv
+      return stack.scan(body, self.blocks, self.count, x_Bx1xD, img_BxSxD, in_axes=(nn.broadcast,))[1]
+    cross = CrossBlock(**self.block, parent=None)
+    return jax.vmap(lambda p: cross.apply({"params": p}, img_BxSxD, method="kv"))(self.stacked())
+
+  def stacked(self) -> dict:
+    """The scanned blocks' params, each with a leading axis of `count`."""
+    return nn.meta.unbox(self.variables["params"]["blocks"])
 
   def __call__(self, i: int, x_BxLxD: Array, kv: KV, mask_BxLxS: Array) -> Array:
     return self.blocks[i](x_BxLxD, kv, mask_BxLxS)
@@ -146,6 +181,8 @@ class CrossAttentionVLM(nn.Module):
 
   def _run(self, x_BxLxD, positions_BxL, mask_BxLxS, kvs, xmask_BxLxS, cache=None, cache_index=None):
     """Super-blocks (cross block, then cross_every decoder blocks) -> logits BxLxV, self-attn cache."""
+    if self.decoder.scan:
+      return self._run_scanned(x_BxLxD, positions_BxL, mask_BxLxS, kvs, xmask_BxLxS, cache, cache_index)
     x_BxLxD, new_cache = x_BxLxD.astype(self.decoder.dtype), []
     for i, block in enumerate(self.decoder.blocks):
       if i % self.cross_every == 0:
@@ -155,13 +192,39 @@ class CrossAttentionVLM(nn.Module):
       new_cache.append(c)
     return self.decoder.logits(x_BxLxD), tuple(new_cache)
 
+  def _run_scanned(self, x_BxLxD, positions_BxL, mask_BxLxS, kvs, xmask_BxLxS, cache, cache_index):
+    """_run over stacked params: lax.scan over super-blocks, each a cross block then a lax.scan over
+    its cross_every decoder blocks; the decoder's remat policy applies to both kinds of block."""
+    x_BxLxD = x_BxLxD.astype(self.decoder.dtype)
+    if self.is_initializing():  # the decoder creates its params (stacked blocks, final norm, head)
+      self.decoder(x_BxLxD, positions_BxL, mask_BxLxS)
+    count, every = self.cross.count, self.cross_every
+    group = lambda a: a.reshape(count, every, *a.shape[1:])  # depth -> super-blocks x cross_every
+    dec_params = jax.tree.map(group, nn.meta.unbox(self.decoder.variables["params"]["blocks"]))
+    dec, cross = DecoderBlock(**self.decoder.block_fields(), parent=None), CrossBlock(**self.cross.block,
+                                                                                        parent=None)
+    remat = lambda f: stack.remat_fn(f, self.decoder.remat, self.decoder.remat_names)
+    dec_fn = remat(lambda p, x, c: dec.apply({"params": p}, x, positions_BxL, mask_BxLxS, c, cache_index))
+    cross_fn = remat(lambda p, x, kv: cross.apply({"params": p}, x, kv, xmask_BxLxS))
+
+    def superblock(x, inputs):
+      cross_p, kv, dec_p, c = inputs
+      return jax.lax.scan(lambda x, pc: dec_fn(pc[0], x, pc[1]), cross_fn(cross_p, x, kv), (dec_p, c))
+
+    x_BxLxD, new_cache = jax.lax.scan(
+        superblock, x_BxLxD,
+        (self.cross.stacked(), kvs, dec_params, None if cache is None else jax.tree.map(group, cache)))
+    if new_cache is not None:
+      new_cache = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), new_cache)
+    return self.decoder.logits(x_BxLxD), new_cache
+
   def __call__(self, image: Array, text_BxT: Array, mask_ar_BxT: Array, mask_input_BxT: Array,
                image_pos_BxI: Array | None = None) -> Array:
     """Teacher-forced forward -> text logits BxTxV (logit t predicts token t + 1)."""
     kvs, image_pos_BxI = self._image(image, image_pos_BxI)
     positions_BxT = jnp.broadcast_to(jnp.arange(text_BxT.shape[1]), text_BxT.shape)
     mask_ar_BxT = mask_ar_BxT if self.prefix_attention else jnp.ones_like(mask_input_BxT)
-    xmask_BxTxS = self._cross_mask(image_pos_BxI, positions_BxT, kvs[0]["k"].shape[1])
+    xmask_BxTxS = self._cross_mask(image_pos_BxI, positions_BxT, kv_len(kvs))
     logits_BxTxV, _ = self._run(self.decoder.embed(text_BxT), positions_BxT,
                                 make_attn_mask(mask_input_BxT, mask_ar_BxT), kvs, xmask_BxTxS)
     return logits_BxTxV
@@ -174,13 +237,13 @@ class CrossAttentionVLM(nn.Module):
     Returns (logits BxPxV, cache {"self", "cross", "image_pos"}, cache_mask BxS: real slots).
     """
     kvs, image_pos_BxI = self._image(image, image_pos_BxI)
-    (b, l), s = prefix_mask_BxP.shape, cache[0]["k"].shape[1]
+    (b, l), s = prefix_mask_BxP.shape, cache_len(cache)
     cache_mask_BxS = jnp.pad(prefix_mask_BxP, ((0, 0), (0, s - l))) > 0
     mask_BxLxS = jnp.broadcast_to(cache_mask_BxS[:, None, :], (b, l, s))
     if not self.prefix_attention:
       mask_BxLxS = mask_BxLxS & (jnp.arange(s)[None, None, :] <= jnp.arange(l)[None, :, None])
     positions_BxL = jnp.broadcast_to(jnp.arange(l), (b, l))
-    xmask_BxLxS = self._cross_mask(image_pos_BxI, positions_BxL, kvs[0]["k"].shape[1])
+    xmask_BxLxS = self._cross_mask(image_pos_BxI, positions_BxL, kv_len(kvs))
     logits_BxLxV, cache = self._run(self.decoder.embed(prefix_BxP), positions_BxL, mask_BxLxS, kvs,
                                     xmask_BxLxS, cache, 0)
     return logits_BxLxV, {"self": cache, "cross": kvs, "image_pos": image_pos_BxI}, cache_mask_BxS
@@ -189,7 +252,7 @@ class CrossAttentionVLM(nn.Module):
     """One token per example at text position `position_B` (also its RoPE position), cache slot `slot`."""
     cache_mask_BxS = cache_mask_BxS.at[:, slot].set(True)
     kvs = cache["cross"]
-    xmask_Bx1xS = self._cross_mask(cache["image_pos"], position_B[:, None], kvs[0]["k"].shape[1])
+    xmask_Bx1xS = self._cross_mask(cache["image_pos"], position_B[:, None], kv_len(kvs))
     logits_Bx1xV, self_cache = self._run(self.decoder.embed(token_B[:, None]), position_B[:, None],
                                          cache_mask_BxS[:, None, :], kvs, xmask_Bx1xS, cache["self"], slot)
     return logits_Bx1xV[:, 0], dict(cache, self=self_cache), cache_mask_BxS
@@ -206,12 +269,16 @@ def cross_attention(model_cfg, tokenizer_vocab: int) -> CrossAttentionVLM:
   every = model_cfg.get("cross_every", 1)
   if every < 1:
     raise UserError(f"model.cross_every must be >= 1, got {every}")
+  if decoder.scan and decoder.depth % every:
+    raise UserError(f"scanned super-blocks need model.decoder.depth ({decoder.depth}) to be a multiple "
+                    f"of model.cross_every ({every}); change one, or set model.decoder.scan=False")
   field = lambda name: model_cfg.get(f"cross_{name}", 0) or getattr(decoder, name)
   block = dict(width=decoder.width, num_heads=field("num_heads"), num_kv_heads=field("num_kv_heads"),
                head_dim=field("head_dim"), mlp_dim=field("mlp_dim"), norm=decoder.norm,
                norm_eps=decoder.norm_eps, mlp_act=decoder.mlp_act, **models.dtypes(model_cfg))
   return CrossAttentionVLM(
       encoder=models.build_encoder(model_cfg), connector=models.build_connector(model_cfg), decoder=decoder,
-      cross=CrossStack(count=-(-decoder.depth // every), block=block), cross_every=every,
+      cross=CrossStack(count=-(-decoder.depth // every), block=block, scan=decoder.scan,
+                       remat=decoder.remat, remat_names=decoder.remat_names), cross_every=every,
       prefix_attention=model_cfg.get("prefix_attention", True),
       last_image_only=model_cfg.get("cross_last_image_only", True))

@@ -7,16 +7,26 @@ One module, two families by config (the differences HF's implementations have):
   Llama (2, 3)   "llama": w*x,     eps 1e-5   silu        none            untied        default / llama3
 head_dim is independent of width. The decoder takes embeddings, not tokens, so image features can sit
 beside text embeddings (`embed` gives the text ones); the attention mask comes from the caller.
+Blocks are block_0 .. block_{depth-1}, or with scan=True one `blocks` stacked on a "layers" axis; remat
+and remat_names pick what the backward pass keeps (models/stack.py).
 """
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
+from mm_jax.models import stack
 from mm_jax.models.layers import (ACTIVATIONS, Attention, DType, RMSNorm, Rope, constrain, dense,
                                   partitioned)
 
 Array = jax.Array
-Cache = tuple[dict[str, Array], ...]  # one {"k", "v"} (BxSxKxH) per block
+# One {"k", "v"} (BxSxKxH) per block; scanned: one {"k", "v"} of depth x BxSxKxH.
+Cache = tuple[dict[str, Array], ...] | dict[str, Array]
+
+
+def cache_len(cache: Cache) -> int:
+  """S, the slots of a cache of either layout."""
+  return cache["k"].shape[2] if isinstance(cache, dict) else cache[0]["k"].shape[1]
 
 
 class DecoderBlock(nn.Module):
@@ -43,7 +53,8 @@ class DecoderBlock(nn.Module):
     y = self._norm("norm_mlp")(x_BxLxD)
     gate = dense(self.mlp_dim, ("embed", "mlp"), "gate", use_bias=False, **kw)(y)
     up = dense(self.mlp_dim, ("embed", "mlp"), "up", use_bias=False, **kw)(y)
-    h_BxLxF = constrain(ACTIVATIONS[self.mlp_act](gate) * up, ("act_batch", "act_len", "act_mlp"))
+    h_BxLxF = checkpoint_name(constrain(ACTIVATIONS[self.mlp_act](gate) * up,
+                                        ("act_batch", "act_len", "act_mlp")), "mlp_hidden")
     x_BxLxD = x_BxLxD + dense(x_BxLxD.shape[-1], ("mlp", "embed"), "down", use_bias=False, **kw)(h_BxLxF)
     return constrain(x_BxLxD, ("act_batch", "act_len", "act_embed")), cache
 
@@ -62,8 +73,17 @@ class Decoder(nn.Module):
   mlp_act: str = "gelu_tanh"
   embed_scale: bool = True
   tie_embeddings: bool = True
+  scan: bool = False
+  remat: str = "none"
+  remat_names: tuple[str, ...] = ()
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
+
+  def block_fields(self) -> dict:
+    """DecoderBlock's fields (cross_attention applies a block functionally over stacked params)."""
+    return dict(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                mlp_dim=self.mlp_dim, rope=self.rope, norm=self.norm, norm_eps=self.norm_eps,
+                mlp_act=self.mlp_act, dtype=self.dtype, param_dtype=self.param_dtype)
 
   def setup(self):
     if self.mlp_act not in ACTIVATIONS:
@@ -71,9 +91,12 @@ class Decoder(nn.Module):
     self.embedder = nn.Embed(
         self.vocab_size, self.width, name="embedder", dtype=self.dtype, param_dtype=self.param_dtype,
         embedding_init=partitioned(nn.initializers.normal(stddev=0.02), ("vocab", "embed")))
-    self.blocks = [DecoderBlock(self.num_heads, self.num_kv_heads, self.head_dim, self.mlp_dim,
-                                self.rope, self.norm, self.norm_eps, self.mlp_act, self.dtype,
-                                self.param_dtype, name=f"block_{i}") for i in range(self.depth)]
+    stack.check("model.decoder", self.remat, self.remat_names)
+    if self.scan:
+      self.blocks = DecoderBlock(**self.block_fields(), name="blocks")
+    else:
+      cls = stack.remat_module(DecoderBlock, self.remat, self.remat_names)
+      self.blocks = [cls(**self.block_fields(), name=f"block_{i}") for i in range(self.depth)]
     self.final_norm = RMSNorm(self.norm_eps, self.norm, self.param_dtype, name="final_norm")
     if not self.tie_embeddings:
       self.head = dense(self.vocab_size, ("embed", "vocab"), "head", use_bias=False,
@@ -91,6 +114,12 @@ class Decoder(nn.Module):
                cache: Cache | None = None, cache_index=None) -> tuple[Array, Cache | None]:
     """Embeddings -> logits BxLxV. With a cache, returns the updated cache too."""
     x_BxLxD = x_BxLxD.astype(self.dtype)
+    if self.scan:
+      x_BxLxD, new_cache = stack.scan(
+          lambda block, x, *args: block(x, *args), self.blocks, self.depth, x_BxLxD, positions_BxL,
+          mask_BxLxS, cache, cache_index, in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+          remat=self.remat, remat_names=self.remat_names)
+      return self.logits(x_BxLxD), new_cache
     new_cache = []
     for i, block in enumerate(self.blocks):
       x_BxLxD, c = block(x_BxLxD, positions_BxL, mask_BxLxS,
@@ -106,5 +135,7 @@ class Decoder(nn.Module):
 
   def init_cache(self, batch: int, length: int) -> Cache:
     shape = (batch, length, self.num_kv_heads, self.head_dim)
+    if self.scan:
+      return {name: jnp.zeros((self.depth, *shape), self.dtype) for name in ("k", "v")}
     return tuple({"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
                  for _ in range(self.depth))

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from mm_jax.errors import UserError
-from mm_jax.models.cross_attention import CrossAttentionVLM
+from mm_jax.models.cross_attention import CrossAttentionVLM, kv_len
+from mm_jax.models.decoder import cache_len
 from mm_jax.models.layers import make_attn_mask, partitioned
 
 Array = jax.Array
@@ -96,7 +97,7 @@ class HybridVLM(CrossAttentionVLM):
     thumb_BxNxD, kvs, image_pos_Bx1 = self._image_paths(image_BxHxWxC)
     x_BxLxD, input_BxL, ar_BxL, positions_BxL = self._sequence(thumb_BxNxD, text_BxT, mask_input_BxT,
                                                                mask_ar_BxT)
-    xmask_BxLxS = self._cross_mask(image_pos_Bx1, positions_BxL, kvs[0]["k"].shape[1])
+    xmask_BxLxS = self._cross_mask(image_pos_Bx1, positions_BxL, kv_len(kvs))
     logits_BxLxV, _ = self._run(x_BxLxD, positions_BxL, make_attn_mask(input_BxL, ar_BxL), kvs,
                                 xmask_BxLxS)
     return self._drop_image(logits_BxLxV, thumb_BxNxD.shape[1])
@@ -108,12 +109,12 @@ class HybridVLM(CrossAttentionVLM):
     thumb_BxNxD, kvs, image_pos_Bx1 = self._image_paths(image_BxHxWxC)
     x_BxLxD, input_BxL, _, positions_BxL = self._sequence(thumb_BxNxD, prefix_BxP, prefix_mask_BxP,
                                                           jnp.zeros_like(prefix_mask_BxP))
-    (b, l), s = input_BxL.shape, cache[0]["k"].shape[1]
+    (b, l), s = input_BxL.shape, cache_len(cache)
     cache_mask_BxS = jnp.pad(input_BxL, ((0, 0), (0, s - l))) > 0
     mask_BxLxS = jnp.broadcast_to(cache_mask_BxS[:, None, :], (b, l, s))
     if not self.prefix_attention:
       mask_BxLxS = mask_BxLxS & (jnp.arange(s)[None, None, :] <= jnp.arange(l)[None, :, None])
-    xmask_BxLxS = self._cross_mask(image_pos_Bx1, positions_BxL, kvs[0]["k"].shape[1])
+    xmask_BxLxS = self._cross_mask(image_pos_Bx1, positions_BxL, kv_len(kvs))
     logits_BxLxV, cache = self._run(x_BxLxD, positions_BxL, mask_BxLxS, kvs, xmask_BxLxS, cache, 0)
     return (self._drop_image(logits_BxLxV, thumb_BxNxD.shape[1]),
             {"self": cache, "cross": kvs, "image_pos": image_pos_Bx1}, cache_mask_BxS)

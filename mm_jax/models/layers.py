@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 Array = jax.Array
 DType = Any
@@ -198,6 +199,9 @@ class Attention(nn.Module):
     if self.rope is not None:
       q_BxLxNxH = apply_rope(q_BxLxNxH, positions_BxL, self.rope)
       k_BxLxKxH = apply_rope(k_BxLxKxH, positions_BxL, self.rope)
+    # Tags for remat "custom" (models/stack.py).
+    q_BxLxNxH = checkpoint_name(q_BxLxNxH, "query")
+    k_BxLxKxH, v_BxLxKxH = checkpoint_name(k_BxLxKxH, "key"), checkpoint_name(v_BxLxKxH, "value")
 
     new_cache = None
     if cache is not None:
@@ -208,6 +212,7 @@ class Attention(nn.Module):
 
     out_BxLxNxH = constrain(attend(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_BxLxS),
                             ("act_batch", "act_len", "act_heads", None))
+    out_BxLxNxH = checkpoint_name(out_BxLxNxH, "attn_out")
     y_BxLxD = Projection((x_BxLxD.shape[-1],), ("heads", "head_dim", "embed"), n_in=2,
                          use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
                          name="o")(out_BxLxNxH)

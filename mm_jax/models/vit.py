@@ -2,12 +2,15 @@
 
 No CLS token: the output is one feature per patch, in row-major patch order (as SigLIP in HF).
 `depth` blocks are built; LLaVA-style "features from layer -2, before the post-LN" is depth = L - 1
-with final_norm=False (the converter sets that, dropping the unused last layer).
+with final_norm=False (the converter sets that, dropping the unused last layer). scan / remat /
+remat_names: models/stack.py (scanned blocks are one `blocks` module stacked on a "layers" axis).
 """
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
+from mm_jax.models import stack
 from mm_jax.models.layers import ACTIVATIONS, Attention, DType, constrain, dense, layer_norm, partitioned
 
 Array = jax.Array
@@ -31,7 +34,8 @@ class EncoderBlock(nn.Module):
     y, _ = attn(layer_norm("ln_attn", self.norm_eps, **kw)(x_BxPxD), mask_BxPxP)
     x_BxPxD = x_BxPxD + y
     y = dense(self.mlp_dim, ("embed", "mlp"), "mlp_in", **kw)(layer_norm("ln_mlp", self.norm_eps, **kw)(x_BxPxD))
-    y = constrain(ACTIVATIONS[self.mlp_act](y), ("act_batch", "act_len", "act_mlp"))
+    y = checkpoint_name(constrain(ACTIVATIONS[self.mlp_act](y), ("act_batch", "act_len", "act_mlp")),
+                        "mlp_hidden")
     x_BxPxD = x_BxPxD + dense(d, ("mlp", "embed"), "mlp_out", **kw)(y)
     return constrain(x_BxPxD, ("act_batch", "act_len", "act_embed"))
 
@@ -45,6 +49,9 @@ class ViT(nn.Module):
   mlp_dim: int
   norm_eps: float = 1e-6
   final_norm: bool = True
+  scan: bool = False
+  remat: str = "none"
+  remat_names: tuple[str, ...] = ()
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
 
@@ -67,9 +74,16 @@ class ViT(nn.Module):
                          partitioned(nn.initializers.normal(stddev=d ** -0.5), ("patches", "embed")),
                          (gh * gw, d), self.param_dtype)
     x_BxPxD = constrain(x_BxPxD + pos_PxD[None].astype(self.dtype), ("act_batch", "act_len", "act_embed"))
-    for i in range(self.depth):
-      x_BxPxD = EncoderBlock(self.num_heads, self.mlp_dim, self.norm_eps, name=f"block_{i}",
-                             **kw)(x_BxPxD, None)
+    stack.check("model.encoder", self.remat, self.remat_names)
+    if self.scan:
+      x_BxPxD, _ = stack.scan(lambda block, x: (block(x, None), None),
+                              EncoderBlock(self.num_heads, self.mlp_dim, self.norm_eps, name="blocks", **kw),
+                              self.depth, x_BxPxD, in_axes=(), remat=self.remat,
+                              remat_names=self.remat_names)
+    else:
+      cls = stack.remat_module(EncoderBlock, self.remat, self.remat_names)
+      for i in range(self.depth):
+        x_BxPxD = cls(self.num_heads, self.mlp_dim, self.norm_eps, name=f"block_{i}", **kw)(x_BxPxD, None)
     return layer_norm("ln_final", self.norm_eps, **kw)(x_BxPxD) if self.final_norm else x_BxPxD
 
 

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mm_jax.models.decoder import Cache
+from mm_jax.models.decoder import Cache, cache_len
 from mm_jax.models.layers import make_attn_mask
 
 Array = jax.Array
@@ -75,7 +75,7 @@ class UnifiedVLM(nn.Module):
     Returns (logits BxPxV at the prefix positions, cache, cache_mask BxS: the slots holding real tokens).
     """
     x_BxLxD, input_mask_BxL, positions_BxL = self._inputs(image_BxHxWxC, prefix_BxP, prefix_mask_BxP)
-    (b, l), s = input_mask_BxL.shape, cache[0]["k"].shape[1]
+    (b, l), s = input_mask_BxL.shape, cache_len(cache)
     cache_mask_BxS = jnp.pad(input_mask_BxL, ((0, 0), (0, s - l))) > 0
     # Keys are the real slots of the cache; the prefix is one bidirectional block, or causal.
     mask_BxLxS = jnp.broadcast_to(cache_mask_BxS[:, None, :], (b, l, s))
