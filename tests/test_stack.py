@@ -15,7 +15,7 @@ import pytest
 
 from conftest import load_config, make_run, random_vqa_batch
 from mm_jax import eval as eval_lib, models, train
-from mm_jax.checkpoint import Checkpoints, OtherLayout, layout, relayout, signature
+from mm_jax.checkpoint import Checkpoints, OtherLayout, layout, relayout
 from mm_jax.decode import greedy_decode
 from mm_jax.errors import UserError
 from mm_jax.optim import path_str

@@ -1,7 +1,7 @@
 """Lists the model registries: `python -m mm_jax.models`."""
 import dataclasses
 
-from mm_jax.models import CONNECTORS, FAMILIES, options
+from mm_jax.models import CONNECTORS, FAMILIES, options, stack
 
 
 def _summary(obj) -> str:
@@ -22,6 +22,10 @@ def main() -> None:
   print("model.connector (options, with defaults: model.connector_options.<name>.<option>):")
   for name, cls in sorted(CONNECTORS.items()):
     print(f"  {name:14s}{_summary(cls)}\n  {'':14s}options: {_defaults(cls)}")
+  print("model.encoder / model.decoder layer stacks (models/stack.py):")
+  print("  scan          True: one compiled block for the whole stack (params on a 'layers' axis)")
+  print(f"  remat         {' | '.join(stack.REMAT)}; 'custom' keeps the tensors in remat_names")
+  print(f"  remat_names   tags: {', '.join(stack.NAMES)}")
 
 
 if __name__ == "__main__":
