@@ -33,6 +33,8 @@ Multi-host: maybe_initialize_distributed() (every entry point calls it) reads th
 """
 import math
 import os
+import socket
+import time
 
 import flax.linen as nn
 import jax
@@ -56,31 +58,48 @@ def maybe_initialize_distributed() -> None:
   if not given:
     jax.distributed.initialize()
     return
+  address, num, pid, timeout = _coordinates(env, given)
+  host, port = address.rsplit(":", 1)
+  if pid:  # jax aborts the process when the coordinator cannot be reached: a clear error instead
+    _wait_for(host.strip("[]"), int(port), timeout, f"process {pid} of {num}")
+  loopback = host in ("localhost", "[::1]") or host.startswith("127.")
+  jax.distributed.initialize(
+      coordinator_address=address, num_processes=num, process_id=pid,
+      coordinator_bind_address=address if loopback else None,  # None: every interface
+      initialization_timeout=timeout, shutdown_timeout_seconds=min(timeout, 60))
+
+
+def _coordinates(env, given: list[str]) -> tuple[str, int, int, int]:
+  """(host:port, process count, process id, init timeout in s) from MM_JAX_*, checked."""
   if len(given) < len(_ENV_COORDS):
     missing = [k for k in _ENV_COORDS if k not in given]
     raise UserError(f"{', '.join(given)} set but {', '.join(missing)} not; set all of "
                     f"{', '.join(_ENV_COORDS)} (or none, with MM_JAX_DISTRIBUTED=1 where peers are found)")
-  address = env["MM_JAX_COORDINATOR"]
+  address, values = env["MM_JAX_COORDINATOR"], [env["MM_JAX_NUM_PROCESSES"], env["MM_JAX_PROCESS_ID"],
+                                                 env.get("MM_JAX_INIT_TIMEOUT", "300")]
   host, _, port = address.rpartition(":")
-  try:
-    num, pid = int(env["MM_JAX_NUM_PROCESSES"]), int(env["MM_JAX_PROCESS_ID"])
-    timeout, port = int(env.get("MM_JAX_INIT_TIMEOUT", "300")), int(port)
-  except ValueError:
-    raise UserError(f"MM_JAX_COORDINATOR={address!r} (host:port), MM_JAX_NUM_PROCESSES, "
-                    "MM_JAX_PROCESS_ID and MM_JAX_INIT_TIMEOUT must be integers where numeric") from None
-  if not host or num < 1 or not 0 <= pid < num:
-    raise UserError(f"MM_JAX_COORDINATOR={address!r}, MM_JAX_NUM_PROCESSES={num}, MM_JAX_PROCESS_ID="
-                    f"{pid}: give host:port, a positive count and an id in [0, count)")
-  loopback = host in ("localhost", "::1", "[::1]") or host.startswith("127.")
-  try:
-    jax.distributed.initialize(
-        coordinator_address=address, num_processes=num, process_id=pid,
-        coordinator_bind_address=address if loopback else None,  # None: every interface
-        initialization_timeout=timeout, shutdown_timeout_seconds=min(timeout, 60))
-  except Exception as e:  # pylint: disable=broad-except  # jax raises XlaRuntimeError (deadline, ...)
-    raise UserError(f"process {pid} of {num} could not join the coordinator at {address} within "
-                    f"{timeout} s ({' '.join(str(e).split())[:200]}); start all {num} processes with the "
-                    "same MM_JAX_COORDINATOR, or raise MM_JAX_INIT_TIMEOUT") from None
+  if not host or not port.isdigit() or not all(v.isdigit() for v in values):
+    raise UserError(f"MM_JAX_COORDINATOR={address!r} must be host:port and MM_JAX_NUM_PROCESSES, "
+                    f"MM_JAX_PROCESS_ID, MM_JAX_INIT_TIMEOUT ({', '.join(values)}) must be integers")
+  num, pid, timeout = map(int, values)
+  if not 0 <= pid < num:
+    raise UserError(f"MM_JAX_PROCESS_ID={pid} with MM_JAX_NUM_PROCESSES={num}: give an id in [0, count)")
+  return address, num, pid, timeout
+
+
+def _wait_for(host: str, port: int, timeout: int, who: str) -> None:
+  """Returns once host:port accepts connections; UserError after `timeout` seconds."""
+  deadline = time.time() + timeout
+  while True:
+    try:
+      socket.create_connection((host, port), timeout=5).close()
+      return
+    except OSError as e:
+      if time.time() > deadline:
+        raise UserError(f"{who} could not reach the coordinator at {host}:{port} within {timeout} s "
+                        f"({e}); start process 0 with the same MM_JAX_COORDINATOR, or raise "
+                        "MM_JAX_INIT_TIMEOUT") from None
+      time.sleep(0.5)
 
 
 def _resolve(sizes: dict, n: int, where: str) -> dict:

@@ -5,7 +5,7 @@ r"""Input pipelines: (image, question, answer) -> batches of numpy arrays for th
   it = train_iterator(config, tok, source, process_index=jax.process_index(),
                       process_count=jax.process_count())
   batch = next(it)                          # Forever; it.get_state() / it.set_state(state), or orbax
-                                            # grain.checkpoint.CheckpointSave(it) / CheckpointRestore(it).
+                                            # IteratorSave(it) / IteratorRestore(it) (grain's format).
   for batch in eval_batches(config, tok, source_val, process_index=..., process_count=...): ...
 
 Every element is one (image, QA pair): element j of the split's index space is QA pair j % 4 of record
@@ -13,9 +13,12 @@ j // 4, so one epoch shows each pair exactly once. With data.caption_ratio > 0, 
 captioning elements follow (images spread evenly): prefix "what is there?", suffix the image's caption
 (PaliGemma-style task mixing: the caption names every shape's colour, kind and place, a dense
 grounding signal beside one-word answers; the ratio keeps its many tokens from swamping the answers
-in the token-mean loss). Train: the index space is sharded by process (strided,
-before shuffling), shuffled with `config.seed` and reshuffled every epoch, batched to
-b = global_batch_size // process_count:
+in the token-mean loss). Train: the index space is shuffled with `config.seed` and reshuffled every
+epoch, then cut into global batches of global_batch_size; process p of P takes rows [p*b, (p+1)*b) of
+each, b = global_batch_size // P, and decodes only those. So the global batch sequence is the same
+whatever the process count (the processes' batches, concatenated in order, are the 1-process batch;
+sharding.check_batch checks that the mesh places them so), and the iterator state (the global batch index) is
+too: a checkpoint written by P processes resumes with any other count (IteratorRestore). A batch:
 
   image      float32 [b, S, S, 3]  in [-1, 1] (all zeros if data.blind); S = data.image_size
   text       int32   [b, T]        [bos] question | answer [eos] | pad ...; T = data.text_len
@@ -28,11 +31,17 @@ valid bool [b] (False on the rows padding the last batch), and python lists ques
 (QUESTION_KINDS name) of length b ('' on padding rows). Padding rows carry the prefix [bos] alone
 (prefix_len 1), so no row is empty.
 """
+import dataclasses
+import json
 import math
 import os
+from typing import Any
 
+from etils import epath
 import grain
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from PIL import Image
 
 from mm_jax.data import shapes
@@ -71,17 +80,59 @@ def train_iterator(config, tokenizer: tokenizer_lib.Tokenizer, source, *, proces
 
 def shuffled_batches(config, num_elements: int, make_element, *, process_index: int,
                      process_count: int) -> grain.DatasetIterator:
-  """Elements make_element(j), j in [0, num_elements): this process's strided shard, shuffled with
-  config.seed and reshuffled every epoch, batched; endless, deterministic and checkpointable."""
-  batch_size = _local_batch_size(config.global_batch_size, process_count, "global_batch_size")
-  ds = grain.MapDataset.range(num_elements)
-  ds = ds[process_index::process_count]  # Disjoint strided shards that together cover the split.
-  ds = ds.shuffle(seed=config.seed).repeat(None)  # repeat() reseeds the shuffle every epoch.
-  ds = ds.map(make_element).batch(batch_size, drop_remainder=True)
+  """Elements make_element(j), j in [0, num_elements): shuffled with config.seed and reshuffled every
+  epoch, in global batches of config.global_batch_size of which this process makes its own block of
+  rows; endless, deterministic and checkpointable (the state is the global batch index)."""
+  size = config.global_batch_size
+  b = _local_batch_size(size, process_count, "global_batch_size")
+  ids = grain.MapDataset.range(num_elements).shuffle(seed=config.seed).repeat(None)  # reseeded per epoch
+  ds = ids.batch(size, drop_remainder=True).map(_Rows(make_element, process_index * b, b))
   threads = config.data.num_threads
   # Elements are computed by index, so the order never depends on thread timing.
   options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(1, 2 * threads))
   return iter(ds.to_iter_dataset(options))
+
+
+class _Rows:
+  """Global batch of element ids -> this process's rows [start, start + size), made and stacked."""
+
+  def __init__(self, make_element, start: int, size: int):
+    self._make, self._start, self._size = make_element, start, size
+
+  def __call__(self, ids_G: np.ndarray) -> dict[str, np.ndarray]:
+    rows = [self._make(j) for j in ids_G[self._start:self._start + self._size]]
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+class _IteratorHandler(grain.checkpoint.CheckpointHandler):
+  """grain's orbax handler (same files: process_I-of-N.json), whose restore also takes a state written
+  by another process count: the states are global batch indices, the same in every process."""
+
+  def restore(self, directory: epath.Path, item=None, args=None):
+    item = item or args.item
+    if (directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json").exists():
+      return super().restore(directory, item=item, args=args)
+    states = {p.read_text() for p in directory.glob("process_*-of-*.json")}
+    if len(states) != 1:
+      raise UserError(f"the data iterator states in {directory} are {len(states)} different ones; "
+                      "resume with the process count that wrote them")
+    item.set_state(json.loads(states.pop()))
+    item.start_prefetch()
+    return item
+
+
+@ocp.args.register_with_handler(_IteratorHandler, for_save=True)
+@dataclasses.dataclass
+class IteratorSave(ocp.args.CheckpointArgs):
+  """orbax args: save a train iterator (grain.checkpoint.CheckpointSave's format)."""
+  item: Any
+
+
+@ocp.args.register_with_handler(_IteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class IteratorRestore(ocp.args.CheckpointArgs):
+  """orbax args: restore a train iterator in place, whatever process count saved it."""
+  item: Any
 
 
 def eval_batches(config, tokenizer: tokenizer_lib.Tokenizer, source, *, process_index: int,
