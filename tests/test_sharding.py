@@ -195,3 +195,13 @@ def test_frozen_params_have_no_optimizer_state_and_scalars_are_replicated(test_c
   assert not [p for p, x in flat if "encoder" in jax.tree_util.keystr(p) and x.ndim]
   scalars = [x for _, x in flat if x.ndim == 0]
   assert scalars and all(x.sharding.spec == P() for x in scalars)
+
+
+def test_scanned_stacks_keep_the_layers_axis_replicated(test_config):
+  config = copy.deepcopy(test_config)
+  config.model.decoder.scan = config.model.encoder.scan = True
+  config.mesh.update(data=1, fsdp=4, tensor=2)
+  mm, _ = make_run(config, jax.devices(), vocab_size=64)
+  blocks = mm.param_shardings["decoder"]["blocks"]
+  assert blocks["attn"]["q"]["kernel"].spec == P(None, "fsdp", "tensor", None)  # (layers, embed, heads, hd)
+  assert mm.param_shardings["encoder"]["blocks"]["mlp_in"]["kernel"].spec == P(None, "fsdp", "tensor")
