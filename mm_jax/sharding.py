@@ -30,6 +30,9 @@ Multi-host: maybe_initialize_distributed() (every entry point calls it) reads th
   MM_JAX_NUM_PROCESSES=N          all three together; process 0 serves the coordinator at host:port
   MM_JAX_PROCESS_ID=i             (bound to host only when it is a loopback address)
   MM_JAX_INIT_TIMEOUT=300         seconds to wait for every process to join
+Each process feeds rows [p*b, (p+1)*b) of every global batch (b = global_batch_size / processes;
+data/pipeline.py), so the batch axes must split over the processes (tensor inside a host):
+check_batch says which setting to change otherwise.
 """
 import math
 import os
