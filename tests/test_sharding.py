@@ -76,6 +76,13 @@ def test_batch_not_divisible_by_data_parallel_size():
   sharding.check_batch(16, mesh)
 
 
+def test_batch_rows_not_split_by_process_is_an_error(monkeypatch):
+  mesh = sharding.make_mesh({"data": 8})
+  monkeypatch.setattr(jax, "process_count", lambda: 2)  # 2 processes, but every device in process 0
+  with pytest.raises(UserError, match="does not give each of the 2 processes its own 8 rows"):
+    sharding.check_batch(16, mesh)
+
+
 def test_rules_map_activations_and_unlisted_names():
   rules = load_config("test").axis_rules
   assert nn.logical_to_mesh_axes(("act_batch", "act_len", "act_heads", None), rules) == P(
