@@ -3,8 +3,9 @@ r"""(image, caption) pairs of the `shapes` dataset, for contrastive training and
   it = train_iterator(config, tok, source, process_index=..., process_count=...)  # as pipeline's
   for batch in eval_batches(config, tok, source, indices, process_index=..., process_count=...): ...
 
-Train: element j is record j of the split; the same sharding (strided by process, before shuffling),
-shuffling (config.seed, reshuffled every epoch), batching and checkpointing as pipeline.train_iterator.
+Train: element j is record j of the split; the same shuffling (config.seed, reshuffled every epoch),
+global batches (process p makes rows [p*b, (p+1)*b) of each) and checkpointing as
+pipeline.train_iterator.
 Batches of b = global_batch_size // process_count:
 
   image  float32 [b, S, S, 3]  in [-1, 1]; S = data.image_size
