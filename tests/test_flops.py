@@ -109,3 +109,15 @@ def test_forward_flops_match_xla_cost_analysis():
     fwd = jax.jit(functools.partial(state.forward, mm.model)).lower(mm.abstract_params, batch)
     xla = fwd.compile().cost_analysis()
   assert 1.0 <= xla["flops"] / flops.forward_flops(config, mm.abstract_params)["total"] <= 1.05
+
+
+@pytest.mark.parametrize("family", ["unified", "cross"])
+def test_scanned_layers_count_as_unrolled(family):
+  counts = []
+  for scan in (False, True):
+    config = load_config("test")
+    config.model.family, config.model.cross_every = family, 2
+    config.model.encoder.scan = config.model.decoder.scan = scan
+    config, mm, labels = _setup(config, FROZEN_LLM)
+    counts.append(flops.train_flops(config, mm.abstract_params, labels))
+  assert counts[0] == counts[1]

@@ -139,3 +139,23 @@ def test_plan_compiles_for_a_tpu_topology():
   assert report["device_kind"] == "TPU v5 lite" and report["mesh"]["fsdp"] == 16
   assert report["fits"] and report["hbm_bytes"] == int(15.75 * 2 ** 30)
   assert report["memory"]["argument_bytes"] >= report["memory"]["params_bytes"] > 0
+
+
+@pytest.mark.parametrize("name,arg,params,trainable", [
+    ("paligemma_3b", "", 2.923e9, 2.923e9), ("paligemma_3b", "448,frozen_encoder", 2.924e9, 2.511e9),
+    ("llava_7b", "", 7.050e9, 6.759e9), ("llava_7b", "stage1", 7.050e9, 0.021e9),
+    ("llava_7b", "all", 7.050e9, 7.050e9), ("llama32_vision_11b", "", 10.413e9, 2.383e9),
+    ("llama32_vision_11b", "oversized", 10.413e9, 10.413e9),
+])
+def test_large_configs_build_at_their_published_sizes(name, arg, params, trainable):
+  import jax  # pylint: disable=g-import-not-at-top
+  from mm_jax import flops, optim, sharding  # pylint: disable=g-import-not-at-top
+  from mm_jax.state import ModelOnMesh  # pylint: disable=g-import-not-at-top
+  config = load_config(arg, name)
+  assert config.model.decoder.scan and config.model.decoder.remat in ("full", "none")
+  mm = ModelOnMesh.create(config, plan.vocab_size(config), sharding.make_mesh(config.mesh, jax.devices()[:1]))
+  labels = optim.param_labels(mm.abstract_params, config.optim.rules)
+  sizes = [(p.size, lab) for p, lab in zip(jax.tree.leaves(mm.abstract_params), jax.tree.leaves(labels))]
+  assert sum(s for s, _ in sizes) == pytest.approx(params, rel=1e-3)
+  assert sum(s for s, lab in sizes if lab == "trainable") == pytest.approx(trainable, rel=2e-3)
+  assert flops.train_flops(config, mm.abstract_params, labels)["total"] > 0
