@@ -189,7 +189,7 @@ class Attention(nn.Module):
     """Returns (y_BxLxD, new_cache). With a cache, k/v are written at slots [cache_index, +L) of the
     cache (k/v: BxSxKxH) and queries attend over all S slots under the mask. With kv_BxSxD, keys and
     values come from it instead of x (attention pooling: one learned query over the features)."""
-    n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
+    n, k = self.num_heads, self.num_kv_heads
     if n % k:
       raise ValueError(f"num_heads={n} must be a multiple of num_kv_heads={k}")
     q_BxLxNxH = self._proj(n, "heads", "q")(x_BxLxD)
