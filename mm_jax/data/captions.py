@@ -13,27 +13,35 @@ Batches of b = global_batch_size // process_count:
 
 Eval yields the records `indices` once (this process's strided share), every process the same number
 of batches (the last padded): image, text as above, and index int32 [b], the record index (-1 on
-padding rows).
+padding rows), and skipped bool [b].
+
+Bad records follow data.bad_records (records.py): under "skip" a bad train element is replaced by the
+next good one (batch["skipped"] int32 [b] flags it), an eval row of a bad record is a padding row
+(index -1, skipped True), and captions() gives None for a bad record.
 """
 import math
 
 import numpy as np
 
 from mm_jax.data import pipeline
+from mm_jax.data import records as records_lib
 from mm_jax.data.pipeline import _image, _local_batch_size, _padded
-from mm_jax.errors import UserError
 
 
-def captions(source) -> list[str]:
-  """The caption of every record of the split, in order."""
-  return [source[i]["caption"].decode() for i in range(len(source))]
+def captions(source) -> list[str | None]:
+  """The caption of every record of the split, in order (None: a bad record, under skip)."""
+  out = []
+  for i in range(len(source)):
+    record = source.get(i)  # the source's policy: records.Records
+    out.append(None if record is None else record["caption"].decode())
+  return out
 
 
-def caption_tokens(tokenizer, caption: str, text_len: int, record: int) -> np.ndarray:
+def caption_tokens(tokenizer, caption: str, text_len: int, record: int, source) -> np.ndarray:
   ids = tokenizer.encode(caption) + [tokenizer.eos_id]
   if len(ids) > text_len:
-    raise UserError(f"the caption of record {record} ({caption!r}) needs {len(ids)} tokens with eos but "
-                    f"--config.data.text_len is {text_len}; set it to at least {len(ids)}")
+    raise source.bad(record, "caption", f"({caption!r}) needs {len(ids)} tokens with eos but "
+                     f"--config.data.text_len is {text_len}", f"set it to at least {len(ids)}")
   return _padded(ids, text_len)
 
 
@@ -47,7 +55,7 @@ class _Pair:
     record = self._source[int(j)]
     return dict(image=_image(record["image"], self._config),
                 text=caption_tokens(self._tokenizer, record["caption"].decode(),
-                                    self._config.data.text_len, int(j)))
+                                    self._config.data.text_len, int(j), self._source))
 
 
 def train_iterator(config, tokenizer, source, *, process_index: int, process_count: int):
@@ -64,10 +72,22 @@ def eval_batches(config, tokenizer, source, indices: list[int], *, process_index
   mine = list(indices[process_index::process_count])
   mine += [-1] * (num_batches * batch_size - len(mine))
   pair = _Pair(config, tokenizer, source)
+  skip = records_lib.policy(config.data) == "skip"
   size, text_len = config.data.image_size, config.data.text_len
   padding = dict(image=np.zeros([size, size, 3], np.float32), text=_padded([tokenizer.eos_id], text_len))
   for start in range(0, len(mine), batch_size):
-    chunk = mine[start:start + batch_size]
-    rows = [padding if j < 0 else pair(j) for j in chunk]
+    rows, index, skipped = [], [], []
+    for j in mine[start:start + batch_size]:
+      try:
+        rows.append(padding if j < 0 else pair(j))
+        index.append(j)
+        skipped.append(False)
+      except records_lib.BadRecord as e:
+        if not skip:
+          raise
+        records_lib.note_skipped(e)
+        rows.append(padding)
+        index.append(-1)
+        skipped.append(True)
     yield dict(image=np.stack([r["image"] for r in rows]), text=np.stack([r["text"] for r in rows]),
-               index=np.array(chunk, np.int32))
+               index=np.array(index, np.int32), skipped=np.array(skipped, bool))

@@ -28,8 +28,12 @@ too: a checkpoint written by P processes resumes with any other count (IteratorR
 
 Eval yields the prefix only: image, text ([bos] question | pad), mask_input, prefix_len int32 [b],
 valid bool [b] (False on the rows padding the last batch), and python lists question, answer, kind
-(QUESTION_KINDS name) of length b ('' on padding rows). Padding rows carry the prefix [bos] alone
-(prefix_len 1), so no row is empty.
+(QUESTION_KINDS name) of length b ('' on padding rows), and skipped bool [b]. Padding rows carry the
+prefix [bos] alone (prefix_len 1), so no row is empty.
+
+Bad records (undecodable, missing fields, text longer than data.text_len): data.bad_records, see
+records.py. Under "skip" train batches also carry skipped int32 [b] (1: the row replaced a bad
+element); eval rows of a bad element are padding rows (valid False) with skipped True.
 """
 import dataclasses
 import json
@@ -44,6 +48,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from PIL import Image
 
+from mm_jax.data import records as records_lib
 from mm_jax.data import shapes
 from mm_jax.data import tokenizer as tokenizer_lib
 from mm_jax.errors import UserError
@@ -52,11 +57,13 @@ QA_PER_IMAGE = len(shapes.QUESTION_KINDS)
 CAPTION_PROMPT = "what is there?"
 
 
-def open_source(config, split: str):
-  """Returns the random-access source of `split` ('train', 'validation', 'test'), built on first use."""
+def open_source(config, split: str) -> records_lib.Records:
+  """Returns the random-access source of `split` ('train', 'validation', 'test'), built on first use;
+  its items are checked records (a bad one raises records.BadRecord)."""
   if split not in shapes.SPLITS:
     raise UserError(f"unknown split {split!r}; use one of {', '.join(shapes.SPLITS)}")
-  return shapes.build(config.data).as_data_source()[split]
+  policy = records_lib.policy(config.data)
+  return records_lib.Records(shapes.build(config.data).as_data_source()[split], policy)
 
 
 def load_tokenizer(config) -> tokenizer_lib.Tokenizer:
@@ -86,7 +93,8 @@ def shuffled_batches(config, num_elements: int, make_element, *, process_index: 
   size = config.global_batch_size
   b = _local_batch_size(size, process_count, "global_batch_size")
   ids = grain.MapDataset.range(num_elements).shuffle(seed=config.seed).repeat(None)  # reseeded per epoch
-  ds = ids.batch(size, drop_remainder=True).map(_Rows(make_element, process_index * b, b))
+  make = records_lib.guarded(make_element, num_elements, records_lib.policy(config.data))
+  ds = ids.batch(size, drop_remainder=True).map(_Rows(make, process_index * b, b))
   threads = config.data.num_threads
   # Elements are computed by index, so the order never depends on thread timing.
   options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(1, 2 * threads))
@@ -147,7 +155,8 @@ def eval_batches(config, tokenizer: tokenizer_lib.Tokenizer, source, *, process_
   mine = list(range(process_index, num_pairs, process_count))
   mine += [None] * (num_batches * batch_size - len(mine))
   text_len, size = config.data.text_len, config.data.image_size
-  cached = (None, None)  # (record index, record): the 4 pairs of an image are read once.
+  skip = records_lib.policy(config.data) == "skip"
+  cached = (None, None)  # (record index, record or its BadRecord): the 4 pairs of an image read once
   for start in range(0, len(mine), batch_size):
     rows = []
     for j in mine[start:start + batch_size]:
@@ -156,15 +165,35 @@ def eval_batches(config, tokenizer: tokenizer_lib.Tokenizer, source, *, process_
         continue
       r, k = divmod(j, QA_PER_IMAGE)
       if cached[0] != r:
-        cached = (r, source[r])
-      question, answer = _qa(cached[1], k)
-      prefix = _prefix(tokenizer, question)
-      if len(prefix) > text_len:
-        raise _too_long(r, k, question, len(prefix), text_len)
-      rows.append(dict(image=_image(cached[1]["image"], config), text=_padded(prefix, text_len),
-                       mask_input=_mask(len(prefix), text_len), prefix_len=len(prefix),
-                       valid=True, question=question, answer=answer, kind=shapes.QUESTION_KINDS[k]))
+        cached = (r, _read(source, r))
+      try:
+        rows.append(_eval_row(config, tokenizer, source, r, k, cached[1]))
+      except records_lib.BadRecord as e:
+        if not skip:
+          raise
+        records_lib.note_skipped(e)
+        rows.append(dict(_eval_padding_row(tokenizer, text_len, size), skipped=True))
     yield _stack_eval(rows)
+
+
+def _read(source, r: int):
+  try:
+    return source[r]
+  except records_lib.BadRecord as e:
+    return e
+
+
+def _eval_row(config, tokenizer, source, r: int, k: int, record) -> dict:
+  if isinstance(record, records_lib.BadRecord):
+    raise record
+  question, answer = _qa(record, k)
+  prefix = _prefix(tokenizer, question)
+  text_len = config.data.text_len
+  if len(prefix) > text_len:
+    raise _too_long(source, r, k, question, len(prefix), text_len)
+  return dict(image=_image(record["image"], config), text=_padded(prefix, text_len),
+              mask_input=_mask(len(prefix), text_len), prefix_len=len(prefix), valid=True,
+              question=question, answer=answer, kind=shapes.QUESTION_KINDS[k], skipped=False)
 
 
 def _num_captions(config, num_images: int) -> int:
@@ -193,7 +222,7 @@ class _TrainExample:
     suffix = self._tokenizer.encode(answer) + [self._tokenizer.eos_id]
     n, text_len = len(prefix) + len(suffix), self._config.data.text_len
     if n > text_len:
-      raise _too_long(r, k, question, n, text_len)
+      raise _too_long(self._source, r, k, question, n, text_len, answer)
     is_prefix = np.arange(text_len) < len(prefix)
     is_real = np.arange(text_len) < n
     return dict(
@@ -219,9 +248,12 @@ def _prefix(tokenizer, question: str) -> list[int]:
   return [tokenizer.bos_id] + tokenizer.encode(question)
 
 
-def _too_long(r: int, k: int, question: str, n: int, text_len: int) -> UserError:
-  return UserError(f"record {r} (question {k}: {question!r}) needs {n} tokens but --config.data.text_len "
-                   f"is {text_len}; set --config.data.text_len to at least {n}")
+def _too_long(source, r: int, k: int, question: str, n: int, text_len: int,
+              answer: str | None = None) -> records_lib.BadRecord:
+  field = "caption" if k == QA_PER_IMAGE else f"questions[{k}]"
+  what = f"{question!r}" + ("" if answer is None else f" with its answer {answer!r}")
+  return source.bad(r, field, f"({what}) needs {n} tokens but --config.data.text_len is {text_len}",
+                    f"set it to at least {n}")
 
 
 def _padded(ids: list[int], length: int) -> np.ndarray:
@@ -247,7 +279,7 @@ def _image(image: np.ndarray, config) -> np.ndarray:
 def _eval_padding_row(tokenizer, text_len: int, size: int) -> dict:
   return dict(image=np.zeros([size, size, 3], np.float32), text=_padded([tokenizer.bos_id], text_len),
               mask_input=_mask(1, text_len), prefix_len=1, valid=False, question="", answer="",
-              kind="")
+              kind="", skipped=False)
 
 
 def _stack_eval(rows: list[dict]) -> dict:
@@ -257,6 +289,7 @@ def _stack_eval(rows: list[dict]) -> dict:
       mask_input=np.stack([r["mask_input"] for r in rows]),
       prefix_len=np.array([r["prefix_len"] for r in rows], np.int32),
       valid=np.array([r["valid"] for r in rows], bool),
+      skipped=np.array([r["skipped"] for r in rows], bool),
       question=[r["question"] for r in rows],
       answer=[r["answer"] for r in rows],
       kind=[r["kind"] for r in rows])

@@ -24,6 +24,7 @@ import collections
 import dataclasses
 import io
 import itertools
+import logging as std_logging
 import os
 from typing import NamedTuple
 
@@ -34,6 +35,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 import tensorflow_datasets as tfds
 
+from mm_jax.data import records
 from mm_jax.data import tokenizer as tokenizer_lib
 from mm_jax.errors import UserError
 
@@ -53,6 +55,18 @@ _JITTER = 3
 # so they are favoured whenever they are; this keeps the most common answer of each count template
 # near 1/3 (measured on 4000 scenes; uniform weights give 0.46).
 _COUNT_WEIGHTS = (1.0, 1.0, 4.0, 12.0, 40.0)
+
+
+class _TfdsNoise(std_logging.Filter):
+  """Drops two tfds warnings every run would print: the builder configs are custom by design, and PIL
+  decodes the small PNGs well without OpenCV. (tfds logs through absl's logger.)"""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(("Using custom data configuration",
+                                           "OpenCV is not installed"))
+
+
+std_logging.getLogger("absl").addFilter(_TfdsNoise())
 
 
 class Obj(NamedTuple):
@@ -250,7 +264,8 @@ def build(data_cfg) -> Shapes:
       builder.download_and_prepare(file_format="array_record")
     path = tokenizer_path(builder)
     if not os.path.exists(path):
-      tokenizer_lib.train(_texts(builder.as_data_source()["train"]), data_cfg.vocab_size, path)
+      train = records.Records(builder.as_data_source()["train"], records.policy(data_cfg))
+      tokenizer_lib.train(_texts(train), data_cfg.vocab_size, path)
     elif (size := tokenizer_lib.Tokenizer.load(path).vocab_size) > data_cfg.vocab_size:
       # vocab_size is not part of the data's identity: never silently use a bigger tokenizer.
       raise UserError(f"{path} has {size} pieces but data.vocab_size is {data_cfg.vocab_size}; set "
@@ -266,10 +281,11 @@ def tokenizer_path(builder: Shapes) -> str:
   return os.path.join(builder.data_dir, TOKENIZER_FILE)
 
 
-def _texts(source):
+def _texts(source: records.Records):
   for i in range(len(source)):
-    record = source[i]
-    yield from (t.decode() for t in (*record["questions"], *record["answers"], record["caption"]))
+    record = source.get(i)  # None: a bad record under data.bad_records=skip
+    if record is not None:
+      yield from (t.decode() for t in (*record["questions"], *record["answers"], record["caption"]))
 
 
 def _check_writable(data_dir: str) -> None:
