@@ -25,6 +25,13 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
   c.log_every = 50
   c.checkpoint_every = 500
   c.keep_checkpoints = 2
+  # Permanent checkpoints every checkpoint_every steps: the newest keep_checkpoints are kept, and every
+  # one at a multiple of keep_every (0: none). A temporary one after checkpoint_minutes without a save
+  # (0: never): only the newest is kept, until a newer checkpoint exists. Each step's manifest.json has
+  # every file's size and crc32 (checkpoint_checksums=False: sizes only, for huge ones on slow storage).
+  c.keep_every = 0
+  c.checkpoint_minutes = 10.0
+  c.checkpoint_checksums = True
 
   # Mesh axes; -1 takes the devices left over; dcn x data x fsdp x tensor must equal the device count.
   # Strategies (data parallel, FSDP, tensor, multi-slice dcn): the table in mm_jax/sharding.py.
@@ -58,6 +65,10 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
   c.data.blind = False               # replace every image by a constant
   c.data.caption_ratio = 1.0         # captioning elements per image mixed into training (0: off)
   c.data.num_threads = 2             # grain read threads
+  # A record that cannot be used (undecodable, a field missing or malformed, text longer than text_len):
+  # "fail" stops naming its split, index, field and the fix; "skip" replaces it by the next good element
+  # (batches keep their size, resumes stay bitwise) and counts data_skipped in the metrics.
+  c.data.bad_records = "fail"
 
   c.model = mlc.ConfigDict()
   # models.FAMILIES: unified (image tokens beside text tokens), cross (gated cross-attention), hybrid
@@ -121,6 +132,11 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
   # Ordered (regex, factor): the learning rate of matching trainable params times factor (first match
   # wins; the rest 1). E.g. a pretrained encoder fine-tuned gently: (("encoder/.*", 0.1),).
   c.optim.lr_scales = ()
+  # A step whose loss or gradients hold a NaN or Inf applies no update; then "stop": the run stops naming
+  # the step and the parameter groups (nothing saved after it); "skip": training goes on, counting
+  # skipped_steps in the metrics, until max_consecutive_skips of them come in a row.
+  c.optim.nonfinite = "stop"
+  c.optim.max_consecutive_skips = 10
 
   c.eval = mlc.ConfigDict()
   c.eval.batch_size = 256
