@@ -17,7 +17,7 @@ from absl import flags
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from mm_jax import cli, contrastive, data, sharding
+from mm_jax import cli, contrastive, data, sharding, validate
 from mm_jax.checkpoint import Checkpoints, OtherLayout, restore_params_by_name, workdir_path
 from mm_jax.decode import greedy_decode
 from mm_jax.errors import UserError
@@ -48,6 +48,7 @@ def evaluate(config: mlc.ConfigDict, workdir: str, split: str = "test", step: in
   """Runs the evaluator of the model's task (EVALUATORS); writes <workdir>/eval/<split>.json."""
   if split not in _SPLITS:
     raise UserError(f"unknown split {split!r}; use --split= one of {', '.join(_SPLITS)}")
+  validate.check_config(config, split, train=False)  # fields, text_len against the split
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.eval.batch_size, mesh, field="eval.batch_size")
   tokenizer, source = data.prepare(config, split)

@@ -14,7 +14,7 @@ import numpy as np
 from absl import flags, logging
 from ml_collections import config_flags
 
-from mm_jax import cli, data, optim, sharding
+from mm_jax import cli, data, optim, sharding, validate
 from mm_jax.checkpoint import Checkpoints, load_parts, plan_parts, signature, workdir_path
 from mm_jax.errors import UserError
 from mm_jax.metrics import MetricWriter, parameter_table
@@ -38,6 +38,7 @@ def initial_params(config: mlc.ConfigDict, mm: ModelOnMesh, parts=None, needed=N
 def train(config: mlc.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) training; returns the last logged metrics."""
   # 1. Everything that can fail on bad input, before the workdir is touched.
+  validate.check_config(config)  # fields, rules against the param tree, text_len against the data
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.global_batch_size, mesh)
   tokenizer, source = data.prepare(config, "train")
