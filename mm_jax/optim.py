@@ -10,10 +10,15 @@ gradients are never read (a global clip outside would keep the whole backward al
 learning rate of trainable parameters by group, e.g. (("encoder/.*", 0.1),) for a pretrained encoder
 fine-tuned more gently than the rest (PaliGemma; big_vision's lr_mults). The factor multiplies the
 AdamW update (weight decay included), after one global gradient clip over all trainable parameters.
+
+`config.optim.nonfinite` says what a step whose loss or trainable gradients hold a NaN or Inf does
+(NONFINITE); `param_groups` names the parameter groups such a step reports (mm_jax.state applies both).
 """
+import dataclasses
 import re
 
 import jax
+import jax.numpy as jnp
 import ml_collections as mlc
 import optax
 
@@ -98,6 +103,7 @@ def schedule(cfg: mlc.ConfigDict, total_steps: int) -> optax.Schedule:
 
 
 def make_optimizer(cfg: mlc.ConfigDict, total_steps: int, labels) -> optax.GradientTransformation:
+  nonfinite_policy(cfg)  # checked with the other optim fields, before anything is written
   # Weight decay on matrices only, not on norms, biases or position tables of rank 1.
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
   factors = lr_factors(labels, cfg.get("lr_scales", ()))
@@ -107,3 +113,85 @@ def make_optimizer(cfg: mlc.ConfigDict, total_steps: int, labels) -> optax.Gradi
                   mask=decay_mask),
       *([_scale_by_path(factors)] if factors else []))
   return optax.multi_transform({"trainable": trainable, "frozen": optax.set_to_zero()}, labels)
+
+
+# "stop": the bad step's update is dropped, the run stops at the next check (and never saves after it).
+# "skip": the update is dropped, the step counted, training goes on (up to max_consecutive_skips in a row).
+NONFINITE = ("stop", "skip")
+
+
+def nonfinite_policy(cfg: mlc.ConfigDict) -> tuple[str, int]:
+  """(optim.nonfinite, optim.max_consecutive_skips), checked; configs without them get ("stop", 10)."""
+  policy, max_skips = cfg.get("nonfinite", "stop"), cfg.get("max_consecutive_skips", 10)
+  if policy not in NONFINITE:
+    raise UserError(f"optim.nonfinite={policy!r} is unknown; use one of {NONFINITE} "
+                    "(--config.optim.nonfinite=...)")
+  if isinstance(max_skips, bool) or not isinstance(max_skips, int) or max_skips < 1:
+    raise UserError(f"optim.max_consecutive_skips={max_skips!r} must be an integer >= 1")
+  return policy, max_skips
+
+
+_SCANNED = re.compile(r"((?:.*/)?)blocks/.*")       # models/stack.py: a leading axis over the layers
+_UNROLLED = re.compile(r"((?:.*/)?block_\d+)/.*")
+
+
+def _natural(name: str):
+  return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamGroups:
+  """Parameter groups for reports: a layer ('decoder/block_1', also for a scanned stack's layer 1) or
+  the first two path components ('decoder/embedder', 'connector/proj', 'encoder/pos_embedding').
+
+  names: the groups in natural order; checked: whether each holds a trainable param; leaves: per param
+  (flattened order) its groups (one per layer for a scanned param, else one) and whether it is trainable.
+  """
+  names: tuple[str, ...]
+  checked: tuple[bool, ...]
+  leaves: tuple[tuple[tuple[int, ...], bool], ...]
+
+  def finite(self, grads) -> jax.Array:
+    """bool[len(names)]: whether each group's trainable gradients are all finite. Frozen gradients are
+    never read (XLA still drops their backward pass); their groups stay True."""
+    flags = [jnp.bool_(True)] * len(self.names)
+    for g, (groups, trainable) in zip(jax.tree.leaves(grads), self.leaves):
+      if not trainable:
+        continue
+      if len(groups) > 1:  # scanned: one flag per layer (reducing the other axes, no reshape/reshard)
+        per_layer = jnp.all(jnp.isfinite(g), axis=tuple(range(1, g.ndim)))
+        for i, index in enumerate(groups):
+          flags[index] = flags[index] & per_layer[i]
+      else:
+        flags[groups[0]] = flags[groups[0]] & jnp.all(jnp.isfinite(g))
+    return jnp.stack(flags)
+
+  def describe(self, bad) -> str:
+    """The names of the bad groups, 'decoder/block_1, connector/proj'; a subtree whose checked groups
+    are all bad is named alone ('encoder')."""
+    bad, shown = [bool(b) for b in bad], []
+    for top in dict.fromkeys(n.split("/")[0] for n in self.names):
+      mine = [i for i, n in enumerate(self.names) if n.split("/")[0] == top and self.checked[i]]
+      if len(mine) > 1 and all(bad[i] for i in mine):
+        shown.append(top)
+      else:
+        shown += [self.names[i] for i in mine if bad[i]]
+    return ", ".join(shown[:8]) + (f" and {len(shown) - 8} more" if len(shown) > 8 else "")
+
+
+def param_groups(params, labels) -> ParamGroups:
+  """The ParamGroups of `params` (arrays or ShapeDtypeStructs) labelled by param_labels."""
+  per_leaf = []  # the group names of each param
+  for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+    name = path_str(path)
+    scanned, unrolled = _SCANNED.fullmatch(name), _UNROLLED.fullmatch(name)
+    if scanned and x.ndim:
+      per_leaf.append([f"{scanned.group(1)}block_{i}" for i in range(x.shape[0])])
+    else:
+      per_leaf.append([unrolled.group(1) if unrolled else "/".join(name.split("/")[:2])])
+  names = tuple(sorted({n for groups in per_leaf for n in groups}, key=_natural))
+  index = {n: i for i, n in enumerate(names)}
+  trainable = [lab == "trainable" for lab in jax.tree.leaves(labels)]
+  leaves = tuple((tuple(index[n] for n in groups), t) for groups, t in zip(per_leaf, trainable))
+  checked = {i for groups, t in leaves if t for i in groups}
+  return ParamGroups(names, tuple(i in checked for i in range(len(names))), leaves)
