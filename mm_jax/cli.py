@@ -1,5 +1,6 @@
 """What every entry point shares: flag parsing whose errors are one line, quiet logs, multi-host init,
 and UserError -> one line on stderr and exit code 1 (nothing is written before inputs are checked)."""
+import os
 import re
 import sys
 from typing import Callable
@@ -19,12 +20,33 @@ def _one_line(e: BaseException) -> str:
   return " ".join(msg.split())
 
 
+def _config_load_error(prog: str, argv: list[str], raised: BaseException | None = None) -> None:
+  """Exits with one line if --config's file failed to load (ml_collections defers that error to the
+  first attribute access, e.g. while applying a --config.x=y override)."""
+  value = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
+  if type(value).__name__ == "_ErrorConfig":
+    error = object.__getattribute__(value, "_error")
+    error = error.__cause__ or error
+  elif raised is not None and "failure to load" in str(raised):
+    error = raised
+  else:
+    return
+  path = ([a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")] or ["?"])[-1]
+  cause = "no such file" if not os.path.exists(path.split(":")[0]) else _one_line(error)
+  sys.exit(f"{prog}: error: --config={path}: the config file cannot be loaded ({cause[:200]}); "
+           "give a path like configs/shapes_tiny.py[:variant]")
+
+
 def _parse_flags(prog: str, argv: list[str]) -> list[str]:
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
   except flags.Error as e:
     sys.exit(f"{prog}: error: {_one_line(e)}")
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
+  except (ImportError, SyntaxError, NameError) as e:  # raised by the config file itself
+    sys.exit(f"{prog}: error: the config file cannot be loaded ({type(e).__name__}: {_one_line(e)}); "
+             "fix it, or give another --config")
+  except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+    _config_load_error(prog, argv, e)
     # A --config.a.b=v override that names no field or has a value of the wrong type (ml_collections
     # raises these while applying overrides during parsing).
     overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
@@ -33,6 +55,8 @@ def _parse_flags(prog: str, argv: list[str]) -> list[str]:
     named = [o for o in overrides if o.rsplit(".", 1)[-1] == key] or overrides
     sys.exit(f"{prog}: error: {', '.join(named)} names no field of the config ({detail}); "
              "the config file lists its fields")
+  _config_load_error(prog, argv)
+  return rest
 
 
 def run(prog: str, main: Callable[[], None]) -> None:

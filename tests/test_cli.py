@@ -76,6 +76,10 @@ BAD_INPUTS = {
         "train", ["--config.global_batch_size=12"], "not divisible by the data-parallel size 8"),
     "eval with no checkpoint": (
         "eval", [], "no checkpoint in"),
+    "config file missing": (
+        "train", ["--config=configs/nope.py"], "configs/nope.py: the config file cannot be loaded (no such file)"),
+    "config file that fails to import": (
+        "train", ["--config={broken}"], "the config file cannot be loaded (ImportError: no module"),
 }
 
 
@@ -89,7 +93,9 @@ def test_bad_input_one_line_nonzero_exit_workdir_unchanged(name, trained_workdir
     (workdir / "notes.txt").write_text("mine")
   a_file = tmp_path / "a_file"
   a_file.write_text("not a directory")
-  overrides = [o.format(file=a_file) for o in overrides]
+  broken = tmp_path / "broken_config.py"
+  broken.write_text("raise ImportError('no module for this config')\n")
+  overrides = [o.format(file=a_file, broken=broken) for o in overrides]
   before = _snapshot(workdir)
   r = _run(_cmd(module, workdir, test_config.data.data_dir, *overrides))
   assert r.returncode != 0
