@@ -71,23 +71,25 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict:
   writer = MetricWriter(workdir_path(workdir), config.total_steps)
 
   # 3. The loop. Only log steps read values back to the host.
-  metrics = {}
+  metrics, skips = {}, data.SkipMeter(config)  # data.bad_records=skip: replaced rows, per log interval
   step = int(state["step"])
-  while step < config.total_steps:
-    state, out = train_step(state, sharding.to_global(next(data_iter), mesh))
-    step += 1
-    if step % config.log_every == 0 or step == config.total_steps:
-      loss = float(out["loss"])
-      if not np.isfinite(loss):
-        raise UserError(f"the loss is {loss} at step {step}; nothing was saved after the last "
-                        "checkpoint; lower --config.optim.lr or check the data")
-      metrics = {"loss": loss, "lr": float(lr_at(step - 1))}
-      writer.write(step, metrics)
-    if step % config.checkpoint_every == 0 or step == config.total_steps:
-      ckpt.save(step, state, data_iter, config)
-  ckpt.wait()
-  ckpt.close()
-  writer.close()
+  try:
+    while step < config.total_steps:
+      state, out = train_step(state, skips.add(sharding.to_global(next(data_iter), mesh)))
+      step += 1
+      if step % config.log_every == 0 or step == config.total_steps:
+        loss = float(out["loss"])
+        if not np.isfinite(loss):
+          raise UserError(f"the loss is {loss} at step {step}; nothing was saved after the last "
+                          "checkpoint; lower --config.optim.lr or check the data")
+        metrics = {"loss": loss, "lr": float(lr_at(step - 1)), **skips.pop()}
+        writer.write(step, metrics)
+      if step % config.checkpoint_every == 0 or step == config.total_steps:
+        ckpt.save(step, state, data_iter, config)
+  finally:  # also when a fault stops the run: an async save in flight finishes before the exit
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
   return metrics
 
 
