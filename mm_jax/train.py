@@ -4,19 +4,36 @@ r"""Trains a model described by a config: one trainer for every family and stage
   python -m mm_jax.train --config=configs/shapes_tiny.py:blind --workdir=workdirs/blind \
       --config.total_steps=500 --config.optim.lr=1e-3
 
-Resumes from the newest checkpoint in <workdir>/checkpoints when there is one (same command again).
+Resumes from the newest complete checkpoint in <workdir>/checkpoints when there is one (same command
+again); damaged ones newer than it are moved to checkpoints/damaged/, each with a line saying why.
 Writes <workdir>/checkpoints, <workdir>/metrics.jsonl and TensorBoard events in <workdir>/tensorboard.
 Every input is checked before anything is written; bad input exits with one line naming the fix.
+
+Reliability (mm_jax.checkpoint and mm_jax.integrity have the details):
+  - One trainer per workdir (<workdir>/.lock): a second one exits 1 naming the holder, writing nothing.
+  - SIGTERM: the current step finishes, a checkpoint is saved and the process exits 0 saying so; the same
+    command resumes. Several processes stop at one step: jax's preemption sync point.
+  - Checkpoints: permanent every checkpoint_every steps (the newest keep_checkpoints kept, and every one
+    at a multiple of keep_every), temporary after checkpoint_minutes without a save (only the newest
+    kept, until a newer checkpoint exists). A save that fails (e.g. a full disk) stops the run with one
+    line; the earlier checkpoints stay restorable.
 """
+import contextlib
+import signal
+import threading
+import time
+
 import jax
 import ml_collections as mlc
 import numpy as np
 from absl import flags, logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from mm_jax import cli, data, optim, sharding, validate
 from mm_jax.checkpoint import Checkpoints, load_parts, plan_parts, signature, workdir_path
 from mm_jax.errors import UserError
+from mm_jax.integrity import WorkdirLock
 from mm_jax.metrics import MetricWriter, parameter_table
 from mm_jax.models import CONNECTORS, FAMILIES
 from mm_jax.state import TASKS, ModelOnMesh
@@ -35,8 +52,95 @@ def initial_params(config: mlc.ConfigDict, mm: ModelOnMesh, parts=None, needed=N
   return load_parts(parts, params) if parts else params
 
 
+class Preempted(SystemExit):
+  """Raised once a preemption's checkpoint is saved: a SystemExit with code 0, so the command exits 0
+  (and a recipe or sweep running train() in-process stops too; the same command resumes it)."""
+
+  def __init__(self, step: int):
+    super().__init__(0)
+    self.step = step
+
+
+class _Preemption:
+  """SIGTERM asks the loop to stop after the current step; the handler only sets a flag.
+
+  Several processes: jax's preemption sync point tells every process to stop at the same step (jax
+  installs its own SIGTERM handler with jax.distributed, which a Python one would replace). Without
+  jax's preemption service, the processes agree on their flags at log steps.
+  """
+
+  def __init__(self):
+    self.signal = None
+    self._sync = jax.process_count() > 1 and jax.config.jax_enable_preemption_service
+    self._installed = not self._sync and threading.current_thread() is threading.main_thread()
+    if self._installed:
+      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+  def _on_signal(self, signum, frame):  # pylint: disable=unused-argument
+    self.signal = signal.Signals(signum).name
+
+  def requested(self, step: int, log_step: bool) -> bool:
+    if self._sync:
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.signal = "SIGTERM"  # the notice jax listens for
+      return self.signal is not None
+    if jax.process_count() > 1:
+      return log_step and bool(np.any(multihost_utils.process_allgather(np.int32(bool(self.signal)))))
+    return self.signal is not None
+
+  def close(self) -> None:
+    if self._installed:  # None: the previous handler was not set from Python; the default then
+      signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
+      self._installed = False
+
+
+def _checkpoint_fields(config: mlc.ConfigDict) -> dict:
+  """Checkpoints' retention and integrity options, checked (.get: configs written before they existed)."""
+  out = dict(keep=config.keep_checkpoints, keep_every=config.get("keep_every", 0),
+             checksums=config.get("checkpoint_checksums", True))
+  minutes = config.get("checkpoint_minutes", 0)
+  for name, v in (("keep_every", out["keep_every"]), ("checkpoint_minutes", minutes)):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+      raise UserError(f"{name}={v!r} must be a number >= 0 (0: off); set --config.{name}")
+  if not isinstance(out["checksums"], bool):
+    raise UserError(f"checkpoint_checksums={out['checksums']!r} must be True or False; set "
+                    "--config.checkpoint_checksums")
+  return out
+
+
+def _temporary_due(config: mlc.ConfigDict, ckpt: Checkpoints, step: int) -> bool:
+  """checkpoint_minutes since the last save started. Several processes decide at log steps only (process
+  0's clock, broadcast where the loop syncs anyway)."""
+  minutes = config.get("checkpoint_minutes", 0)
+  if not minutes:
+    return False
+  due = time.monotonic() - ckpt.last_save_time >= 60 * minutes
+  if jax.process_count() > 1:
+    return step % config.log_every == 0 and bool(multihost_utils.broadcast_one_to_all(int(due)))
+  return due
+
+
+def _stop_preempted(preemption, step, state, data_iter, config, ckpt, mm) -> None:
+  """Saves the state of `step` (unless just saved), waits for the commit, says so and raises Preempted."""
+  if ckpt.last_saved_step != step:
+    mm.check_numerics(state, ckpt)
+    ckpt.save(step, state, data_iter, config, temporary=True)
+  ckpt.wait()
+  if jax.process_index() == 0:
+    print(f"Preempted ({preemption.signal}) at step {step}: saved a checkpoint; run the same command "
+          "to resume.", flush=True)
+  raise Preempted(step)
+
+
 def train(config: mlc.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) training; returns the last logged metrics."""
+  """Runs (or resumes) training; returns the last logged metrics. On SIGTERM: saves, then Preempted."""
+  with contextlib.ExitStack() as stack:  # lets go of what the run holds, however it ends
+    preemption = _Preemption()
+    stack.callback(preemption.close)
+    return _train(config, workdir, stack, preemption)
+
+
+def _train(config: mlc.ConfigDict, workdir: str, stack: contextlib.ExitStack, preemption) -> dict:
   # 1. Everything that can fail on bad input, before the workdir is touched.
   validate.check_config(config)  # fields, rules against the param tree, text_len against the data
   mesh = sharding.make_mesh(config.mesh)
@@ -46,8 +150,15 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict:
   TASKS[mm.model.task].check(config)  # the task's loss fields (optim.loss_norm, optim.loss)
   labels = optim.param_labels(mm.abstract_params, config.optim.rules)
   tx = optim.make_optimizer(config.optim, config.total_steps, labels)
+  ckpt_options = _checkpoint_fields(config)
+  lock = WorkdirLock(workdir_path(workdir))  # taken here if its file exists (writing nothing), else in 2.
+  stack.callback(lock.release)
+  lock.acquire(create=False)
   existing = Checkpoints(workdir, read_only=True)
-  resume_step = existing.latest_step()
+  resume_step, damaged = existing.newest_good()
+  if damaged and resume_step is None:
+    raise UserError(f"no complete checkpoint in {existing.directory} (" + "; ".join(
+        f"step {s}: {why}" for s, why in damaged) + "); move them away or use another --workdir")
   if resume_step is not None:
     existing.check_compatible(resume_step, mm.abstract_params)
   existing.close()
@@ -55,11 +166,18 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict:
 
   # 2. Build the run.
   workdir_path(workdir).mkdir(parents=True, exist_ok=True)
-  ckpt = Checkpoints(workdir, keep=config.keep_checkpoints)
+  lock.acquire(create=True)
+  if damaged:  # newer than resume_step: out of the way of the saves that will write them again
+    aside = existing.move_aside([s for s, _ in damaged])
+    for s, why in damaged:
+      if jax.process_index() == 0:
+        print(f"Skipped the checkpoint at step {s}: {why}; moved it to {aside}.", flush=True)
+  ckpt = Checkpoints(workdir, **ckpt_options)
+  stack.callback(ckpt.close, quiet=True)  # on an error: the save in flight completes first
   data_iter = data.TRAIN_ITERATORS[mm.model.task](
       config, tokenizer, source, process_index=jax.process_index(), process_count=jax.process_count())
   if resume_step is not None:
-    state = ckpt.restore(resume_step, mm.abstract_train_state(tx), data_iter)
+    state = ckpt.restore(resume_step, mm.abstract_train_state(tx), data_iter, verified=True)
     logging.info("Resumed from step %d of %s", resume_step, ckpt.directory)
     print(f"Resuming from the checkpoint at step {resume_step}.", flush=True)
   else:
@@ -69,27 +187,31 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict:
   train_step = mm.make_train_step(tx)
   lr_at = optim.schedule(config.optim, config.total_steps)
   writer = MetricWriter(workdir_path(workdir), config.total_steps)
+  stack.callback(writer.close)
 
   # 3. The loop. Only log steps read values back to the host.
   metrics, skips = {}, data.SkipMeter(config)  # data.bad_records=skip: replaced rows, per log interval
   step = int(state["step"])
-  try:
-    while step < config.total_steps:
-      state, out = train_step(state, skips.add(sharding.to_global(next(data_iter), mesh)))
-      step += 1
-      if step % config.log_every == 0 or step == config.total_steps:
-        loss = float(out["loss"])
-        if not np.isfinite(loss):
-          raise UserError(f"the loss is {loss} at step {step}; nothing was saved after the last "
-                          "checkpoint; lower --config.optim.lr or check the data")
-        metrics = {"loss": loss, "lr": float(lr_at(step - 1)), **skips.pop()}
-        writer.write(step, metrics)
-      if step % config.checkpoint_every == 0 or step == config.total_steps:
-        ckpt.save(step, state, data_iter, config)
-  finally:  # also when a fault stops the run: an async save in flight finishes before the exit
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
+  while step < config.total_steps:
+    state, out = train_step(state, skips.add(sharding.to_global(next(data_iter), mesh)))
+    step += 1
+    if step % config.log_every == 0 or step % config.checkpoint_every == 0 or step == config.total_steps:
+      numerics = mm.check_numerics(state, ckpt)  # a non-finite step stops the run here, before a save
+    if step % config.log_every == 0 or step == config.total_steps:
+      loss = float(out["loss"])
+      metrics = {"loss": loss, "lr": float(lr_at(step - 1)), **skips.pop(), **numerics}
+      writer.write(step, metrics)
+    if step % config.checkpoint_every == 0 or step == config.total_steps:
+      ckpt.save(step, state, data_iter, config)
+    elif _temporary_due(config, ckpt, step):
+      mm.check_numerics(state, ckpt)
+      ckpt.save(step, state, data_iter, config, temporary=True)
+    ckpt.poll()  # a save done in the background: its failure stops the run now
+    if step < config.total_steps and preemption.requested(step, step % config.log_every == 0):
+      _stop_preempted(preemption, step, state, data_iter, config, ckpt, mm)
+  ckpt.wait()
+  ckpt.close()
+  writer.close()
   return metrics
 
 
