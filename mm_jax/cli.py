@@ -9,6 +9,7 @@ from absl import app, flags, logging
 
 from mm_jax import sharding
 from mm_jax.errors import UserError
+from mm_jax.integrity import SaveFailed
 
 
 def _one_line(e: BaseException) -> str:
@@ -70,6 +71,17 @@ def run(prog: str, main: Callable[[], None]) -> None:
     try:
       sharding.maybe_initialize_distributed()  # MM_JAX_* environment (sharding's docstring)
       main()
+    except SaveFailed as e:
+      # orbax's other writes of the failed save go on failing in background threads, which print
+      # tracebacks until the process ends: those threads are silenced (stderr to /dev/null) and the
+      # process ends at once, so the error is the last line. Nothing is left to write: the lock and the
+      # checkpoint manager were released as the run unwound.
+      sys.stdout.flush()
+      sys.stderr.flush()
+      stderr = os.dup(2)
+      os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+      os.write(stderr, f"\n{prog}: error: {e}\n".encode())  # on a line of its own
+      os._exit(1)  # pylint: disable=protected-access
     except UserError as e:
       sys.exit(f"{prog}: error: {e}")
 

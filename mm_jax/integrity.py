@@ -13,6 +13,7 @@ included), so a killed run never blocks its own resume.
 import fcntl
 import json
 import os
+import re
 import socket
 import time
 import zlib
@@ -81,6 +82,10 @@ class SaveFailed(UserError):
 def short_error(e: BaseException) -> str:
   """An orbax / tensorstore error on one short line (their messages embed whole tensorstore specs)."""
   msg = " ".join(str(e).split()).split(" [tensorstore_spec=")[0] or type(e).__name__
+  # tensorstore puts the OS's reason last, after long paths: brought to the front so it survives the cut
+  os_error = re.search(r":\s*([^:\[]+?)\s*\[os_error_code='?(\d+)", msg)
+  if os_error and not msg.startswith("[Errno"):
+    msg = f"[Errno {os_error.group(2)}] {os_error.group(1)}: {msg}"
   return msg if len(msg) <= 300 else msg[:300] + "..."
 
 
