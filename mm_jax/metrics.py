@@ -3,12 +3,26 @@
 Only process 0 writes. Also the parameter table printed at start.
 """
 import json
+import sys
 import time
 
 import jax
-import tensorboardX
 from absl import logging
 from etils import epath
+
+
+def _import_tensorboardx():
+  """tensorboardX imports torch where it is installed (a second of every start, only so that it can
+  take torch tensors); our scalars are floats, so torch is hidden from that one import."""
+  if "torch" in sys.modules:
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+    return tensorboardX
+  sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX expects
+  try:
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+  finally:
+    del sys.modules["torch"]
+  return tensorboardX
 
 
 class MetricWriter:
@@ -18,7 +32,7 @@ class MetricWriter:
     self._total = total_steps
     self._t0 = self._step0 = None
     if self._primary:
-      self._tb = tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
+      self._tb = _import_tensorboardx().SummaryWriter(str(workdir / "tensorboard"))
       self._jsonl = (workdir / "metrics.jsonl").open("a")
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
