@@ -323,10 +323,41 @@ class Checkpoints:
     verified: the caller has just checked the step (newest_good), so its files are not read twice."""
     if not verified:
       self.check_complete(step)
+    numerics = None
+    if self.check_state(step, abstract_state):  # written before the run kept a numerics state
+      numerics = abstract_state["numerics"]  # (state.py): it starts from zeros
+      abstract_state = {k: v for k, v in abstract_state.items() if k != "numerics"}
     r = self._mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
         data=pipeline.IteratorRestore(data_iterator)))
-    return r.state
+    state = dict(r.state)
+    if numerics is not None:
+      state["numerics"] = jax.tree.map(
+          lambda a: jax.device_put(jnp.zeros(a.shape, a.dtype), a.sharding), numerics)
+    return state
+
+  def check_state(self, step: int, abstract_state) -> bool:
+    """Raises UserError if the saved training state has other arrays than this run's (the params are
+    checked by check_compatible, so the optimizer or its rules changed). Returns True if it lacks only
+    state["numerics"] (written before runs kept one)."""
+    tree = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state").tree
+    saved = {x.name: tuple(x.shape) for x in jax.tree.leaves(tree) if hasattr(x, "shape")}
+    old = "numerics" in abstract_state and not any(k.startswith("numerics.") for k in saved)
+    if old:
+      abstract_state = {k: v for k, v in abstract_state.items() if k != "numerics"}
+    now = {".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path):
+           tuple(x.shape) for path, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+    diff = sorted(set(saved) ^ set(now)) + sorted(k for k in set(saved) & set(now) if saved[k] != now[k])
+    if diff:
+      first = diff[0]
+      where = lambda d: f"shape {list(d[first])}" if first in d else "absent"
+      raise UserError(
+          f"the checkpoint at step {step} in {self.directory} holds another optimizer state than this "
+          f"config makes: {len(diff)} arrays differ (first: {first}: {where(saved)} in the checkpoint, "
+          f"{where(now)} in this config); the optimizer or optim.rules changed since it was written. "
+          f"Resume with the config that wrote it, or start a new --workdir from its params with "
+          f"--config.init.parts=\"(('{self.directory.parent}', '', ''),)\"")
+    return old
 
   def restore_params(self, step: int, abstract_params) -> dict:
     """Only the params (no optimizer state is read), onto the shardings of `abstract_params`; a subtree

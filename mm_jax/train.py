@@ -161,6 +161,7 @@ def _train(config: mlc.ConfigDict, workdir: str, stack: contextlib.ExitStack, pr
         f"step {s}: {why}" for s, why in damaged) + "); move them away or use another --workdir")
   if resume_step is not None:
     existing.check_compatible(resume_step, mm.abstract_params)
+    existing.check_state(resume_step, mm.abstract_train_state(tx))  # e.g. optim.rules changed
   existing.close()
   parts = plan_parts(config.init.parts, mm.abstract_params) if resume_step is None else []
 

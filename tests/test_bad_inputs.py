@@ -91,6 +91,9 @@ CASES = {
     "resume with the other layer layout": bad(
         _train("--config.model.decoder.scan=True"),
         "stores the layers of decoder unrolled, this config has them scanned"),
+    "resume with other freeze rules": bad(
+        _train("--config.optim.rules=(('encoder/.*','frozen'),('.*','trainable'))"),
+        "holds another optimizer state than this config makes"),
     "init.parts from a dir without a checkpoint": bad(
         _train("--config.init.parts=(('{tmp}/nothing','',''),)", workdir="fresh"),
         "init.parts: no checkpoint in"),

@@ -83,6 +83,45 @@ def test_other_architecture_is_refused(test_config, tokenizer, train_source, tmp
     Checkpoints(tmp_path, read_only=True).check_compatible(1, mm.abstract_params)
 
 
+def test_changed_optim_rules_are_refused_in_one_line(test_config, tokenizer, train_source, tmp_path):
+  config = copy.deepcopy(test_config)
+  _trained(config, jax.devices()[:1], tokenizer, train_source, tmp_path, steps=1)
+  config.optim.rules = (("decoder/.*", "frozen"), (".*", "trainable"))  # no Adam moments for the LLM
+  mm, tx = make_run(config, jax.devices()[:1], tokenizer.vocab_size)
+  ckpt = Checkpoints(tmp_path, read_only=True)
+  ckpt.check_compatible(1, mm.abstract_params)  # the params are the same
+  with pytest.raises(UserError, match=r"holds another optimizer state than this config makes: \d+ arrays "
+                                      r"differ \(first: opt_state\.\S+decoder\S+: shape \[.*\] in the "
+                                      r"checkpoint, absent in this config\); the optimizer or optim.rules "
+                                      r"changed") as e:
+    ckpt.restore(1, mm.abstract_train_state(tx), _iterator(config, tokenizer, train_source))
+  assert "\n" not in str(e.value) and "init.parts" in str(e.value)
+
+
+def test_a_checkpoint_without_the_numerics_state_resumes_with_zeros(test_config, tokenizer, train_source,
+                                                                     tmp_path):
+  """Checkpoints written before the run kept state["numerics"] still resume."""
+  config = copy.deepcopy(test_config)
+  mm, tx = make_run(config, jax.devices()[:1], tokenizer.vocab_size)
+  state, it = mm.init_train_state(tx, seed=0), _iterator(config, tokenizer, train_source)
+  state, _ = mm.make_train_step(tx)(state, sharding.to_global(next(it), mm.mesh))
+  old = {k: v for k, v in state.items() if k != "numerics"}
+  saved = _host(old)
+  ckpt = Checkpoints(tmp_path)
+  ckpt.save(1, old, it, config)
+  ckpt.close()
+  restored = Checkpoints(tmp_path, read_only=True).restore(
+      1, mm.abstract_train_state(tx), _iterator(config, tokenizer, train_source))
+  jax.tree.map(np.testing.assert_array_equal, saved["params"], _host(restored["params"]))
+  jax.tree.map(np.testing.assert_array_equal, saved["opt_state"], _host(restored["opt_state"]))
+  assert set(restored["numerics"]) == set(state["numerics"])
+  for name, x in restored["numerics"].items():
+    assert x.shape == state["numerics"][name].shape and not np.asarray(x).any(), name
+  # and training goes on from it
+  _, out = mm.make_train_step(tx)(restored, sharding.to_global(next(it), mm.mesh))
+  assert np.isfinite(float(out["loss"]))
+
+
 def test_read_only_on_a_missing_workdir_creates_nothing(tmp_path):
   ckpt = Checkpoints(tmp_path / "absent", read_only=True)
   assert ckpt.latest_step() is None and ckpt.all_steps() == []
