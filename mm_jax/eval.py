@@ -18,9 +18,10 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from mm_jax import cli, contrastive, data, sharding, validate
-from mm_jax.checkpoint import Checkpoints, OtherLayout, restore_params_by_name, workdir_path
+from mm_jax.checkpoint import Checkpoints, OtherLayout, workdir_path
 from mm_jax.decode import greedy_decode
 from mm_jax.errors import UserError
+from mm_jax.parts import restore_params_by_name
 from mm_jax.state import ModelOnMesh
 
 _SPLITS = ("train", "validation", "test")

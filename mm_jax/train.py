@@ -31,10 +31,11 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from mm_jax import cli, data, optim, sharding, validate
-from mm_jax.checkpoint import Checkpoints, load_parts, plan_parts, signature, workdir_path
+from mm_jax.checkpoint import Checkpoints, signature, workdir_path
 from mm_jax.errors import UserError
 from mm_jax.integrity import WorkdirLock
 from mm_jax.metrics import MetricWriter, parameter_table
+from mm_jax.parts import load_parts, plan_parts
 from mm_jax.models import CONNECTORS, FAMILIES
 from mm_jax.state import TASKS, ModelOnMesh
 

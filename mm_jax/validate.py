@@ -12,7 +12,7 @@ split's elements need (the longest one), and model.image_position against the sh
 Not repeated, only called where they already are (with their own messages): the registries (family,
 connector, dtypes, remat, optim.loss_norm / loss), the mesh against the device count and the batch
 against the data-parallel size (sharding), uncovered params and malformed rules / lr_scales (optim),
-init.parts against the model's shapes (checkpoint.plan_parts), the tokenizer's size against the
+init.parts against the model's shapes (parts.plan_parts), the tokenizer's size against the
 vocabulary (models), the dataset's sizes and data_dir (data.shapes).
 """
 import math

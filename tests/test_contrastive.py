@@ -111,7 +111,8 @@ def test_train_eval_and_load_the_encoder_into_the_unified_model(test_config, tmp
   assert 0 < result["num_examples"] <= 16 and 0.0 <= result["i2t_recall@1"] <= 1.0
   assert "i2t_recall@1" in r.stdout
   # The unified model reads this encoder by name (init.parts), and nothing else.
-  from mm_jax.checkpoint import Checkpoints, load_parts, plan_parts  # pylint: disable=g-import-not-at-top
+  from mm_jax.checkpoint import Checkpoints  # pylint: disable=g-import-not-at-top
+  from mm_jax.parts import load_parts, plan_parts  # pylint: disable=g-import-not-at-top
   config = copy.deepcopy(test_config)
   mm, _ = make_run(config, jax.devices()[:1], vocab_size=64)
   plans = plan_parts(((str(tmp_path), "encoder/", "encoder/"),), mm.abstract_params)

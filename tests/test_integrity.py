@@ -13,7 +13,8 @@ import pytest
 
 from conftest import make_run
 from mm_jax import integrity, sharding
-from mm_jax.checkpoint import Checkpoints, plan_parts
+from mm_jax.checkpoint import Checkpoints
+from mm_jax.parts import plan_parts
 from mm_jax.data import pipeline
 from mm_jax.errors import UserError
 from mm_jax.integrity import MANIFEST, SaveFailed, WorkdirLock
