@@ -23,6 +23,9 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
   c.total_steps = 3000
   c.global_batch_size = 64
   c.log_every = 50
+  # Peak FLOP/s per device for the logged mfu; 0: the datasheet's for the device kind and model.dtype
+  # (mm_jax/mfu.py's table), measured by a matmul on CPU or an unknown kind.
+  c.mfu_peak_flops = 0.0
   c.checkpoint_every = 500
   c.keep_checkpoints = 2
   # Permanent checkpoints every checkpoint_every steps: the newest keep_checkpoints are kept, and every

@@ -5,6 +5,7 @@ Only process 0 writes. Also the parameter table printed at start.
 import json
 import sys
 import time
+from typing import Callable
 
 import jax
 from absl import logging
@@ -26,17 +27,22 @@ def _import_tensorboardx():
 
 
 class MetricWriter:
+  """throughput: steps/s -> more metrics (mfu.Throughput: tokens_per_s, mfu), called by process 0 only
+  (the only writer) at each log step that knows its steps/s."""
 
-  def __init__(self, workdir: epath.Path, total_steps: int):
+  def __init__(self, workdir: epath.Path, total_steps: int,
+               throughput: Callable[[float], dict[str, float]] | None = None):
     self._primary = jax.process_index() == 0
     self._total = total_steps
+    self._throughput = throughput
     self._t0 = self._step0 = None
     if self._primary:
       self._tb = _import_tensorboardx().SummaryWriter(str(workdir / "tensorboard"))
       self._jsonl = (workdir / "metrics.jsonl").open("a")
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
-    """Logs metrics of `step` (host floats) with steps/s and ETA measured since the first call."""
+    """Logs metrics of `step` (host floats) with steps/s (and the throughput's metrics) and ETA, measured
+    since the first call."""
     now = time.time()
     if self._t0 is None:
       self._t0, self._step0 = now, step
@@ -44,6 +50,10 @@ class MetricWriter:
       metrics = dict(metrics, steps_per_sec=(step - self._step0) / (now - self._t0))
     if not self._primary:
       return
+    if self._throughput and "steps_per_sec" in metrics:
+      start = time.time()
+      metrics = dict(metrics, **self._throughput(metrics["steps_per_sec"]))
+      self._t0 += time.time() - start  # its first call may measure the peak: not training time
     line = f"step {step}/{self._total}"
     for k, v in metrics.items():
       line += f" | {k} {v:.4g}"

@@ -6,7 +6,8 @@ r"""Trains a model described by a config: one trainer for every family and stage
 
 Resumes from the newest complete checkpoint in <workdir>/checkpoints when there is one (same command
 again); damaged ones newer than it are moved to checkpoints/damaged/, each with a line saying why.
-Writes <workdir>/checkpoints, <workdir>/metrics.jsonl and TensorBoard events in <workdir>/tensorboard.
+Writes <workdir>/checkpoints, <workdir>/metrics.jsonl and TensorBoard events in <workdir>/tensorboard:
+at every log step loss, lr, steps_per_sec, tokens_per_s and mfu (from the second log step; mm_jax.mfu).
 Every input is checked before anything is written; bad input exits with one line naming the fix.
 
 Reliability (mm_jax.checkpoint and mm_jax.integrity have the details):
@@ -30,7 +31,7 @@ from absl import flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from mm_jax import cli, data, optim, sharding, validate
+from mm_jax import cli, data, mfu, optim, sharding, validate
 from mm_jax.checkpoint import Checkpoints, signature, workdir_path
 from mm_jax.errors import UserError
 from mm_jax.integrity import WorkdirLock
@@ -133,6 +134,16 @@ def _stop_preempted(preemption, step, state, data_iter, config, ckpt, mm) -> Non
   raise Preempted(step)
 
 
+def _throughput(config: mlc.ConfigDict, mm: ModelOnMesh, labels) -> mfu.Throughput | None:
+  """tokens_per_s and mfu for the writer (FLOPs frozen-aware by the optimizer's labels); None, with a
+  warning, for a model mm_jax.flops cannot count: the run goes on without them."""
+  try:
+    return mfu.Throughput(config, mm.model, mm.abstract_params, labels, mm.mesh.devices.flat)
+  except ValueError as e:
+    logging.warning("no mfu / tokens_per_s in the metrics: %s", e)
+    return None
+
+
 def train(config: mlc.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) training; returns the last logged metrics. On SIGTERM: saves, then Preempted."""
   with contextlib.ExitStack() as stack:  # lets go of what the run holds, however it ends
@@ -188,7 +199,7 @@ def _train(config: mlc.ConfigDict, workdir: str, stack: contextlib.ExitStack, pr
     print(parameter_table(mm.abstract_params, labels), flush=True)
   train_step = mm.make_train_step(tx)
   lr_at = optim.schedule(config.optim, config.total_steps)
-  writer = MetricWriter(workdir_path(workdir), config.total_steps)
+  writer = MetricWriter(workdir_path(workdir), config.total_steps, _throughput(config, mm, labels))
   stack.callback(writer.close)
 
   # 3. The loop. Only log steps read values back to the host.

@@ -126,6 +126,7 @@ def _check_run(config) -> None:
   _float(config, "optim.b2", 0, 1, hi_open=True)
   _float(config, "optim.grad_clip", 0, lo_open=True)
   _float(config, "data.caption_ratio", 0)
+  _float(config, "mfu_peak_flops", 0)  # 0: automatic (mm_jax.mfu)
 
 
 def _check_data(config) -> None:
