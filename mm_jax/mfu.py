@@ -14,6 +14,7 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections as mlc
+from absl import logging
 
 from mm_jax import flops as flops_lib
 from mm_jax.state import example_batch
@@ -118,4 +119,6 @@ class Throughput:
       per_device, self.source = peak_flops_per_device((local or self._devices)[0], self._dtype,
                                                       override=self._override)
       self.peak = per_device * len(self._devices)
+      logging.info("mfu: %.4g model FLOPs per step against %.4g FLOP/s per device (%s) x %d devices",
+                   self.flops, per_device, self.source, len(self._devices))
     return {"tokens_per_s": self.tokens * steps_per_sec, "mfu": self.flops * steps_per_sec / self.peak}
