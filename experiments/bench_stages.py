@@ -83,11 +83,13 @@ class Stage:
     self.flops = flops.train_flops(config, self.mm.abstract_params, self.labels)
 
   def __call__(self, steps: int) -> float:
-    start = time.perf_counter()
+    """ms per step (wall); self.cpu_ms: the process's CPU time per step (all its threads)."""
+    start, cpu = time.perf_counter(), time.process_time()
     with self.mm.context():
       for _ in range(steps):
         self.state, out = self.step(self.state, self.batch)
     jax.block_until_ready(out)
+    self.cpu_ms = (time.process_time() - cpu) / steps * 1e3
     return (time.perf_counter() - start) / steps * 1e3
 
   def state_report(self) -> dict:
@@ -118,21 +120,27 @@ def bench(name: str, arg: str, repeats: int, steps: int) -> list[dict]:
     lines.append({"bench": "stages", "config": name, "stage": k, "what": "opt_state",
                   **stage.state_report()})
   steps = steps or max(1, round(1000 / warm_ms))  # about a second per repeat of the slower side
-  times = {k: [] for k in stages}
+  times, cpu = {k: [] for k in stages}, {k: [] for k in stages}
   for r in range(repeats):
     order = list(stages) if r % 2 == 0 else list(reversed(stages))  # alternate who goes first
     for k in order:
       times[k].append(stages[k](steps))
+      cpu[k].append(stages[k].cpu_ms)
   for k, ts in times.items():
     lines.append({"bench": "stages", "config": name, "stage": k, "what": "step",
                   "ms_per_step": round(statistics.median(ts), 2),
-                  "repeats_ms": [round(t, 1) for t in ts], "steps_per_repeat": steps})
+                  "repeats_ms": [round(t, 1) for t in ts], "steps_per_repeat": steps,
+                  "cpu_ms_per_step": round(statistics.median(cpu[k]), 2)})
   ratio = statistics.median(times["connector"]) / statistics.median(times["full"])
+  # Each round's own ratio: the two sides of a round saw about the same load.
+  round_ratio = statistics.median(c / f for c, f in zip(times["connector"], times["full"]))
+  cpu_ratio = statistics.median(cpu["connector"]) / statistics.median(cpu["full"])
   flop_ratio = stages["connector"].flops["total"] / stages["full"].flops["total"]
   exact = all(line["exactly_two_moments"] for line in lines if line["what"] == "opt_state")
   lines.append({"bench": "stages", "config": name, "summary": True,
                 "connector_ms": round(statistics.median(times["connector"]), 2),
                 "full_ms": round(statistics.median(times["full"]), 2), "ratio": round(ratio, 3),
+                "round_ratio": round(round_ratio, 3), "cpu_ratio": round(cpu_ratio, 3),
                 "target": TARGET, "ok": ratio <= TARGET,
                 "xla_flops_ratio": round(stages["connector"].xla_flops / stages["full"].xla_flops, 3),
                 "analytic_flops_ratio": round(flop_ratio, 3), "opt_state_exactly_two_moments": exact,
