@@ -18,8 +18,11 @@ every new token, and the cached per-token latency at a short and a long context.
 One JSON line per measurement, then
   {"bench": "decode", "summary": true, "speedup": recompute_s / cache_s, "target": 10, "ok": ...,
    "latency_ms_32", "latency_ms_512"}
-Expected on the 2-core CPU (batch 4): cache ~40 ms, recompute ~3 s for 128 tokens (speedup ~70x);
-per token ~0.3 ms at 32 and ~0.6 ms at 512 tokens of context. Appends to experiments/bench_decode.jsonl.
+Expected on the shared 2-core CPU (batch 4): cache ~65 ms (~8000 tokens/s), recompute ~2.2 s (~230
+tokens/s) for 128 tokens: speedup ~34x (target >= 10); per token ~0.4 ms at 32 and ~1.3 ms at 512
+tokens of context. At 512 most of a step is the attention over the cache: XLA:CPU transposes each
+layer's whole k and v cache (BxSxKxH) to the dot's layout on every step. ~30 s. Appends to
+experiments/bench_decode.jsonl.
 """
 import argparse
 import functools

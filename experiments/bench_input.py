@@ -12,8 +12,10 @@ The two alternate, --repeats times each after a warm-up; medians. One JSON line 
   {"bench": "input", "pipeline_examples_per_s", "step_examples_per_s", "ratio", "target": 3.0, "ok"}
 
 --profile adds one line with the per-example time of each stage, single-threaded (read, tfds decode
-of the PNG and the fields, tokenize, masks, image to float). Expected on the 2-core CPU: pipeline
-~3500 examples/s, step ~400 examples/s, ratio ~9 (target >= 3). Appends to experiments/bench_input.jsonl.
+of the PNG and the fields, tokenize, image to float, the whole element). Expected on the shared 2-core
+CPU: pipeline ~1000-1500 examples/s (2 threads), step ~90-400 examples/s depending on the load, ratio
+~5-11 (target >= 3); per example ~0.5 ms, 60 % of it tfds's decode of the record (PNG decode ~0.2 ms).
+~1 minute. Appends to experiments/bench_input.jsonl.
 """
 import argparse
 import json
