@@ -1,7 +1,7 @@
 r"""Input pipeline against the train step: examples/s of the real grain train iterator and of the step.
 
   python experiments/bench_input.py                  # configs/shapes_tiny.py, its data_dir (built if absent)
-  python experiments/bench_input.py --data_dir=/tmp/shapes_data --repeats=7 --profile
+  python experiments/bench_input.py --data_dir=/tmp/shapes_data --repeats=7 --no-profile
 
 Side "pipeline": mm_jax.data.prepare + train_iterator (shuffle, decode, tokenize, masks, batch; grain
 with data.num_threads threads, as mm_jax.train runs it); each repeat starts a fresh iterator at another
@@ -11,9 +11,9 @@ The two alternate, --repeats times each after a warm-up; medians. One JSON line 
 
   {"bench": "input", "pipeline_examples_per_s", "step_examples_per_s", "ratio", "target": 3.0, "ok"}
 
---profile adds one line with the per-example time of each stage, single-threaded (read, tfds decode
-of the PNG and the fields, tokenize, image to float, the whole element). Expected on the shared 2-core
-CPU: pipeline ~1000-1500 examples/s (2 threads), step ~90-400 examples/s depending on the load, ratio
+A profile line (--no-profile: none) gives the per-example time of each stage, single-threaded (read,
+tfds decode of the PNG and the fields, tokenize, image to float, the whole element).
+Expected on the shared 2-core CPU: pipeline ~1000-1500 examples/s (2 threads), step ~90-400 examples/s depending on the load, ratio
 ~5-11 (target >= 3); per example ~0.5 ms, 60 % of it tfds's decode of the record (PNG decode ~0.2 ms).
 ~1 minute. Appends to experiments/bench_input.jsonl.
 """
@@ -87,12 +87,12 @@ def main(argv=None) -> int:
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--batches", type=int, default=20, help="batches per pipeline repeat")
   parser.add_argument("--steps", type=int, default=5, help="train steps per step repeat")
-  parser.add_argument("--profile", action="store_true")
+  parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True)
   args = parser.parse_args(argv)
   name, _, arg = args.config.partition(":")
   config = load_config(name, arg)
-  if args.data_dir:
-    config.data.data_dir = args.data_dir
+  # Relative data_dirs are the repository's (data/ by default), wherever the command runs.
+  config.data.data_dir = str(REPO / (args.data_dir or config.data.data_dir))
   t0 = time.perf_counter()
   tokenizer, source = data.prepare(config, "train")
   lines = [{"bench": "input", "what": "prepare", "seconds": round(time.perf_counter() - t0, 2),
