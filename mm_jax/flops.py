@@ -2,8 +2,9 @@ r"""Analytic model FLOPs of a forward pass and of a train step, from the config 
 
 Counted: every matmul, as 2 x its multiply-adds (2*M*K*N for an MxK @ KxN product; the patch-embedding
 conv is a matmul of the flattened patches): the projections (q, k, v, o, MLPs, connectors, the logits
-head) and the two attention products (scores q.k and the weighted sum p.v, computed over the full LxS
-grid, masked or not: the model computes them in full). Not counted: elementwise work (norms, softmax,
+head where the model computes it: at the text positions in the unified family) and the two attention
+products (scores q.k and the weighted sum p.v, computed over the full LxS grid, masked or not: the
+model computes them in full). Not counted: elementwise work (norms, softmax,
 activations, RoPE, residual adds, the loss, the optimizer update), gathers (token embedding) and
 rematerialisation (these are *model* FLOPs, the MFU convention: a remat'd forward is not counted twice).
 
@@ -234,7 +235,8 @@ def _walk(t: _Tally, model, config: mlc.ConfigDict, b: int) -> None:
     if kind != "UnifiedVLM" and i % model.cross_every == 0:
       _cross_block(t, model.cross.block, i // model.cross_every, "x", b, l, s)
     _decoder_block(t, dec, i, "x", b, l)
-  _head(t, dec, "x", b, l)
+  # The unified model's head runs on the text positions only (models/vlm.py); hybrid's on all.
+  _head(t, dec, "x", b, text_len if kind == "UnifiedVLM" else l)
 
 
 def _vocab(abstract_params) -> int:

@@ -139,9 +139,10 @@ def test_llava_layout_image_after_bos_and_causal():
   other_image = model.apply({"params": params}, image * 0.5, text, mask_ar, mask_input,
                             method=model.sequence_logits)
   np.testing.assert_array_equal(base[:, 0], other_image[:, 0])
-  # Text logits drop the image positions: text logit t >= 1 is sequence position N + t.
+  # Text logits drop the image positions: text logit t >= 1 is sequence position N + t (the head runs
+  # on the text positions alone there: a smaller matmul, equal up to float rounding).
   text_logits = model.apply({"params": params}, image, text, mask_ar, mask_input)
-  np.testing.assert_array_equal(text_logits[:, 1:], base[:, N + 1:])
+  np.testing.assert_allclose(text_logits[:, 1:], base[:, N + 1:], rtol=1e-5, atol=1e-5)
 
 
 def test_llava_layout_kv_cache_matches_full_forward():

@@ -17,7 +17,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from mm_jax.models import stack
 from mm_jax.models.layers import (ACTIVATIONS, Attention, DType, RMSNorm, Rope, constrain, dense,
-                                  partitioned)
+                                  fused_projections, partitioned)
 
 Array = jax.Array
 # One {"k", "v"} (BxSxKxH) per block; scanned: one {"k", "v"} of depth x BxSxKxH.
@@ -51,8 +51,8 @@ class DecoderBlock(nn.Module):
     y, cache = attn(self._norm("norm_attn")(x_BxLxD), mask_BxLxS, positions_BxL, cache, cache_index)
     x_BxLxD = x_BxLxD + y
     y = self._norm("norm_mlp")(x_BxLxD)
-    gate = dense(self.mlp_dim, ("embed", "mlp"), "gate", use_bias=False, **kw)(y)
-    up = dense(self.mlp_dim, ("embed", "mlp"), "up", use_bias=False, **kw)(y)
+    gate, up = fused_projections(y, [dense(self.mlp_dim, ("embed", "mlp"), name, use_bias=False, **kw)
+                                     for name in ("gate", "up")])
     h_BxLxF = checkpoint_name(constrain(ACTIVATIONS[self.mlp_act](gate) * up,
                                         ("act_batch", "act_len", "act_mlp")), "mlp_hidden")
     x_BxLxD = x_BxLxD + dense(x_BxLxD.shape[-1], ("mlp", "embed"), "down", use_bias=False, **kw)(h_BxLxF)
@@ -111,21 +111,24 @@ class Decoder(nn.Module):
     return x_BxLxD
 
   def __call__(self, x_BxLxD: Array, positions_BxL: Array, mask_BxLxS: Array,
-               cache: Cache | None = None, cache_index=None) -> tuple[Array, Cache | None]:
-    """Embeddings -> logits BxLxV. With a cache, returns the updated cache too."""
+               cache: Cache | None = None, cache_index=None, head: bool = True
+               ) -> tuple[Array, Cache | None]:
+    """Embeddings -> logits BxLxV. With a cache, returns the updated cache too. head=False: the last
+    block's output BxLxD instead (the caller applies `logits` to the positions it needs)."""
     x_BxLxD = x_BxLxD.astype(self.dtype)
+    out = self.logits if head else (lambda x: x)
     if self.scan:
       x_BxLxD, new_cache = stack.scan(
           lambda block, x, *args: block(x, *args), self.blocks, self.depth, x_BxLxD, positions_BxL,
           mask_BxLxS, cache, cache_index, in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
           remat=self.remat, remat_names=self.remat_names)
-      return self.logits(x_BxLxD), new_cache
+      return out(x_BxLxD), new_cache
     new_cache = []
     for i, block in enumerate(self.blocks):
       x_BxLxD, c = block(x_BxLxD, positions_BxL, mask_BxLxS,
                          None if cache is None else cache[i], cache_index)
       new_cache.append(c)
-    return self.logits(x_BxLxD), (None if cache is None else tuple(new_cache))
+    return out(x_BxLxD), (None if cache is None else tuple(new_cache))
 
   def logits(self, x_BxLxD: Array) -> Array:
     """Final norm and output head: the last block's output -> logits BxLxV."""

@@ -36,10 +36,16 @@ class UnifiedVLM(nn.Module):
   def __call__(self, image_BxHxWxC: Array, text_BxT: Array, mask_ar_BxT: Array,
                mask_input_BxT: Array) -> Array:
     """Teacher-forced forward. Returns text logits BxTxV: logit t predicts text token t + 1 (except at
-    t = image_position - 1, whose next element is the image; that is a prefix position, never scored)."""
-    logits_BxLxV = self.sequence_logits(image_BxHxWxC, text_BxT, mask_ar_BxT, mask_input_BxT)
-    k, n = self.image_position, self.num_image_tokens(image_BxHxWxC.shape)
-    return jnp.concatenate([logits_BxLxV[:, :k], logits_BxLxV[:, k + n:]], axis=1)
+    t = image_position - 1, whose next element is the image; that is a prefix position, never scored).
+    The head runs on the text positions only: image positions are never scored, and at PaliGemma's
+    size they are 3/4 of the sequence (the vocab projection was ~10 % of the step)."""
+    h_BxLxD = self._hidden(image_BxHxWxC, text_BxT, mask_ar_BxT, mask_input_BxT)
+    return self.decoder.logits(self._drop_image(h_BxLxD, h_BxLxD.shape[1] - text_BxT.shape[1]))
+
+  def _drop_image(self, x_BxLx_: Array, n: int) -> Array:
+    """The text positions of a sequence with n image positions at image_position."""
+    k = self.image_position
+    return jnp.concatenate([x_BxLx_[:, :k], x_BxLx_[:, k + n:]], axis=1)
 
   def _insert_image(self, text_BxTx_: Array, image_BxNx_: Array) -> Array:
     k = self.image_position
@@ -59,14 +65,20 @@ class UnifiedVLM(nn.Module):
   def sequence_logits(self, image_BxHxWxC: Array, text_BxT: Array, mask_ar_BxT: Array,
                       mask_input_BxT: Array) -> Array:
     """Logits at every position of the decoder's sequence: Bx(N+T)xV."""
+    return self.decoder.logits(self._hidden(image_BxHxWxC, text_BxT, mask_ar_BxT, mask_input_BxT))
+
+  def _hidden(self, image_BxHxWxC: Array, text_BxT: Array, mask_ar_BxT: Array,
+              mask_input_BxT: Array) -> Array:
+    """The last decoder block's output at every position of the sequence (before the head): BxLxD."""
     x_BxLxD, input_mask_BxL, positions_BxL = self._inputs(image_BxHxWxC, text_BxT, mask_input_BxT)
     if self.prefix_attention:  # image tokens: mask_ar 0, they join the prefix block
       n = x_BxLxD.shape[1] - text_BxT.shape[1]
       mask_ar_BxL = self._insert_image(mask_ar_BxT, jnp.zeros((text_BxT.shape[0], n), mask_ar_BxT.dtype))
     else:
       mask_ar_BxL = jnp.ones_like(input_mask_BxL)
-    logits_BxLxV, _ = self.decoder(x_BxLxD, positions_BxL, make_attn_mask(input_mask_BxL, mask_ar_BxL))
-    return logits_BxLxV
+    h_BxLxD, _ = self.decoder(x_BxLxD, positions_BxL, make_attn_mask(input_mask_BxL, mask_ar_BxL),
+                              head=False)
+    return h_BxLxD
 
   def prefill(self, image_BxHxWxC: Array, prefix_BxP: Array, prefix_mask_BxP: Array,
               cache: Cache) -> tuple[Array, Cache, Array]:
@@ -81,9 +93,8 @@ class UnifiedVLM(nn.Module):
     mask_BxLxS = jnp.broadcast_to(cache_mask_BxS[:, None, :], (b, l, s))
     if not self.prefix_attention:
       mask_BxLxS = mask_BxLxS & (jnp.arange(s)[None, None, :] <= jnp.arange(l)[None, :, None])
-    logits_BxLxV, cache = self.decoder(x_BxLxD, positions_BxL, mask_BxLxS, cache, 0)
-    k, n = self.image_position, l - prefix_BxP.shape[1]
-    logits_BxPxV = jnp.concatenate([logits_BxLxV[:, :k], logits_BxLxV[:, k + n:]], axis=1)
+    h_BxLxD, cache = self.decoder(x_BxLxD, positions_BxL, mask_BxLxS, cache, 0, head=False)
+    logits_BxPxV = self.decoder.logits(self._drop_image(h_BxLxD, l - prefix_BxP.shape[1]))
     return logits_BxPxV, cache, cache_mask_BxS
 
   def decode_step(self, token_B: Array, position_B: Array, cache: Cache, cache_mask_BxS: Array,
