@@ -2,7 +2,7 @@ r"""mm_jax vs transformers' PaliGemmaForConditionalGeneration on the same model 
 on CPU, in one process, the two sides timed alternately (so both see the same load).
 
   python experiments/bench_hf.py            # appends its lines to experiments/bench_hf.jsonl
-  python experiments/bench_hf.py --steps=7  # timed steps per measurement (after 2 warm-ups)
+  python experiments/bench_hf.py --steps=7  # timed steps per measurement (after 4 warm-ups)
 
 Measures the train step (HF: zero_grad, forward with labels, backward, AdamW step; mm_jax: the
 product's jitted step, state donated) and the forward (the loss, no gradient), the f32 matmul peak
@@ -144,7 +144,9 @@ def alternate(fns: dict, warmup: int, steps: int) -> dict:
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--steps", type=int, default=5)
-  parser.add_argument("--warmup", type=int, default=2)
+  # 4: XLA:CPU's per-step temporaries (1.8 GB) settle into glibc's heap (mm_jax.state.keep_freed_memory)
+  # only after a few steps beside torch's allocations; before that a step page-faults them in (2x slower).
+  parser.add_argument("--warmup", type=int, default=4)
   parser.add_argument("--out", default=str(REPO / "experiments" / "bench_hf.jsonl"))
   args = parser.parse_args()
   torch.set_num_threads(THREADS)
