@@ -10,8 +10,10 @@ product's jitted step, state donated) and the forward (the loss, no gradient), t
 and MFU = FLOPs / median step time / peak. Prints one JSON line per measurement and a summary:
   {"summary": ..., "train_ratio": mm_jax / HF (target <= 0.7), "forward_ratio": (<= 0.7),
    "train_mfu": (>= 0.55), "load_before", "load_after", ...}
-Expected (2 cores, quiet): HF ~3.2 s per train step and ~1.15 s per forward; peak ~370 GFLOP/s;
-the last results are at the end of experiments/bench_hf.jsonl.
+Expected (2 cores, load ~1.5, 2026-11-23, ~80 s): mm_jax train 2.43 s / HF 2.06 s (ratio 1.18), forward
+0.67 / 0.63 s (1.07); peak 317-369 GFLOP/s between runs, so train MFU 0.47-0.55 (0.55 in the last
+line of experiments/bench_hf.jsonl). Under foreign load torch slows more than XLA (ratios ~0.55 at
+load 5-8): compare runs only at similar load.
 """
 import argparse
 import json
