@@ -6,7 +6,7 @@ connector, Gemma-style decoder 6 x 512 (8 heads, 1 KV head, head_dim 64, GeGLU 2
 
   python experiments/bench_hf.py    # mm_jax vs transformers on this config, train step and forward
 
-Expected (2 cores): mm_jax train step ~2.4 s (HF 2.1 s), forward ~0.67 s (HF 0.63 s); 4.25e11 train and
+Expected (2 cores): mm_jax train step ~2.3 s (HF ~1.9 s), forward ~0.65 s (HF ~0.63 s); 4.25e11 train and
 1.42e11 forward model FLOPs; experiments/bench_hf.jsonl has the runs.
 """
 import importlib.util

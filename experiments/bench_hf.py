@@ -10,9 +10,10 @@ product's jitted step, state donated) and the forward (the loss, no gradient), t
 and MFU = FLOPs / median step time / peak. Prints one JSON line per measurement and a summary:
   {"summary": ..., "train_ratio": mm_jax / HF (target <= 0.7), "forward_ratio": (<= 0.7),
    "train_mfu": (>= 0.55), "load_before", "load_after", ...}
-Expected (2 cores, load ~1.5, 2026-11-23, ~80 s): mm_jax train 2.43 s / HF 2.06 s (ratio 1.18), forward
-0.67 / 0.63 s (1.07); peak 317-369 GFLOP/s between runs, so train MFU 0.47-0.55 (0.55 in the last
-line of experiments/bench_hf.jsonl). Under foreign load torch slows more than XLA (ratios ~0.55 at
+Expected (2 cores, load ~1.5, 2026-11-23, ~80 s): mm_jax train 2.28 s / HF 1.92 s (ratio 1.19), forward
+0.65 / 0.63 s (1.03); the measured peak varies 289-369 GFLOP/s between runs, so train MFU 0.50-0.64
+(0.64 in the last line of experiments/bench_hf.jsonl, at 289). Before the issue-7 work: train 4.04 s
+(1.86), forward 0.71 s (1.15). Under foreign load torch slows more than XLA (ratios ~0.55 at
 load 5-8): compare runs only at similar load.
 """
 import argparse

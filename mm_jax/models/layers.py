@@ -178,11 +178,23 @@ def fused_projections(x: Array, projections) -> list[Array]:
 
 def attend(q_BxLxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_BxLxS: Array) -> Array:
   """Grouped-query softmax attention (logits and softmax in float32), scale head_dim^-0.5; query head i
-  uses kv head i // G, as HF. jax.nn.dot_product_attention's XLA form: XLA:CPU lays its products out
-  with fewer transposes of the big score tensors than a 5-D einsum's (the bench step ~10 % less CPU)."""
-  return jax.nn.dot_product_attention(q_BxLxNxH, k_BxSxKxH.astype(q_BxLxNxH.dtype),
-                                      v_BxSxKxH.astype(q_BxLxNxH.dtype), mask=mask_BxLxS[:, None],
-                                      implementation="xla")
+  uses kv head i // G, as HF.
+
+  Laid out for XLA:CPU: a query head group's L x G rows are one M dimension (BxKx(LG)xH), so both
+  products are plain batched matmuls whose outputs need no transposes of the big score tensors (the
+  bench step: 0.87x the CPU time of a 5-D einsum ordered BKGLS, then 0.95x that of
+  jax.nn.dot_product_attention); only q, k, v and the output (small) are transposed."""
+  (b, l, n, h), (s, k) = q_BxLxNxH.shape, k_BxSxKxH.shape[1:3]
+  g = n // k
+  q_BxKxMxH = q_BxLxNxH.reshape(b, l, k, g, h).transpose(0, 2, 1, 3, 4).reshape(b, k, l * g, h)
+  k_BxKxSxH, v_BxKxSxH = k_BxSxKxH.transpose(0, 2, 1, 3), v_BxSxKxH.transpose(0, 2, 1, 3)
+  logits_BxKxMxS = jnp.einsum("bkmh,bksh->bkms", q_BxKxMxH, k_BxKxSxH,
+                              preferred_element_type=jnp.float32) * h ** -0.5
+  logits_BxKxLxGxS = jnp.where(mask_BxLxS[:, None, :, None, :], logits_BxKxMxS.reshape(b, k, l, g, s),
+                               jnp.finfo(jnp.float32).min)
+  probs_BxKxMxS = jax.nn.softmax(logits_BxKxLxGxS, axis=-1).astype(v_BxSxKxH.dtype).reshape(b, k, l * g, s)
+  out_BxKxMxH = jnp.einsum("bkms,bksh->bkmh", probs_BxKxMxS, v_BxKxSxH)
+  return out_BxKxMxH.reshape(b, k, l, g, h).transpose(0, 2, 1, 3, 4).reshape(b, l, n, h)
 
 
 class Attention(nn.Module):
