@@ -34,6 +34,9 @@ sys.path.insert(0, str(REPO))
 
 from mm_jax import flops, mfu, optim, sharding  # pylint: disable=wrong-import-position
 from mm_jax.state import ModelOnMesh, loss_fn  # pylint: disable=wrong-import-position
+from mm_jax.cli import keep_freed_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+keep_freed_memory()  # as mm_jax.train does on CPU: XLA's per-step temporaries are not faulted in anew
 
 sys.path.insert(0, str(REPO / "configs"))
 import bench_paligemma  # pylint: disable=wrong-import-position
@@ -147,7 +150,7 @@ def alternate(fns: dict, warmup: int, steps: int) -> dict:
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--steps", type=int, default=5)
-  # 4: XLA:CPU's per-step temporaries (1.8 GB) settle into glibc's heap (mm_jax.state.keep_freed_memory)
+  # 4: XLA:CPU's per-step temporaries (1.8 GB) settle into glibc's heap (mm_jax.cli.keep_freed_memory)
   # only after a few steps beside torch's allocations; before that a step page-faults them in (2x slower).
   parser.add_argument("--warmup", type=int, default=4)
   parser.add_argument("--out", default=str(REPO / "experiments" / "bench_hf.jsonl"))

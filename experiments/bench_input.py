@@ -34,6 +34,9 @@ sys.path.insert(0, str(REPO / "experiments"))
 from bench_stages import Stage, load_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mm_jax import data  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mm_jax.data import pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mm_jax.cli import keep_freed_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+keep_freed_memory()  # as mm_jax.train does on CPU: XLA's per-step temporaries are not faulted in anew
 
 TARGET = 3.0
 JSONL = REPO / "experiments" / "bench_input.jsonl"

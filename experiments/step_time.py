@@ -20,6 +20,9 @@ sys.path.insert(0, str(REPO))
 
 from mm_jax import optim, sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mm_jax.state import ModelOnMesh, example_batch  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mm_jax.cli import keep_freed_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+keep_freed_memory()  # as mm_jax.train does on CPU: XLA's per-step temporaries are not faulted in anew
 
 VARIANTS = ("", "global_batch_size=32", "data.text_len=16", "model.encoder.patch_size=8",
             "model.decoder.num_kv_heads=1")

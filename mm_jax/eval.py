@@ -154,4 +154,4 @@ if __name__ == "__main__":
   _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
   _SPLIT = flags.DEFINE_string("split", "test", "Dataset split: train, validation or test.")
   _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-  cli.run("mm_jax.eval", main)
+  cli.run("mm_jax.eval", main, steps=True)

@@ -331,4 +331,4 @@ if __name__ == "__main__":
   _PRETRAIN_DIR = flags.DEFINE_string(
       "pretrain_dir", None, "The shared pretraining stages go in PRETRAIN_DIR/<stage> (default "
       "WORKDIR/pretrain); the same dir for every recipe trains them once.")
-  cli.run("mm_jax.recipe", main)
+  cli.run("mm_jax.recipe", main, steps=True)

@@ -10,7 +10,6 @@ kept in state["numerics"] (a few replicated scalars, saved with the state), whic
 where it reads anyway (log and checkpoint steps): check_numerics stops the run before a save.
 """
 import contextlib
-import ctypes
 import dataclasses
 import functools
 from typing import Callable
@@ -91,27 +90,6 @@ TASKS = {
     "vqa": Task(("image", "text", "mask_ar", "mask_input"), _vqa_loss, _choice("loss_norm", LOSS_NORMS)),
     "contrastive": Task(("image", "text"), _contrastive_loss, _choice("loss", contrastive.LOSSES)),
 }
-
-
-@functools.cache
-def keep_freed_memory() -> bool:
-  """glibc malloc keeps freed memory for reuse instead of unmapping it (one arena, no mmap, no trim).
-
-  XLA:CPU allocates a step's temporaries (1.8 GB at configs/bench_paligemma.py) afresh every step; by
-  default glibc maps and unmaps them, so each step page-faults them all in again (435 k faults, ~0.4 s
-  of kernel time in a ~2.2 s step). Resident memory then stays at its peak. Called when this module
-  is imported: it must precede jax's first use (threads that already hold an arena keep it). A no-op
-  (False) where the C library is not glibc."""
-  try:
-    libc = ctypes.CDLL("libc.so.6")
-  except OSError:
-    return False
-  m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # malloc.h
-  return all(libc.mallopt(opt, value) == 1 for opt, value in
-             ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 2 ** 31 - 1)))
-
-
-keep_freed_memory()
 
 
 @contextlib.contextmanager

@@ -390,4 +390,4 @@ if __name__ == "__main__":
                                 "Printed before each command ('' for plain local commands).")
   _SUMMARIZE = flags.DEFINE_bool("summarize", False,
                                  "Write the summary from the points' workdirs; run nothing.")
-  cli.run("mm_jax.sweep", main)
+  cli.run("mm_jax.sweep", main, steps=True)

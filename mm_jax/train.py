@@ -241,4 +241,4 @@ if __name__ == "__main__":
       f"Config file (configs/*.py[:variant]). Registries: model.family in {sorted(FAMILIES)}, "
       f"model.connector in {sorted(CONNECTORS)}.", lock_config=True)
   _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")
-  cli.run("mm_jax.train", main)
+  cli.run("mm_jax.train", main, steps=True)
