@@ -8,18 +8,13 @@ configs/paligemma_3b.py, shrunk; no data or tokenizer is needed (benchmarks feed
 Expected (experiments/README.md, "Speed"): 0.99 B params; on one H100 the train step runs at the MFU
 that table records.
 """
-import importlib.util
-import os
-
 import ml_collections as mlc
+
+from mm_jax import config_files
 
 
 def get_config(arg: str = "") -> mlc.ConfigDict:
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paligemma_3b.py")
-  spec = importlib.util.spec_from_file_location("paligemma_3b_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config("")  # scanned, full remat, bf16 compute, f32 params and Adam state
+  c = config_files.get_config("paligemma_3b")  # scanned, full remat, bf16 compute, f32 params/Adam
   c.global_batch_size = 32
   c.mesh.update(dict(dcn=1, data=1, fsdp=-1, tensor=1))
   c.data.image_size = 224

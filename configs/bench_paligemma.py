@@ -9,25 +9,16 @@ connector, Gemma-style decoder 6 x 512 (8 heads, 1 KV head, head_dim 64, GeGLU 2
 Expected (2 cores): mm_jax train step ~2.3 s (HF ~1.9 s), forward ~0.65 s (HF ~0.63 s); 4.25e11 train and
 1.42e11 forward model FLOPs; experiments/bench_hf.jsonl has the runs.
 """
-import importlib.util
-import os
-
 import ml_collections as mlc
+
+from mm_jax import config_files
 
 PREFIX_LEN = 16  # BOS + prompt; the remaining data.text_len - PREFIX_LEN tokens are the suffix
 
 
-def _shapes_tiny() -> mlc.ConfigDict:
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes_tiny.py")
-  spec = importlib.util.spec_from_file_location("shapes_tiny_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config("")
-
-
 def get_config(arg: str = "") -> mlc.ConfigDict:
   del arg
-  c = _shapes_tiny()  # every field exists; the model, batch and optimizer are set here
+  c = config_files.get_config("shapes_tiny")  # every field exists; the model, batch and optimizer are set here
   c.global_batch_size = 8
   c.total_steps = 1000
   c.mesh.update(dict(dcn=1, data=-1, fsdp=1, tensor=1))

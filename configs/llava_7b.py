@@ -19,22 +19,13 @@ Variants (`--config=configs/llava_7b.py:VARIANT`):
           backward pass for the connector's gradient), global batch 256 (LLaVA-1.5's), text 128.
   all     every part trains (the encoder too, at 0.1x the learning rate).
 """
-import importlib.util
-import os
-
 import ml_collections as mlc
 
-
-def _shapes_tiny() -> mlc.ConfigDict:
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes_tiny.py")
-  spec = importlib.util.spec_from_file_location("shapes_tiny_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config("")
+from mm_jax import config_files
 
 
 def get_config(arg: str = "") -> mlc.ConfigDict:
-  c = _shapes_tiny()  # every field exists; the model, mesh, batch and stage are set here
+  c = config_files.get_config("shapes_tiny")  # every field exists; the model, mesh, batch and stage are set here
   c.global_batch_size = 128
   c.total_steps = 5_000
   c.mesh.update(dict(dcn=1, data=1, fsdp=-1, tensor=1))  # FSDP over every chip of a slice

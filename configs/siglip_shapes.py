@@ -19,19 +19,11 @@ Variants (`--config=configs/siglip_shapes.py:VARIANT`):
   softmax  the CLIP loss (softmax cross-entropy both ways) instead of the sigmoid loss.
   test     a very small model and dataset, for the test suite.
 """
-import importlib.util
 import math
-import os
 
 import ml_collections as mlc
 
-
-def _shapes_tiny(arg: str) -> mlc.ConfigDict:
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes_tiny.py")
-  spec = importlib.util.spec_from_file_location("shapes_tiny_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+from mm_jax import config_files
 
 
 def get_config(arg: str = "") -> mlc.ConfigDict:
@@ -40,7 +32,7 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
   if unknown:
     raise ValueError(f"unknown variant {sorted(unknown)[0]!r} of siglip_shapes; known: softmax, test")
   # Mesh, rules, data and the encoder come from shapes_tiny (its :test variant for tests).
-  c = _shapes_tiny("test" if "test" in variants else "")
+  c = config_files.get_config("shapes_tiny", "test" if "test" in variants else "")
   c.total_steps = 1500
   c.global_batch_size = 128
   c.checkpoint_every = 500

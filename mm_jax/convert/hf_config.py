@@ -13,11 +13,10 @@ A field absent from config.json takes the default of its HF config class, as fro
 A value our modules do not compute the same way is a UserError naming the field; shapes are checked
 later against the weights' headers.
 """
-import importlib.util
-import os
 
 import ml_collections as mlc
 
+from mm_jax import config_files
 from mm_jax.errors import UserError
 
 _GEMMA = dict(vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,
@@ -36,15 +35,11 @@ _SIGLIP_TEXT = dict(vocab_size=32000, hidden_size=768, intermediate_size=3072, n
                     layer_norm_eps=1e-6, projection_size=None)
 TEXT_DEFAULTS = {"gemma": _GEMMA, "llama": _LLAMA}
 _VISION = {"siglip_vision_model": _SIGLIP_VISION}
-_CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
 
 
 def base_config(name: str) -> mlc.ConfigDict:
   """configs/<name>.py's get_config(): the schema and the training defaults an import starts from."""
-  spec = importlib.util.spec_from_file_location(f"{name}_config", os.path.join(_CONFIGS, f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_files.get_config(name)
 
 
 class Fields:
