@@ -137,3 +137,34 @@ def test_imported_paligemma_fine_tunes_and_evaluates(test_config, tmp_path):
   imported = Checkpoints(str(out), read_only=True)
   tuned = Checkpoints(str(ft), read_only=True)
   assert imported.meta(0)["signature"] == tuned.meta(4)["signature"]
+
+
+_HEAP_PROBE = r"""
+import ctypes, sys
+from mm_jax.cli import keep_freed_memory
+def rss_mb():
+  return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2 ** 20
+kept = keep_freed_memory() if sys.argv[1] == "keep" else False
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+before = rss_mb()
+for _ in range(3):  # a step's temporaries: allocated, touched, freed
+  p = libc.malloc(256 << 20)
+  ctypes.memset(p, 1, 256 << 20)
+  libc.free(p)
+print(kept, round(rss_mb() - before))
+"""
+
+
+@pytest.mark.parametrize("mode", ["keep", "default"])
+def test_keep_freed_memory_keeps_a_freed_step_buffer_resident(mode):
+  """With keep_freed_memory() glibc neither unmaps nor trims a freed 256 MB buffer (the next step
+  reuses its pages without faulting them in); by default it gives them back."""
+  out = subprocess.run([sys.executable, "-c", _HEAP_PROBE, mode], capture_output=True, text=True,
+                       check=True, cwd=REPO).stdout.split()
+  kept, grown_mb = out[0] == "True", int(out[1])
+  if mode == "keep":
+    assert kept and grown_mb >= 250
+  else:
+    assert not kept and grown_mb < 50
