@@ -89,11 +89,8 @@ def keep_freed_memory() -> bool:
   except OSError:
     return False
   m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # malloc.h
-  # A trim threshold of -1 turns trimming off (mallopt(3)). A finite one (2 GiB was tried) still let
-  # the heap's free top be returned now and then, and the next step faulted 1.7 GB in again (430 k
-  # faults, +0.4 to +3 s on a 2.2 s step).
   return all(libc.mallopt(opt, value) == 1 for opt, value in
-             ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, -1)))
+             ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 2 ** 31 - 1)))
 
 
 def run(prog: str, main: Callable[[], None], steps: bool = False) -> None:
