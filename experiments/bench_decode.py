@@ -18,10 +18,11 @@ every new token, and the cached per-token latency at a short and a long context.
 One JSON line per measurement, then
   {"bench": "decode", "summary": true, "speedup": recompute_s / cache_s, "target": 10, "ok": ...,
    "latency_ms_32", "latency_ms_512"}
-Expected on the shared 2-core CPU (batch 4): cache ~65 ms (~8000 tokens/s), recompute ~2.2 s (~230
-tokens/s) for 128 tokens: speedup ~34x (target >= 10); per token ~0.4 ms at 32 and ~1.3 ms at 512
-tokens of context. At 512 most of a step is the attention over the cache: XLA:CPU transposes each
-layer's whole k and v cache (BxSxKxH) to the dot's layout on every step. ~30 s. Appends to
+Expected on the shared 2-core CPU (batch 4): cache ~9,600 tokens/s, recompute ~310 tokens/s for 128
+tokens: speedup ~30x (target >= 10); per token ~0.31 ms at 32 and ~0.68 ms at 512 tokens of context.
+The cache is kept BxKxSxH, the layout attention's dots read, so a step transposes only its new
+token's k/v (with the cache BxSxKxH, XLA:CPU transposed every layer's whole cache each step: 7,460
+tokens/s, 0.44 / 0.97 ms in the same session). ~30 s. Appends to
 experiments/bench_decode.jsonl.
 """
 import argparse

@@ -20,13 +20,13 @@ from mm_jax.models.layers import (ACTIVATIONS, Attention, DType, RMSNorm, Rope, 
                                   fused_projections, partitioned)
 
 Array = jax.Array
-# One {"k", "v"} (BxSxKxH) per block; scanned: one {"k", "v"} of depth x BxSxKxH.
+# One {"k", "v"} (BxKxSxH) per block; scanned: one {"k", "v"} of depth x BxKxSxH.
 Cache = tuple[dict[str, Array], ...] | dict[str, Array]
 
 
 def cache_len(cache: Cache) -> int:
   """S, the slots of a cache of either layout."""
-  return cache["k"].shape[2] if isinstance(cache, dict) else cache[0]["k"].shape[1]
+  return cache["k"].shape[3] if isinstance(cache, dict) else cache[0]["k"].shape[2]
 
 
 class DecoderBlock(nn.Module):
@@ -137,7 +137,7 @@ class Decoder(nn.Module):
     return constrain(logits_BxLxV, ("act_batch", "act_len", "act_vocab"))
 
   def init_cache(self, batch: int, length: int) -> Cache:
-    shape = (batch, length, self.num_kv_heads, self.head_dim)
+    shape = (batch, self.num_kv_heads, length, self.head_dim)  # BxKxSxH: see layers.attend_kv_major
     if self.scan:
       return {name: jnp.zeros((self.depth, *shape), self.dtype) for name in ("k", "v")}
     return tuple({"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}

@@ -184,15 +184,21 @@ def attend(q_BxLxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_BxLxS: Arr
   products are plain batched matmuls whose outputs need no transposes of the big score tensors (the
   bench step: 0.87x the CPU time of a 5-D einsum ordered BKGLS, then 0.95x that of
   jax.nn.dot_product_attention); only q, k, v and the output (small) are transposed."""
-  (b, l, n, h), (s, k) = q_BxLxNxH.shape, k_BxSxKxH.shape[1:3]
+  return attend_kv_major(q_BxLxNxH, k_BxSxKxH.transpose(0, 2, 1, 3), v_BxSxKxH.transpose(0, 2, 1, 3),
+                         mask_BxLxS)
+
+
+def attend_kv_major(q_BxLxNxH: Array, k_BxKxSxH: Array, v_BxKxSxH: Array, mask_BxLxS: Array) -> Array:
+  """attend() on keys and values laid out BxKxSxH, as the KV cache keeps them: a decode step then
+  transposes only its new token's k/v, not the whole cache (bench_decode: see experiments/README.md)."""
+  (b, l, n, h), (k, s) = q_BxLxNxH.shape, k_BxKxSxH.shape[1:3]
   g = n // k
   q_BxKxMxH = q_BxLxNxH.reshape(b, l, k, g, h).transpose(0, 2, 1, 3, 4).reshape(b, k, l * g, h)
-  k_BxKxSxH, v_BxKxSxH = k_BxSxKxH.transpose(0, 2, 1, 3), v_BxSxKxH.transpose(0, 2, 1, 3)
   logits_BxKxMxS = jnp.einsum("bkmh,bksh->bkms", q_BxKxMxH, k_BxKxSxH,
                               preferred_element_type=jnp.float32) * h ** -0.5
   logits_BxKxLxGxS = jnp.where(mask_BxLxS[:, None, :, None, :], logits_BxKxMxS.reshape(b, k, l, g, s),
                                jnp.finfo(jnp.float32).min)
-  probs_BxKxMxS = jax.nn.softmax(logits_BxKxLxGxS, axis=-1).astype(v_BxSxKxH.dtype).reshape(b, k, l * g, s)
+  probs_BxKxMxS = jax.nn.softmax(logits_BxKxLxGxS, axis=-1).astype(v_BxKxSxH.dtype).reshape(b, k, l * g, s)
   out_BxKxMxH = jnp.einsum("bkms,bksh->bkmh", probs_BxKxMxS, v_BxKxSxH)
   return out_BxKxMxH.reshape(b, k, l, g, h).transpose(0, 2, 1, 3, 4).reshape(b, l, n, h)
 
@@ -220,7 +226,7 @@ class Attention(nn.Module):
                cache: dict[str, Array] | None = None, cache_index: Any = None,
                kv_BxSxD: Array | None = None):
     """Returns (y_BxLxD, new_cache). With a cache, k/v are written at slots [cache_index, +L) of the
-    cache (k/v: BxSxKxH) and queries attend over all S slots under the mask. With kv_BxSxD, keys and
+    cache (k/v: BxKxSxH) and queries attend over all S slots under the mask. With kv_BxSxD, keys and
     values come from it instead of x (attention pooling: one learned query over the features)."""
     n, k = self.num_heads, self.num_kv_heads
     if n % k:
@@ -238,15 +244,15 @@ class Attention(nn.Module):
     q_BxLxNxH = checkpoint_name(q_BxLxNxH, "query")
     k_BxLxKxH, v_BxLxKxH = checkpoint_name(k_BxLxKxH, "key"), checkpoint_name(v_BxLxKxH, "value")
 
-    new_cache = None
-    if cache is not None:
-      start = (0, cache_index, 0, 0)
-      k_BxLxKxH = jax.lax.dynamic_update_slice(cache["k"], k_BxLxKxH.astype(cache["k"].dtype), start)
-      v_BxLxKxH = jax.lax.dynamic_update_slice(cache["v"], v_BxLxKxH.astype(cache["v"].dtype), start)
-      new_cache = {"k": k_BxLxKxH, "v": v_BxLxKxH}
-
-    out_BxLxNxH = constrain(attend(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_BxLxS),
-                            ("act_batch", "act_len", "act_heads", None))
+    if cache is None:
+      new_cache, out_BxLxNxH = None, attend(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_BxLxS)
+    else:  # the cache is BxKxSxH: only the new slots are transposed
+      start = (0, 0, cache_index, 0)
+      put = lambda c, x_BxLxKxH: jax.lax.dynamic_update_slice(
+          c, x_BxLxKxH.transpose(0, 2, 1, 3).astype(c.dtype), start)
+      new_cache = {"k": put(cache["k"], k_BxLxKxH), "v": put(cache["v"], v_BxLxKxH)}
+      out_BxLxNxH = attend_kv_major(q_BxLxNxH, new_cache["k"], new_cache["v"], mask_BxLxS)
+    out_BxLxNxH = constrain(out_BxLxNxH, ("act_batch", "act_len", "act_heads", None))
     out_BxLxNxH = checkpoint_name(out_BxLxNxH, "attn_out")
     y_BxLxD = Projection((x_BxLxD.shape[-1],), ("heads", "head_dim", "embed"), n_in=2,
                          use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
