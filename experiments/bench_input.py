@@ -13,8 +13,11 @@ The two alternate, --repeats times each after a warm-up; medians. One JSON line 
 
 A profile line (--no-profile: none) gives the per-example time of each stage, single-threaded (read,
 tfds decode of the PNG and the fields, tokenize, image to float, the whole element).
-Expected on the shared 2-core CPU: pipeline ~1000-1500 examples/s (2 threads), step ~90-400 examples/s depending on the load, ratio
-~5-11 (target >= 3); per example ~0.5 ms, 60 % of it tfds's decode of the record (PNG decode ~0.2 ms).
+Expected on the shared 2-core CPU: pipeline ~1300-1500 examples/s (2 threads), step ~340-400 examples/s,
+ratio ~3.7-4.4 (target >= 3); per example ~0.35 ms, 60 % of it tfds's decode of the record (PNG decode
+~0.2 ms). The process runs with mm_jax.train's malloc settings (cli.keep_freed_memory): its single
+arena costs the pipeline's threads ~1.6x (2,090 examples/s with glibc's default arenas), but more
+arenas slow the train step (bench_hf: 1.14 -> 1.35-1.47 of HF's time with 2 or the default).
 ~1 minute. Appends to experiments/bench_input.jsonl.
 """
 import argparse
