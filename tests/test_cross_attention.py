@@ -108,7 +108,7 @@ def test_kv_cache_decoding_gives_full_forward_logits(setup):
   decode_step = jax.jit(lambda *a: model.apply({"params": params}, *a, method=model.decode_step))
   logits, cache, cache_mask = prefill(images, text[:, :p], ones[:, :p], model.decoder.init_cache(B, T), pos)
   np.testing.assert_allclose(logits, full[:, :p], atol=1e-5)
-  assert len(cache["cross"]) == 2 and cache["cross"][0]["k"].shape == (B, 2 * 16, 2, 8)
+  assert len(cache["cross"]) == 2 and cache["cross"][0]["k"].shape == (B, 2, 2 * 16, 8)
   for t in range(p, T):
     step, cache, cache_mask = decode_step(text[:, t], jnp.full((B,), t), cache, cache_mask, t)
     np.testing.assert_allclose(step, full[:, t], atol=1e-5)

@@ -79,7 +79,7 @@ def test_kv_cache_decoding_gives_full_forward_logits(setup):
   logits, cache, cache_mask = jax.jit(lambda *a: model.apply({"params": params}, *a, method=model.prefill))(
       image, text[:, :p], ones[:, :p], model.decoder.init_cache(B, n + T))
   np.testing.assert_allclose(logits, full[:, :p], atol=1e-5)
-  assert cache["cross"][0]["k"].shape == (B, 4 * 4, 2, 8)  # 4 tiles x 4 patches, 2 kv heads of 8
+  assert cache["cross"][0]["k"].shape == (B, 2, 4 * 4, 8)  # 4 tiles x 4 patches, 2 kv heads of 8
   step_fn = jax.jit(lambda *a: model.apply({"params": params}, *a, method=model.decode_step))
   for t in range(p, T):
     step, cache, cache_mask = step_fn(text[:, t], jnp.full((B,), n + t), cache, cache_mask, n + t)

@@ -34,16 +34,16 @@ import jax.numpy as jnp
 from mm_jax.errors import UserError
 from mm_jax.models import stack
 from mm_jax.models.decoder import Cache, Decoder, DecoderBlock, cache_len
-from mm_jax.models.layers import (ACTIVATIONS, DType, Projection, RMSNorm, attend, constrain, dense,
-                                  make_attn_mask, partitioned)
+from mm_jax.models.layers import (ACTIVATIONS, DType, Projection, RMSNorm, attend_kv_major, constrain,
+                                  dense, make_attn_mask, partitioned)
 
 Array = jax.Array
-KV = dict[str, Array]  # {"k", "v"}: BxSxKxH, S = images x tokens per image (scanned: one, CxBxSxKxH)
+KV = dict[str, Array]  # {"k", "v"}: BxKxSxH, S = images x tokens per image (scanned: one, CxBxKxSxH)
 
 
 def kv_len(kvs) -> int:
   """S, the image tokens of the cross blocks' k/v (a tuple per block, or stacked)."""
-  return kvs["k"].shape[2] if isinstance(kvs, dict) else kvs[0]["k"].shape[1]
+  return kvs["k"].shape[3] if isinstance(kvs, dict) else kvs[0]["k"].shape[2]
 
 
 def visible_images(image_pos_BxI: Array, positions_BxL: Array, last_image_only: bool) -> Array:
@@ -87,14 +87,16 @@ class CrossBlock(nn.Module):
     self.mlp_gate = self.param("mlp_gate", zero, (), self.param_dtype)
 
   def kv(self, img_BxSxD: Array) -> KV:
-    """Image keys (normalised per head, no RoPE) and values."""
-    return {"k": self.k_norm(self.k(img_BxSxD)), "v": self.v(img_BxSxD)}
+    """Image keys (normalised per head, no RoPE) and values, laid out BxKxSxH as attention's dots read
+    them: cached at prefill, they are not transposed again at every decode step."""
+    kv_major = lambda x_BxSxKxH: x_BxSxKxH.transpose(0, 2, 1, 3)
+    return {"k": kv_major(self.k_norm(self.k(img_BxSxD))), "v": kv_major(self.v(img_BxSxD))}
 
   def __call__(self, x_BxLxD: Array, kv: KV, mask_BxLxS: Array) -> Array:
     row_BxLx1 = jnp.any(mask_BxLxS, axis=-1, keepdims=True).astype(self.dtype)
     gate = lambda g: jnp.tanh(g.astype(jnp.float32)).astype(self.dtype)
     q_BxLxNxH = self.q_norm(self.q(self.norm_attn(x_BxLxD)))
-    out_BxLxNxH = constrain(attend(q_BxLxNxH, kv["k"], kv["v"], mask_BxLxS),
+    out_BxLxNxH = constrain(attend_kv_major(q_BxLxNxH, kv["k"], kv["v"], mask_BxLxS),
                             ("act_batch", "act_len", "act_heads", None))
     # A row that sees no image attends uniformly over masked keys: finite, and zeroed by `row`.
     x_BxLxD = x_BxLxD + gate(self.attn_gate) * (row_BxLx1 * self.o(out_BxLxNxH))
@@ -122,7 +124,7 @@ class CrossStack(nn.Module):
       self.blocks = [cls(**self.block, name=f"block_{i}") for i in range(self.count)]
 
   def kv(self, img_BxSxD: Array):
-    """Every block's image k/v: a tuple of KV, or scanned one KV stacked CxBxSxKxH."""
+    """Every block's image k/v: a tuple of KV, or scanned one KV stacked CxBxKxSxH."""
     if not self.scan:
       return tuple(b.kv(img_BxSxD) for b in self.blocks)
     if self.is_initializing():  # run each block once on a dummy query, creating all its params
