@@ -10,7 +10,7 @@ that table records.
 """
 import ml_collections as mlc
 
-from mm_jax import config_files
+from mm_jax.config import files as config_files
 
 
 def get_config(arg: str = "") -> mlc.ConfigDict:

@@ -11,7 +11,7 @@ Expected (2 cores): mm_jax train step ~2.3 s (HF ~1.9 s), forward ~0.65 s (HF ~0
 """
 import ml_collections as mlc
 
-from mm_jax import config_files
+from mm_jax.config import files as config_files
 
 PREFIX_LEN = 16  # BOS + prompt; the remaining data.text_len - PREFIX_LEN tokens are the suffix
 

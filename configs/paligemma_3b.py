@@ -21,7 +21,7 @@ Variants (`--config=configs/paligemma_3b.py:VARIANT`):
 """
 import ml_collections as mlc
 
-from mm_jax import config_files
+from mm_jax.config import files as config_files
 
 
 def get_config(arg: str = "") -> mlc.ConfigDict:

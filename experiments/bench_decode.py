@@ -42,9 +42,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "experiments"))
 
 from bench_stages import load_config  # pylint: disable=g-import-not-at-top,wrong-import-position
-from mm_jax import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
-from mm_jax.decode import greedy_decode  # pylint: disable=g-import-not-at-top,wrong-import-position
-from mm_jax.state import ModelOnMesh  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mm_jax.train import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mm_jax.eval.decode import greedy_decode  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mm_jax.train.state import ModelOnMesh  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mm_jax.cli import keep_freed_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 keep_freed_memory()  # as mm_jax.train does on CPU: XLA's per-step temporaries are not faulted in anew

@@ -33,8 +33,11 @@ import transformers
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mm_jax import flops, mfu, optim, sharding  # pylint: disable=wrong-import-position
-from mm_jax.state import ModelOnMesh, loss_fn  # pylint: disable=wrong-import-position
+from mm_jax.perf import flops  # pylint: disable=wrong-import-position
+from mm_jax.perf import mfu  # pylint: disable=wrong-import-position
+from mm_jax.train import optim  # pylint: disable=wrong-import-position
+from mm_jax.train import sharding  # pylint: disable=wrong-import-position
+from mm_jax.train.state import ModelOnMesh, loss_fn  # pylint: disable=wrong-import-position
 from mm_jax.cli import keep_freed_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 keep_freed_memory()  # as mm_jax.train does on CPU: XLA's per-step temporaries are not faulted in anew

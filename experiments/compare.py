@@ -80,7 +80,7 @@ def _train_and_curve(name: str, overrides: dict, root: pathlib.Path, steps: int)
 def curve(workdir: str, train_seconds: float) -> dict:
   """Scores every checkpoint of `workdir` on validation and the newest on test; writes curve.json."""
   import ml_collections as mlc  # pylint: disable=g-import-not-at-top
-  from mm_jax import eval as eval_lib  # pylint: disable=g-import-not-at-top
+  from mm_jax.eval import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
   from mm_jax.checkpoint import Checkpoints  # pylint: disable=g-import-not-at-top
   ckpt = Checkpoints(workdir, read_only=True)
   steps = ckpt.all_steps()
@@ -129,8 +129,9 @@ def _load_config(overrides: dict):
 def _describe(overrides: dict) -> dict:
   """Decoder sequence length and trainable / total params of a variant (abstract, nothing computed)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from mm_jax import optim, sharding  # pylint: disable=g-import-not-at-top
-  from mm_jax.state import ModelOnMesh  # pylint: disable=g-import-not-at-top
+  from mm_jax.train import optim  # pylint: disable=g-import-not-at-top
+  from mm_jax.train import sharding  # pylint: disable=g-import-not-at-top
+  from mm_jax.train.state import ModelOnMesh  # pylint: disable=g-import-not-at-top
   config = _load_config(overrides)
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   mm = ModelOnMesh.create(config, config.data.vocab_size, mesh)

@@ -24,8 +24,11 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mm_jax import flops, mfu, optim, sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
-from mm_jax.state import ModelOnMesh  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mm_jax.perf import flops  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mm_jax.perf import mfu  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mm_jax.train import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mm_jax.train import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mm_jax.train.state import ModelOnMesh  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 H100_BF16 = 989e12  # NVIDIA H100 SXM datasheet, dense bf16
 

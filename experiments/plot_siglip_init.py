@@ -16,7 +16,7 @@ import sys
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from mm_jax import eval as eval_lib
+from mm_jax.eval import evaluate as eval_lib
 from mm_jax.checkpoint import Checkpoints
 
 _RESULTS = HERE / "siglip_init.json"

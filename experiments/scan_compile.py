@@ -23,8 +23,9 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 import jax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from mm_jax import optim, sharding
-from mm_jax.state import ModelOnMesh, example_batch
+from mm_jax.train import optim
+from mm_jax.train import sharding
+from mm_jax.train.state import ModelOnMesh, example_batch
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs", "shapes_tiny.py")
 

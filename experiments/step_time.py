@@ -18,8 +18,9 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mm_jax import optim, sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
-from mm_jax.state import ModelOnMesh, example_batch  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mm_jax.train import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mm_jax.train import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mm_jax.train.state import ModelOnMesh, example_batch  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mm_jax.cli import keep_freed_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 keep_freed_memory()  # as mm_jax.train does on CPU: XLA's per-step temporaries are not faulted in anew

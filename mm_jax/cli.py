@@ -10,9 +10,9 @@ from typing import Callable
 
 from absl import app, flags, logging
 
-from mm_jax import sharding
+from mm_jax.train import sharding
 from mm_jax.errors import UserError
-from mm_jax.integrity import SaveFailed
+from mm_jax.checkpoint.integrity import SaveFailed
 
 
 def _one_line(e: BaseException) -> str:

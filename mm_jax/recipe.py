@@ -37,13 +37,15 @@ from absl import flags
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from mm_jax import cli, data, optim, sharding
+from mm_jax import cli, data
+from mm_jax.train import optim
+from mm_jax.train import sharding
 from mm_jax.checkpoint import Checkpoints, workdir_path
 from mm_jax.errors import UserError
-from mm_jax.eval import evaluate
-from mm_jax.optim import path_str
-from mm_jax.state import ModelOnMesh
-from mm_jax.train import initial_params, train
+from mm_jax.eval.evaluate import evaluate
+from mm_jax.train.optim import path_str
+from mm_jax.train.state import ModelOnMesh
+from mm_jax.train.loop import initial_params, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

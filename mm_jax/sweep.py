@@ -37,13 +37,15 @@ import ml_collections as mlc
 from absl import flags, logging
 from ml_collections import config_flags
 
-from mm_jax import cli, optim, sharding
+from mm_jax import cli
+from mm_jax.train import optim
+from mm_jax.train import sharding
 from mm_jax.checkpoint import Checkpoints, workdir_path
 from mm_jax.errors import UserError
-from mm_jax.eval import evaluate
+from mm_jax.eval.evaluate import evaluate
 from mm_jax.recipe import REPO, config_path, load_config_file
-from mm_jax.state import TASKS, ModelOnMesh
-from mm_jax.train import train
+from mm_jax.train.state import TASKS, ModelOnMesh
+from mm_jax.train.loop import train
 
 DEFAULT_LAUNCH = "./launch_tpu.sh --name=$TPU_NAME --zone=$ZONE --"
 _SCALARS = (bool, int, float, str)

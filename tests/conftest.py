@@ -47,8 +47,9 @@ def train_source(test_config):
 
 def make_run(config, devices, vocab_size):
   """(ModelOnMesh, optimizer) for `config` on a mesh over `devices`."""
-  from mm_jax import optim, sharding  # pylint: disable=g-import-not-at-top
-  from mm_jax.state import ModelOnMesh  # pylint: disable=g-import-not-at-top
+  from mm_jax.train import optim  # pylint: disable=g-import-not-at-top
+  from mm_jax.train import sharding  # pylint: disable=g-import-not-at-top
+  from mm_jax.train.state import ModelOnMesh  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh(config.mesh, devices)
   mm = ModelOnMesh.create(config, vocab_size, mesh)
   labels = optim.param_labels(mm.abstract_params, config.optim.rules)

@@ -11,11 +11,11 @@ import jax
 import numpy as np
 import torch
 
-from mm_jax import sharding
+from mm_jax.train import sharding
 from mm_jax.convert import convert
-from mm_jax.decode import greedy_decode
-from mm_jax.eval import restore_params
-from mm_jax.state import ModelOnMesh
+from mm_jax.eval.decode import greedy_decode
+from mm_jax.eval.evaluate import restore_params
+from mm_jax.train.state import ModelOnMesh
 
 SIGLIP_VISION = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
                      num_hidden_layers=3, num_attention_heads=2, image_size=32, patch_size=8)

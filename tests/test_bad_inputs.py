@@ -239,7 +239,7 @@ FIELD_CASES = [
 
 @pytest.mark.parametrize("overrides,expected", FIELD_CASES, ids=[str(c[0]) for c in FIELD_CASES])
 def test_field_check_names_the_field(overrides, expected, test_config):
-  from mm_jax import validate  # pylint: disable=g-import-not-at-top
+  from mm_jax.config import validate  # pylint: disable=g-import-not-at-top
   from mm_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   config = copy.deepcopy(test_config)
   config.update_from_flattened_dict(overrides)
@@ -251,7 +251,8 @@ def test_the_repo_configs_pass(test_config):
   """Every config and variant of configs/ passes the field checks; the test config in every family and
   with every connector, and every stage of every recipe, pass the checks against the tree too."""
   from conftest import load_config  # pylint: disable=g-import-not-at-top
-  from mm_jax import recipe, validate  # pylint: disable=g-import-not-at-top
+  from mm_jax import recipe  # pylint: disable=g-import-not-at-top
+  from mm_jax.config import validate  # pylint: disable=g-import-not-at-top
   from mm_jax.models import build_model  # pylint: disable=g-import-not-at-top
   for name, variants in (("shapes_tiny", ("", "blind", "test")), ("siglip_shapes", ("", "softmax", "test")),
                          ("paligemma_3b", ("", "448,frozen_encoder")), ("llava_7b", ("", "stage1", "all")),

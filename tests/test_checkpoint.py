@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import make_run
-from mm_jax import sharding
+from mm_jax.train import sharding
 from mm_jax.checkpoint import Checkpoints
 from mm_jax.data import pipeline
 from mm_jax.errors import UserError

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from mm_jax.decode import greedy_decode
+from mm_jax.eval.decode import greedy_decode
 from mm_jax.errors import UserError
 from mm_jax.models import CONNECTORS, build_model
 from mm_jax.models.connectors import PixelShuffle, Resampler, pixel_shuffle

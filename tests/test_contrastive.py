@@ -13,7 +13,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import REPO, make_run
-from mm_jax import contrastive, sharding
+from mm_jax.tasks import contrastive
+from mm_jax.train import sharding
 from test_siglip import load_siglip_config
 
 
@@ -112,7 +113,7 @@ def test_train_eval_and_load_the_encoder_into_the_unified_model(test_config, tmp
   assert "i2t_recall@1" in r.stdout
   # The unified model reads this encoder by name (init.parts), and nothing else.
   from mm_jax.checkpoint import Checkpoints  # pylint: disable=g-import-not-at-top
-  from mm_jax.parts import load_parts, plan_parts  # pylint: disable=g-import-not-at-top
+  from mm_jax.checkpoint.parts import load_parts, plan_parts  # pylint: disable=g-import-not-at-top
   config = copy.deepcopy(test_config)
   mm, _ = make_run(config, jax.devices()[:1], vocab_size=64)
   plans = plan_parts(((str(tmp_path), "encoder/", "encoder/"),), mm.abstract_params)

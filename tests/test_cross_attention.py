@@ -8,7 +8,7 @@ import pytest
 
 from conftest import load_config, make_run
 from mm_jax import models
-from mm_jax.decode import greedy_decode
+from mm_jax.eval.decode import greedy_decode
 from mm_jax.models.cross_attention import cross_attention, visible_images
 
 B, S, T, V = 2, 32, 10, 40

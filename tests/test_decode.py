@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from conftest import load_config
-from mm_jax.decode import greedy_decode
+from mm_jax.eval.decode import greedy_decode
 from mm_jax.models import build_model
 
 V = 40

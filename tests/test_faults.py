@@ -23,7 +23,7 @@ import pytest
 
 from conftest import REPO, make_run
 from mm_jax.checkpoint import Checkpoints
-from mm_jax.integrity import MANIFEST, WorkdirLock
+from mm_jax.checkpoint.integrity import MANIFEST, WorkdirLock
 
 STRESS = os.environ.get("MM_JAX_STRESS") == "1"
 KILLS, TERMS = (10, 6) if STRESS else (4, 2)

@@ -11,8 +11,11 @@ import jax
 import pytest
 from conftest import load_config
 
-from mm_jax import flops, optim, sharding, state
-from mm_jax.state import ModelOnMesh
+from mm_jax.perf import flops
+from mm_jax.train import optim
+from mm_jax.train import sharding
+from mm_jax.train import state
+from mm_jax.train.state import ModelOnMesh
 
 ALL = ((".*", "trainable"),)
 CONNECTOR_ONLY = (("connector/.*", "trainable"), (".*", "frozen"))  # LLaVA stage 1

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import load_config, make_run, random_vqa_batch, train_losses
 from mm_jax import models
-from mm_jax.decode import greedy_decode
+from mm_jax.eval.decode import greedy_decode
 from mm_jax.models.hybrid import split_tiles, thumbnail
 
 B, S, T, V = 2, 32, 10, 40

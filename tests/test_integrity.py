@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 
 from conftest import make_run
-from mm_jax import integrity, sharding
+from mm_jax.checkpoint import integrity
+from mm_jax.train import sharding
 from mm_jax.checkpoint import Checkpoints
-from mm_jax.parts import plan_parts
+from mm_jax.checkpoint.parts import plan_parts
 from mm_jax.data import pipeline
 from mm_jax.errors import UserError
-from mm_jax.integrity import MANIFEST, SaveFailed, WorkdirLock
+from mm_jax.checkpoint.integrity import MANIFEST, SaveFailed, WorkdirLock
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def test_a_damaged_step_is_skipped_and_refused(saved, copied, kind, tokenizer, t
 
 
 def test_eval_and_init_parts_refuse_a_damaged_checkpoint(saved, copied):
-  from mm_jax import eval as eval_lib  # pylint: disable=g-import-not-at-top
+  from mm_jax.eval import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
   _, _, mm, _, _ = saved
   why = _damage(copied / "checkpoints" / "3", "truncated")
   with pytest.raises(UserError, match=rf"step 3 .* is damaged \({why}\).*newest complete one is at step 2"):
@@ -143,7 +144,7 @@ def test_a_save_that_does_not_commit_raises_and_keeps_the_earlier_ones(saved, co
 
   def no_space(*args, **kwargs):
     raise OSError(28, "No space left on device")
-  monkeypatch.setattr("mm_jax.checkpoint.write_manifest", no_space)  # fails in orbax's commit thread
+  monkeypatch.setattr("mm_jax.checkpoint.manager.write_manifest", no_space)  # fails in orbax's commit thread
   ckpt = Checkpoints(copied, keep=1)
   ckpt.save(4, state, it, config)
   with pytest.raises(SaveFailed, match=rf"saving the checkpoint at step 4 to {copied}/checkpoints failed: "
@@ -176,7 +177,7 @@ def test_the_workdir_lock_admits_one_holder(tmp_path):
 
 
 def test_train_refuses_a_workdir_held_by_another_trainer(saved, copied):
-  from mm_jax.train import train  # pylint: disable=g-import-not-at-top
+  from mm_jax.train.loop import train  # pylint: disable=g-import-not-at-top
   config = copy.deepcopy(saved[1])
   config.total_steps = 5
   lock = WorkdirLock(copied)

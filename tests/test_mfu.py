@@ -8,9 +8,11 @@ import jax
 import pytest
 
 from conftest import load_config
-from mm_jax import mfu, train, validate
+from mm_jax.perf import mfu
+from mm_jax.train import loop as train
+from mm_jax.config import validate
 from mm_jax.errors import UserError
-from mm_jax.metrics import MetricWriter
+from mm_jax.train.metrics import MetricWriter
 from mm_jax.models import build_model
 
 

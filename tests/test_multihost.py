@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import REPO, make_run
-from mm_jax import sharding
+from mm_jax.train import sharding
 from mm_jax.checkpoint import Checkpoints
 from mm_jax.data import pipeline
 from mm_jax.errors import UserError

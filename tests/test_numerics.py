@@ -13,7 +13,10 @@ import optax
 import pytest
 
 from conftest import make_run
-from mm_jax import optim, sharding, state as state_lib, train
+from mm_jax.train import optim
+from mm_jax.train import sharding
+from mm_jax.train import state as state_lib
+from mm_jax.train import loop as train
 from mm_jax.checkpoint import Checkpoints
 from mm_jax.data import pipeline
 from mm_jax.errors import UserError

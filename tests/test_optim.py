@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import make_run
-from mm_jax import optim, sharding
+from mm_jax.train import optim
+from mm_jax.train import sharding
 from mm_jax.data import pipeline
 from mm_jax.errors import UserError
 

@@ -8,7 +8,7 @@ import transformers
 
 import hf_tiny
 from mm_jax.convert import convert
-from mm_jax.decode import greedy_decode
+from mm_jax.eval.decode import greedy_decode
 
 V, IMG, BOS = 256, 250, 1
 N = hf_tiny.N_PATCHES

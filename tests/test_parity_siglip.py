@@ -10,12 +10,12 @@ import torch
 import transformers
 
 import hf_tiny
-from mm_jax import sharding
+from mm_jax.train import sharding
 from mm_jax.checkpoint import Checkpoints
-from mm_jax.parts import load_parts, plan_parts
+from mm_jax.checkpoint.parts import load_parts, plan_parts
 from mm_jax.convert import convert
 from mm_jax.models.siglip import MAPHead
-from mm_jax.state import ModelOnMesh
+from mm_jax.train.state import ModelOnMesh
 
 TEXT_VOCAB, TEXT_LEN = 128, 16
 

@@ -9,7 +9,7 @@ import pytest
 from conftest import make_run
 from mm_jax.checkpoint import Checkpoints
 from mm_jax.errors import UserError
-from mm_jax.parts import load_parts, plan_parts
+from mm_jax.checkpoint.parts import load_parts, plan_parts
 
 
 def _host(tree):

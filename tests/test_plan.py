@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import REPO, load_config
 
-from mm_jax import plan
+from mm_jax.perf import plan
 from mm_jax.errors import UserError
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
@@ -149,8 +149,10 @@ def test_plan_compiles_for_a_tpu_topology():
 ])
 def test_large_configs_build_at_their_published_sizes(name, arg, params, trainable):
   import jax  # pylint: disable=g-import-not-at-top
-  from mm_jax import flops, optim, sharding  # pylint: disable=g-import-not-at-top
-  from mm_jax.state import ModelOnMesh  # pylint: disable=g-import-not-at-top
+  from mm_jax.perf import flops  # pylint: disable=g-import-not-at-top
+  from mm_jax.train import optim  # pylint: disable=g-import-not-at-top
+  from mm_jax.train import sharding  # pylint: disable=g-import-not-at-top
+  from mm_jax.train.state import ModelOnMesh  # pylint: disable=g-import-not-at-top
   config = load_config(arg, name)
   assert config.model.decoder.scan and config.model.decoder.remat in ("full", "none")
   mm = ModelOnMesh.create(config, plan.vocab_size(config), sharding.make_mesh(config.mesh, jax.devices()[:1]))

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from conftest import make_run
-from mm_jax import train as train_lib
+from mm_jax.train import loop as train_lib
 from mm_jax.checkpoint import Checkpoints
 from mm_jax.data import pipeline
 from mm_jax.errors import UserError
-from mm_jax.integrity import WorkdirLock, read_manifest
+from mm_jax.checkpoint.integrity import WorkdirLock, read_manifest
 
 
 def _config(test_config, **fields):

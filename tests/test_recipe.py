@@ -15,7 +15,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from conftest import REPO, load_config, make_run
-from mm_jax import optim, recipe
+from mm_jax import recipe
+from mm_jax.train import optim
 from mm_jax.checkpoint import Checkpoints
 from mm_jax.errors import UserError
 

@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import load_config, make_run
-from mm_jax import sharding
+from mm_jax.train import sharding
 from mm_jax.data import pipeline
 from mm_jax.errors import UserError
 

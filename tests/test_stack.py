@@ -14,12 +14,14 @@ import numpy as np
 import pytest
 
 from conftest import load_config, make_run, random_vqa_batch
-from mm_jax import eval as eval_lib, models, train
+from mm_jax import models
+from mm_jax.eval import evaluate as eval_lib
+from mm_jax.train import loop as train
 from mm_jax.checkpoint import Checkpoints, OtherLayout, layout, relayout
-from mm_jax.decode import greedy_decode
+from mm_jax.eval.decode import greedy_decode
 from mm_jax.errors import UserError
-from mm_jax.optim import path_str
-from mm_jax.state import forward
+from mm_jax.train.optim import path_str
+from mm_jax.train.state import forward
 
 V = 40
 FAMILIES = {

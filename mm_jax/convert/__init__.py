@@ -28,12 +28,12 @@ import os
 from absl import logging
 import ml_collections as mlc
 
-from mm_jax import sharding
+from mm_jax.train import sharding
 from mm_jax.checkpoint import workdir_path
 from mm_jax.convert import hf_config, names, writer
 from mm_jax.convert.reader import HFCheckpoint
 from mm_jax.errors import UserError
-from mm_jax.state import ModelOnMesh
+from mm_jax.train.state import ModelOnMesh
 
 DTYPES = ("float32", "bfloat16")
 

@@ -16,7 +16,7 @@ later against the weights' headers.
 
 import ml_collections as mlc
 
-from mm_jax import config_files
+from mm_jax.config import files as config_files
 from mm_jax.errors import UserError
 
 _GEMMA = dict(vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,

@@ -21,7 +21,9 @@ import ml_collections as mlc
 import optax
 from jax.sharding import Mesh
 
-from mm_jax import contrastive, optim, sharding
+from mm_jax.tasks import contrastive
+from mm_jax.train import optim
+from mm_jax.train import sharding
 from mm_jax.errors import UserError
 from mm_jax.models import build_model
 

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import ml_collections as mlc
 from absl import logging
 
-from mm_jax import flops as flops_lib
-from mm_jax.state import example_batch
+from mm_jax.perf import flops as flops_lib
+from mm_jax.train.state import example_batch
 
 # Dense (no sparsity) peak FLOP/s per jax device, by device_kind prefix (the longest matching prefix
 # wins: "TPU v5 lite" before "TPU v5") and compute dtype. Sources: the Cloud TPU system-architecture

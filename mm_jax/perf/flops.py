@@ -31,7 +31,7 @@ import jax
 import ml_collections as mlc
 
 from mm_jax.models import build_model
-from mm_jax.optim import path_str
+from mm_jax.train.optim import path_str
 
 
 class _Tally:

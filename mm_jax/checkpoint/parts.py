@@ -11,7 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mm_jax.checkpoint import Checkpoints, relayout, workdir_path
 from mm_jax.errors import UserError
-from mm_jax.optim import path_str
+from mm_jax.train.optim import path_str
 
 
 def plan_parts(parts, abstract_params) -> list[dict]:

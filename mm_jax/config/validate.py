@@ -22,12 +22,12 @@ import flax.linen as nn
 import jax
 import ml_collections as mlc
 
-from mm_jax import optim
+from mm_jax.train import optim
 from mm_jax.data import pipeline, shapes
 from mm_jax.errors import UserError
 from mm_jax.models import build_model
 from mm_jax.models.layers import ACTIVATIONS
-from mm_jax.state import TASKS, example_batch
+from mm_jax.train.state import TASKS, example_batch
 
 NORMS = ("gemma", "llama")          # layers.RMSNorm's forms
 ROPE_TYPES = ("default", "llama3")  # layers.Rope.type
@@ -322,7 +322,7 @@ def _elements(config, tokenizer, split: str, task: str, train: bool):
   if task == "contrastive":
     indices = range(len(records))
     if not train:  # retrieval uses the images whose caption is unique
-      from mm_jax import contrastive  # pylint: disable=g-import-not-at-top
+      from mm_jax.tasks import contrastive  # pylint: disable=g-import-not-at-top
       indices = contrastive.unique_indices([t[2] if t else "" for t in records])
     for r in indices:
       if records[r]:

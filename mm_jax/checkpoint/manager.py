@@ -37,8 +37,8 @@ from jax.experimental import multihost_utils
 
 from mm_jax.data import pipeline
 from mm_jax.errors import UserError
-from mm_jax.integrity import MANIFEST, SaveFailed, manifest_problem, read_manifest, short_error, write_manifest
-from mm_jax.optim import path_str
+from mm_jax.checkpoint.integrity import MANIFEST, SaveFailed, manifest_problem, read_manifest, short_error, write_manifest
+from mm_jax.train.optim import path_str
 
 
 def workdir_path(workdir: str) -> epath.Path:

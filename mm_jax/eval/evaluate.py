@@ -13,16 +13,17 @@ import json
 import jax
 import ml_collections as mlc
 import numpy as np
-from absl import flags
 from jax.experimental import multihost_utils
-from ml_collections import config_flags
 
-from mm_jax import cli, contrastive, data, sharding, validate
+from mm_jax import cli, data
+from mm_jax.tasks import contrastive
+from mm_jax.train import sharding
+from mm_jax.config import validate
 from mm_jax.checkpoint import Checkpoints, OtherLayout, workdir_path
-from mm_jax.decode import greedy_decode
+from mm_jax.eval.decode import greedy_decode
 from mm_jax.errors import UserError
-from mm_jax.parts import restore_params_by_name
-from mm_jax.state import ModelOnMesh
+from mm_jax.checkpoint.parts import restore_params_by_name
+from mm_jax.train.state import ModelOnMesh
 
 _SPLITS = ("train", "validation", "test")
 
@@ -139,19 +140,3 @@ def retrieval(config, mm: ModelOnMesh, params, tokenizer, source) -> tuple[dict,
 
 
 EVALUATORS = {"vqa": vqa, "contrastive": retrieval}
-
-
-def main() -> None:
-  if _CONFIG.value is None or not _WORKDIR.value:
-    raise UserError("--config and --workdir are required")
-  evaluate(_CONFIG.value, _WORKDIR.value, _SPLIT.value, _STEP.value)
-
-
-if __name__ == "__main__":
-  # Flags only when run as a program: importing evaluate() (mm_jax.recipe does) defines none.
-  _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).",
-                                            lock_config=True)
-  _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
-  _SPLIT = flags.DEFINE_string("split", "test", "Dataset split: train, validation or test.")
-  _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-  cli.run("mm_jax.eval", main, steps=True)

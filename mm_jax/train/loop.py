@@ -27,18 +27,20 @@ import time
 import jax
 import ml_collections as mlc
 import numpy as np
-from absl import flags, logging
+from absl import logging
 from jax.experimental import multihost_utils
-from ml_collections import config_flags
 
-from mm_jax import cli, data, mfu, optim, sharding, validate
+from mm_jax import cli, data
+from mm_jax.perf import mfu
+from mm_jax.train import optim
+from mm_jax.train import sharding
+from mm_jax.config import validate
 from mm_jax.checkpoint import Checkpoints, signature, workdir_path
 from mm_jax.errors import UserError
-from mm_jax.integrity import WorkdirLock
-from mm_jax.metrics import MetricWriter, parameter_table
-from mm_jax.parts import load_parts, plan_parts
-from mm_jax.models import CONNECTORS, FAMILIES
-from mm_jax.state import TASKS, ModelOnMesh
+from mm_jax.checkpoint.integrity import WorkdirLock
+from mm_jax.train.metrics import MetricWriter, parameter_table
+from mm_jax.checkpoint.parts import load_parts, plan_parts
+from mm_jax.train.state import TASKS, ModelOnMesh
 
 def initial_params(config: mlc.ConfigDict, mm: ModelOnMesh, parts=None, needed=None) -> dict:
   """The params a run starts from at step 0: the init of config.seed, then config.init.parts over it.
@@ -226,19 +228,3 @@ def _train(config: mlc.ConfigDict, workdir: str, stack: contextlib.ExitStack, pr
   ckpt.close()
   writer.close()
   return metrics
-
-
-def main() -> None:
-  if _CONFIG.value is None or not _WORKDIR.value:
-    raise UserError("--config and --workdir are required")
-  train(_CONFIG.value, _WORKDIR.value)
-
-
-if __name__ == "__main__":
-  # Flags only when run as a program: importing train() (mm_jax.recipe does) defines none.
-  _CONFIG = config_flags.DEFINE_config_file(
-      "config", None,
-      f"Config file (configs/*.py[:variant]). Registries: model.family in {sorted(FAMILIES)}, "
-      f"model.connector in {sorted(CONNECTORS)}.", lock_config=True)
-  _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")
-  cli.run("mm_jax.train", main, steps=True)

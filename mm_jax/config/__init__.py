@@ -1,0 +1,1 @@
+"""Configs: loading configs/*.py by name (files) and the checks run before any work (validate)."""

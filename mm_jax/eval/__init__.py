@@ -1,0 +1,1 @@
+"""Evaluation from checkpoints (evaluate) and KV-cached decoding (decode)."""

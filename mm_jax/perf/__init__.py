@@ -1,0 +1,1 @@
+"""Performance: analytic FLOPs (flops), MFU and throughput logging (mfu), AOT plans for TPU topologies (plan)."""

@@ -1,0 +1,1 @@
+"""Tasks: what a model is trained and evaluated on (its inputs, loss, batches, evaluator)."""
