@@ -25,7 +25,6 @@ before a newer checkpoint has committed with its manifest.
 """
 import json
 import os
-import re
 import time
 
 from etils import epath
@@ -37,6 +36,7 @@ from jax.experimental import multihost_utils
 
 from mm_jax.data import pipeline
 from mm_jax.errors import UserError
+from mm_jax.models import stack
 from mm_jax.checkpoint.integrity import MANIFEST, SaveFailed, manifest_problem, read_manifest, short_error, write_manifest
 from mm_jax.train.optim import path_str
 
@@ -52,18 +52,14 @@ def signature(params) -> dict[str, str]:
   return {path_str(p): f"{x.dtype}{list(x.shape)}" for p, x in flat}
 
 
-_SCANNED = re.compile(r"((?:.*/)?)blocks/(.*)")
-_UNROLLED = re.compile(r"((?:.*/)?)block_(\d+)/(.*)")
-
-
 def layout(sig: dict[str, str]) -> dict[str, str]:
   """{stack prefix: 'scanned' | 'unrolled'} of a signature, e.g. {'decoder': 'scanned'}."""
   out = {}
   for path in sig:
-    for pattern, kind in ((_SCANNED, "scanned"), (_UNROLLED, "unrolled")):
-      m = pattern.fullmatch(path)
-      if m:
-        out[m.group(1).rstrip("/")] = kind
+    for split, kind in ((stack.split_scanned, "scanned"), (stack.split_unrolled, "unrolled")):
+      parts = split(path)
+      if parts:
+        out[parts[0].rstrip("/")] = kind
   return out
 
 
@@ -75,14 +71,16 @@ def relayout(path: str, shape: tuple[int, ...], saved: dict[str, str]):
   """Where param `path` of `shape` is in a checkpoint of the other layer layout (None if nowhere):
   ("stack", (P/block_0/R, ..)) for a scanned P/blocks/R; ("index", P/blocks/R, i, n) for P/block_i/R
   (n: the stack's length)."""
-  m = _SCANNED.fullmatch(path)
-  if m and shape:
-    srcs = tuple(f"{m.group(1)}block_{i}/{m.group(2)}" for i in range(shape[0]))
+  scanned = stack.split_scanned(path)
+  if scanned and shape:
+    prefix, rest = scanned
+    srcs = tuple(stack.unrolled_path(prefix, i, rest) for i in range(shape[0]))
     if all(src in saved and _shape(saved[src]) == list(shape[1:]) for src in srcs):
       return ("stack", srcs)
-  m = _UNROLLED.fullmatch(path)
-  if m:
-    src, i = f"{m.group(1)}blocks/{m.group(3)}", int(m.group(2))
+  unrolled = stack.split_unrolled(path)
+  if unrolled:
+    prefix, i, rest = unrolled
+    src = stack.scanned_path(prefix, rest)
     if src in saved and _shape(saved[src])[1:] == list(shape) and i < _shape(saved[src])[0]:
       return ("index", src, i, _shape(saved[src])[0])
   return None

@@ -14,7 +14,12 @@ Remat: what the backward pass keeps of each block's forward (the rest is recompu
           attention scores are recomputed
   custom  only the tensors tagged with the names in remat_names (NAMES; e.g. ("attn_out",
           "mlp_hidden") keeps the inputs of the two output projections)
+
+Param paths of the two layouts (checkpoints, optimizer reports and FLOP counts read them by name):
+split_scanned / split_unrolled take a path apart, unrolled_path / scanned_path put one together.
 """
+import re
+
 import flax.linen as nn
 import jax
 
@@ -24,6 +29,37 @@ from mm_jax.errors import UserError
 NAMES = ("query", "key", "value", "attn_out", "mlp_hidden")
 REMAT = ("none", "full", "dots", "custom")
 LAYERS = "layers"  # the logical name of the stacked axis (no rule: replicated)
+
+_SCANNED = re.compile(r"((?:.*/)?)blocks/(.*)")        # P/blocks/R
+_UNROLLED = re.compile(r"((?:.*/)?)block_(\d+)/(.*)")  # P/block_i/R
+_LAYER = re.compile(r"/block_\d+(?=/|$)")
+
+
+def split_scanned(path: str) -> tuple[str, str] | None:
+  """P/blocks/R -> (P/, R) (P/ empty for a top-level stack); None for a path of no scanned stack."""
+  m = _SCANNED.fullmatch(path)
+  return (m.group(1), m.group(2)) if m else None
+
+
+def split_unrolled(path: str) -> tuple[str, int, str] | None:
+  """P/block_i/R -> (P/, i, R); None for a path of no unrolled layer."""
+  m = _UNROLLED.fullmatch(path)
+  return (m.group(1), int(m.group(2)), m.group(3)) if m else None
+
+
+def unrolled_path(prefix: str, i: int, rest: str | None = None) -> str:
+  """(P/, i) -> P/block_i, the layer; with rest R, P/block_i/R."""
+  return f"{prefix}block_{i}" if rest is None else f"{prefix}block_{i}/{rest}"
+
+
+def scanned_path(prefix: str, rest: str) -> str:
+  """(P/, R) -> P/blocks/R."""
+  return f"{prefix}blocks/{rest}"
+
+
+def as_scanned(path: str) -> str:
+  """Every P/block_i in a path (module prefix or param) as P/blocks: where a scanned stack keeps it."""
+  return _LAYER.sub("/blocks", path)
 
 
 def check(section: str, remat: str, remat_names) -> None:

@@ -23,6 +23,7 @@ import ml_collections as mlc
 import optax
 
 from mm_jax.errors import UserError
+from mm_jax.models import stack
 
 LABELS = ("trainable", "frozen")
 
@@ -131,10 +132,6 @@ def nonfinite_policy(cfg: mlc.ConfigDict) -> tuple[str, int]:
   return policy, max_skips
 
 
-_SCANNED = re.compile(r"((?:.*/)?)blocks/.*")       # models/stack.py: a leading axis over the layers
-_UNROLLED = re.compile(r"((?:.*/)?block_\d+)/.*")
-
-
 def _natural(name: str):
   return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
@@ -184,11 +181,11 @@ def param_groups(params, labels) -> ParamGroups:
   per_leaf = []  # the group names of each param
   for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
     name = path_str(path)
-    scanned, unrolled = _SCANNED.fullmatch(name), _UNROLLED.fullmatch(name)
-    if scanned and x.ndim:
-      per_leaf.append([f"{scanned.group(1)}block_{i}" for i in range(x.shape[0])])
+    scanned, unrolled = stack.split_scanned(name), stack.split_unrolled(name)
+    if scanned and x.ndim:  # a leading axis over the layers
+      per_leaf.append([stack.unrolled_path(scanned[0], i) for i in range(x.shape[0])])
     else:
-      per_leaf.append([unrolled.group(1) if unrolled else "/".join(name.split("/")[:2])])
+      per_leaf.append([stack.unrolled_path(*unrolled[:2]) if unrolled else "/".join(name.split("/")[:2])])
   names = tuple(sorted({n for groups in per_leaf for n in groups}, key=_natural))
   index = {n: i for i, n in enumerate(names)}
   trainable = [lab == "trainable" for lab in jax.tree.leaves(labels)]
