@@ -10,11 +10,11 @@ that table records.
 """
 import ml_collections as mlc
 
-from mm_jax.config import files as config_files
+from mm_jax.config import files
 
 
 def get_config(arg: str = "") -> mlc.ConfigDict:
-  c = config_files.get_config("paligemma_3b")  # scanned, full remat, bf16 compute, f32 params/Adam
+  c = files.get_config("paligemma_3b")  # scanned, full remat, bf16 compute, f32 params/Adam
   c.global_batch_size = 32
   c.mesh.update(dict(dcn=1, data=1, fsdp=-1, tensor=1))
   c.data.image_size = 224

@@ -11,14 +11,14 @@ Expected (2 cores): mm_jax train step ~2.3 s (HF ~1.9 s), forward ~0.65 s (HF ~0
 """
 import ml_collections as mlc
 
-from mm_jax.config import files as config_files
+from mm_jax.config import files
 
 PREFIX_LEN = 16  # BOS + prompt; the remaining data.text_len - PREFIX_LEN tokens are the suffix
 
 
 def get_config(arg: str = "") -> mlc.ConfigDict:
   del arg
-  c = config_files.get_config("shapes_tiny")  # every field exists; the model, batch and optimizer are set here
+  c = files.get_config("base")  # the model, batch and optimizer are set here
   c.global_batch_size = 8
   c.total_steps = 1000
   c.mesh.update(dict(dcn=1, data=-1, fsdp=1, tensor=1))

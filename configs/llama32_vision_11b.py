@@ -26,11 +26,11 @@ Variants (`--config=configs/llama32_vision_11b.py:VARIANT`):
 """
 import ml_collections as mlc
 
-from mm_jax.config import files as config_files
+from mm_jax.config import files
 
 
 def get_config(arg: str = "") -> mlc.ConfigDict:
-  c = config_files.get_config("shapes_tiny")  # every field exists; the model, mesh, batch and stage are set here
+  c = files.get_config("base")  # the model, mesh, batch and stage are set here
   c.global_batch_size = 256
   c.total_steps = 10_000
   c.mesh.update(dict(dcn=1, data=1, fsdp=-1, tensor=1))  # FSDP over every chip of a slice
@@ -51,8 +51,7 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
       tie_embeddings=False, rope_theta=500_000.0, rope_type="llama3", rope_factor=8.0,
       rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_len=8192, **scan))
   # Cross blocks: the decoder's heads, kv heads, head_dim and MLP width (Mllama's).
-  m.cross_every = 4
-  m.cross_num_heads = m.cross_num_kv_heads = m.cross_head_dim = m.cross_mlp_dim = 0
+  m.family_options.cross.update(dict(every=4, num_heads=0, num_kv_heads=0, head_dim=0, mlp_dim=0))
 
   c.optim.lr = 2e-5
   c.optim.warmup_steps = 200

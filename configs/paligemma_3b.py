@@ -21,11 +21,11 @@ Variants (`--config=configs/paligemma_3b.py:VARIANT`):
 """
 import ml_collections as mlc
 
-from mm_jax.config import files as config_files
+from mm_jax.config import files
 
 
 def get_config(arg: str = "") -> mlc.ConfigDict:
-  c = config_files.get_config("shapes_tiny")  # every field exists; the model, mesh, batch and stage are set here
+  c = files.get_config("base")  # the model, mesh, batch and stage are set here
   c.global_batch_size = 256
   c.total_steps = 10_000
   c.mesh.update(dict(dcn=1, data=1, fsdp=-1, tensor=1))  # FSDP over every chip of a slice

@@ -19,11 +19,9 @@ Variants (`--config=configs/siglip_shapes.py:VARIANT`):
   softmax  the CLIP loss (softmax cross-entropy both ways) instead of the sigmoid loss.
   test     a very small model and dataset, for the test suite.
 """
-import math
-
 import ml_collections as mlc
 
-from mm_jax.config import files as config_files
+from mm_jax.config import files
 
 
 def get_config(arg: str = "") -> mlc.ConfigDict:
@@ -31,24 +29,19 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
   unknown = set(variants) - {"softmax", "test"}
   if unknown:
     raise ValueError(f"unknown variant {sorted(unknown)[0]!r} of siglip_shapes; known: softmax, test")
-  # Mesh, rules, data and the encoder come from shapes_tiny (its :test variant for tests).
-  c = config_files.get_config("shapes_tiny", "test" if "test" in variants else "")
+  # Built on shapes_tiny (its :test variant for tests): its data, schedule and encoder, which must match
+  # for the unified model to load this encoder.
+  c = files.get_config("shapes_tiny", "test" if "test" in variants else "")
   c.total_steps = 1500
   c.global_batch_size = 128
   c.checkpoint_every = 500
   c.data.text_len = 20               # caption + eos, padded (the longest caption needs all 20)
 
-  encoder = c.model.encoder
-  c.model = mlc.ConfigDict()
   c.model.family = "siglip"          # models.FAMILIES
-  c.model.dtype = "float32"
-  c.model.param_dtype = "float32"
-  c.model.encoder = encoder          # vit.ViT: exactly shapes_tiny's, so the unified model can load it
   c.model.text = mlc.ConfigDict(dict(  # siglip.TextEncoder; out_dim is the encoder width
       vocab_size=0,                  # 0: the tokenizer's
       width=128, depth=2, num_heads=4, mlp_dim=512, max_len=c.data.text_len, norm_eps=1e-6))
-  c.model.logit_scale_init = math.log(10.0)  # the paper's init for training from scratch (HF: 0, 0)
-  c.model.logit_bias_init = -10.0
+  # model.family_options.siglip: logit scale log(10) and bias -10 at init (base's)
 
   c.optim.loss = "sigmoid"           # "sigmoid" (SigLIP) | "softmax" (CLIP); contrastive.LOSSES
   c.optim.lr = 1e-3
@@ -56,7 +49,7 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
 
   if "softmax" in variants:
     c.optim.loss = "softmax"
-    c.model.logit_bias_init = 0.0    # a constant shift: the softmax ignores it
+    c.model.family_options.siglip.logit_bias_init = 0.0  # a constant shift: the softmax ignores it
   if "test" in variants:
     c.total_steps = 4
     c.global_batch_size = 8

@@ -201,8 +201,9 @@ def _recipe_result(name: str, summary: dict) -> dict:
 def _recipe_timers(name: str) -> list:
   """A step timer per multimodal stage of recipe `name` (its train config; params random)."""
   from mm_jax import recipe as recipe_lib  # pylint: disable=g-import-not-at-top
+  from mm_jax.config import files  # pylint: disable=g-import-not-at-top
   from step_time import step_timer  # pylint: disable=g-import-not-at-top
-  cfg = recipe_lib.load_config_file(f"configs/recipes.py:{name}")
+  cfg = files.load(f"configs/recipes.py:{name}")
   workdirs = recipe_lib.stage_workdirs(cfg, "/nonexistent")
   return [step_timer(recipe_lib.stage_config(cfg, i, workdirs)[0])
           for i, st in enumerate(cfg.stages) if not st.pretrain]

@@ -22,10 +22,8 @@ scores and train seconds. Every stage config is built and its rules checked befo
 """
 import contextlib
 import fcntl
-import importlib.util
 import json
 import os
-import pathlib
 import shlex
 import time
 
@@ -41,38 +39,17 @@ from mm_jax import cli, data
 from mm_jax.train import optim
 from mm_jax.train import sharding
 from mm_jax.checkpoint import Checkpoints, workdir_path
+from mm_jax.config import files
 from mm_jax.errors import UserError
 from mm_jax.eval.evaluate import evaluate
 from mm_jax.train.optim import path_str
 from mm_jax.train.state import ModelOnMesh
 from mm_jax.train.loop import initial_params, train
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 class CheckError(UserError):
   """A stage broke its freeze rules: a trainer bug, not bad input. Names the stage and the parameter."""
-
-
-def _module(path: str):
-  spec = importlib.util.spec_from_file_location(f"_config_{pathlib.Path(path).stem}", config_path(path))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def load_config_file(spec: str) -> mlc.ConfigDict:
-  """'path.py[:arg]' as --config loads it; a relative path not found here is taken from the repo root."""
-  path, _, arg = spec.partition(":")
-  return _module(path).get_config(arg)
-
-
-def config_path(path: str) -> str:
-  if os.path.exists(path) or os.path.isabs(path):
-    return path
-  if not (REPO / path).exists():
-    raise UserError(f"config file {path} not found here nor in {REPO}")
-  return str(REPO / path)
 
 
 def stage_workdirs(recipe: mlc.ConfigDict, workdir: str, pretrain_dir: str | None = None) -> dict:
@@ -101,7 +78,7 @@ def stage_config(recipe: mlc.ConfigDict, index: int, workdirs: dict) -> tuple[ml
   for field in ("checkpoint_every", "keep_checkpoints"):
     if recipe[field]:
       overrides[field] = recipe[field]
-  config = load_config_file(stage.config)
+  config = files.load(stage.config)
   config.lock()  # an override naming no field is an error, not a new field
   for key, value in overrides.items():
     try:
@@ -123,7 +100,7 @@ def _flag_value(v) -> str:
 def train_command(config_spec: str, overrides: dict, workdir: str) -> str:
   """The equivalent `python -m mm_jax.train` command line (shell-quoted)."""
   path, sep, arg = config_spec.partition(":")
-  args = ["python", "-m", "mm_jax.train", f"--config={config_path(path)}{sep}{arg}",
+  args = ["python", "-m", "mm_jax.train", f"--config={files.path(path)}{sep}{arg}",
           f"--workdir={workdir}"]
   args += [f"--config.{k}={_flag_value(v)}" for k, v in overrides.items()]
   return " ".join(shlex.quote(a) for a in args)

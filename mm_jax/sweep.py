@@ -41,10 +41,11 @@ from mm_jax import cli
 from mm_jax.train import optim
 from mm_jax.train import sharding
 from mm_jax.checkpoint import Checkpoints, workdir_path
+from mm_jax.config import files
 from mm_jax.errors import UserError
 from mm_jax.eval.evaluate import evaluate
-from mm_jax.recipe import REPO, config_path, load_config_file
-from mm_jax.train.state import TASKS, ModelOnMesh
+from mm_jax.tasks import TASKS
+from mm_jax.train.state import ModelOnMesh
 from mm_jax.train.loop import train
 
 DEFAULT_LAUNCH = "./launch_tpu.sh --name=$TPU_NAME --zone=$ZONE --"
@@ -55,7 +56,7 @@ _SCALARS = (bool, int, float, str)
 
 def declared_sweeps(spec: str) -> dict:
   """{name: points} of the config file's get_sweeps() ({} without one); points not yet expanded."""
-  path = config_path(spec.partition(":")[0])
+  path = files.path(spec.partition(":")[0])
   module_spec = importlib.util.spec_from_file_location(f"_sweeps_{os.path.basename(path)[:-3]}", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
@@ -132,7 +133,7 @@ def plan(spec: str, sweep: str, workdir: str, common: dict | None = None,
   override that names no field or has the wrong type, or (check_workdirs) a workdir holding a run of
   another config."""
   common = {k: _normalized(v, f"--config.{k}") for k, v in (common or {}).items()}
-  base = load_config_file(spec)
+  base = files.load(spec)
   base.lock()
   try:
     base.update_from_flattened_dict(common)
@@ -302,8 +303,8 @@ def run(spec: str, sweep: str, workdir: str, *, common: dict | None = None,
 def _repo_relative(spec: str) -> str:
   """The config path as a pod worker sees it (it runs in its copy of the repository root)."""
   path, sep, arg = spec.partition(":")
-  full = os.path.abspath(config_path(path))
-  rel = os.path.relpath(full, REPO)
+  full = os.path.abspath(files.path(path))
+  rel = os.path.relpath(full, files.REPO)
   return (path if rel.startswith("..") else rel) + sep + arg
 
 

@@ -2,7 +2,6 @@ import os
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-import importlib.util
 import pathlib
 import sys
 
@@ -12,15 +11,13 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # Lets `pytest` run from a plain checkout without an install.
   sys.path.insert(0, str(REPO))
 
+from mm_jax.config import files
 from mm_jax.data import pipeline
 
 
 def load_config(arg: str = "", name: str = "shapes_tiny"):
   """configs/NAME.py with `arg` (e.g. "test", "test,blind"), as --config=configs/NAME.py:ARG loads it."""
-  spec = importlib.util.spec_from_file_location(f"{name}_config", REPO / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return files.get_config(name, arg)
 
 
 @pytest.fixture(scope="session")

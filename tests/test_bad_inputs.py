@@ -228,10 +228,10 @@ FIELD_CASES = [
     ({"model.decoder.mlp_act": "relu2"}, "model.decoder.mlp_act='relu2' is unknown"),
     ({"model.decoder.norm": "rms"}, "model.decoder.norm='rms' is unknown; use one of gemma, llama"),
     ({"model.decoder.rope_type": "yarn"}, "model.decoder.rope_type='yarn' is unknown"),
-    ({"model.family": "cross", "model.cross_num_kv_heads": 3},
+    ({"model.family": "cross", "model.family_options.cross.num_kv_heads": 3},
      "the cross-attention's query heads (4) must be a multiple of its kv heads (3)"),
     ({"model.family": "hybrid", "data.image_size": 40},
-     "the tile side 20 (data.image_size=40 / model.hybrid_tiles=2) is not a multiple of "
+     "the tile side 20 (data.image_size=40 / model.family_options.hybrid.tiles=2) is not a multiple of "
      "model.encoder.patch_size=8"),
     ({"model.family": "fuyu", "data.image_size": 36}, "data.image_size=36 is not a multiple"),
 ]
@@ -252,6 +252,7 @@ def test_the_repo_configs_pass(test_config):
   with every connector, and every stage of every recipe, pass the checks against the tree too."""
   from conftest import load_config  # pylint: disable=g-import-not-at-top
   from mm_jax import recipe  # pylint: disable=g-import-not-at-top
+  from mm_jax.config import files  # pylint: disable=g-import-not-at-top
   from mm_jax.config import validate  # pylint: disable=g-import-not-at-top
   from mm_jax.models import build_model  # pylint: disable=g-import-not-at-top
   for name, variants in (("shapes_tiny", ("", "blind", "test")), ("siglip_shapes", ("", "softmax", "test")),
@@ -268,8 +269,8 @@ def test_the_repo_configs_pass(test_config):
   siglip.data.data_dir = test_config.data.data_dir
   validate.check_config(siglip)
   validate.check_config(siglip, "test", train=False)
-  for name in recipe._module("configs/recipes.py").RECIPES:  # pylint: disable=protected-access
-    spec = recipe.load_config_file(f"configs/recipes.py:{name},test")
+  for name in files.module("configs/recipes.py").RECIPES:
+    spec = files.load(f"configs/recipes.py:{name},test")
     workdirs = recipe.stage_workdirs(spec, "unused")
     for i in range(len(spec.stages)):
       config = recipe.stage_config(spec, i, workdirs)[0]

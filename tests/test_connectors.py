@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config
+from mm_jax.config import files
 from mm_jax.eval.decode import greedy_decode
 from mm_jax.errors import UserError
 from mm_jax.models import CONNECTORS, build_model
@@ -124,7 +125,7 @@ def test_pixel_shuffle_scale_must_divide_the_grid():
 def test_config_without_connector_options_builds():
   config = _config("resampler")
   del config.model["connector_options"]  # configs written before the section existed (imports)
-  assert build_model(config.model, V).connector.num_queries == 64
+  assert build_model(files.complete(config).model, V).connector.num_queries == 64  # the module's default
 
 
 @pytest.fixture(scope="module")

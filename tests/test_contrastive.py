@@ -56,7 +56,7 @@ def _losses_and_grads(config, devices, params, batch):
 
 def test_sharded_losses_and_grads_equal_one_device():
   config = load_siglip_config("test")
-  config.model.logit_bias_init = 0.0  # negatives then weigh log 2 each: a per-shard loss would show
+  config.model.family_options.siglip.logit_bias_init = 0.0  # negatives then weigh log 2 each: a per-shard loss would show
   b, s, t = 8, config.data.image_size, config.data.text_len
   batch = {"image": jax.random.uniform(jax.random.key(1), (b, s, s, 3), minval=-1, maxval=1),
            "text": jax.random.randint(jax.random.key(2), (b, t), 0, 64)}

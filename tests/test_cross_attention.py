@@ -12,13 +12,13 @@ from mm_jax.eval.decode import greedy_decode
 from mm_jax.models.cross_attention import cross_attention, visible_images
 
 B, S, T, V = 2, 32, 10, 40
-CROSS_FIELDS = dict(cross_every=1, cross_num_heads=0, cross_num_kv_heads=0, cross_head_dim=0,
-                    cross_mlp_dim=0, cross_last_image_only=True)
+CROSS_FIELDS = dict(every=1, num_heads=0, num_kv_heads=0, head_dim=0, mlp_dim=0, last_image_only=True)
 
 
-def _config(**model_fields):
+def _config(cross=None, **model_fields):
   config = load_config("test")
-  config.model.update(dict(family="cross", **CROSS_FIELDS))
+  config.model.family = "cross"
+  config.model.family_options.cross.update(dict(CROSS_FIELDS, **(cross or {})))
   config.model.update(model_fields)
   return config
 
@@ -56,7 +56,7 @@ def test_param_tree_names_and_builder_fields(setup):
   assert all(isinstance(v, nn.LogicallyPartitioned) for v in leaves), "a param lacks logical names"
   assert all(float(g) == 0.0 for b in params["cross"].values() for g in (b["attn_gate"], b["mlp_gate"]))
   # cross_every 2: one cross block; its own head counts.
-  other = cross_attention(_config(cross_every=2, cross_num_heads=2, cross_num_kv_heads=1).model, V)
+  other = cross_attention(_config(dict(every=2, num_heads=2, num_kv_heads=1)).model, V)
   p2 = jax.eval_shape(other.init, jax.random.key(0), images, text, ones, ones)["params"]
   assert set(nn.meta.unbox(p2)["cross"]) == {"block_0"}
   assert nn.meta.unbox(p2)["cross"]["block_0"]["k"]["kernel"].shape == (32, 1, 8)
@@ -135,7 +135,6 @@ def test_greedy_decode_unchanged_with_ragged_prefixes(setup):
 
 
 def test_train_step_with_frozen_llm_keeps_the_text_llm(monkeypatch):
-  monkeypatch.setitem(models.FAMILIES, "cross", cross_attention)  # until models/__init__ registers it
   config = _config()
   config.mesh.update(dict(data=2, fsdp=2, tensor=2))  # cross params sharded over fsdp and tensor too
   config.optim.rules = (("decoder/.*", "frozen"), (".*", "trainable"))

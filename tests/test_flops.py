@@ -119,7 +119,7 @@ def test_scanned_layers_count_as_unrolled(family):
   counts = []
   for scan in (False, True):
     config = load_config("test")
-    config.model.family, config.model.cross_every = family, 2
+    config.model.family, config.model.family_options.cross.every = family, 2
     config.model.encoder.scan = config.model.decoder.scan = scan
     config, mm, labels = _setup(config, FROZEN_LLM)
     counts.append(flops.train_flops(config, mm.abstract_params, labels))

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config, make_run, random_vqa_batch, train_losses
+from mm_jax.errors import UserError
 from mm_jax import models
 from mm_jax.eval.decode import greedy_decode
 from mm_jax.models.hybrid import split_tiles, thumbnail
@@ -49,8 +50,8 @@ def test_param_tree_and_sequence_length(setup):
   assert set(params) == {"encoder", "connector", "decoder", "cross", "tile_embed"}
   assert params["tile_embed"].shape == (4, 32)
   assert model.num_image_tokens(image.shape) == 4  # 16x16 thumbnail, patch 8: 2x2 patches
-  with pytest.raises(models.UserError, match="hybrid_tiles=3 must divide"):
-    models.build_model(_config(hybrid_tiles=3).model, V).init(
+  with pytest.raises(UserError, match="model.family_options.hybrid.tiles=3 must divide"):
+    models.build_model(_config(family_options=dict(hybrid=dict(tiles=3))).model, V).init(
         jax.random.key(0), image, jnp.ones((B, T), jnp.int32), jnp.ones((B, T), jnp.int32),
         jnp.ones((B, T), jnp.int32))
 

@@ -26,8 +26,8 @@ from mm_jax.train.state import forward
 V = 40
 FAMILIES = {
     "unified": {},
-    "cross": dict(family="cross", cross_every=1),
-    "hybrid": dict(family="hybrid", cross_every=2, hybrid_tiles=2),
+    "cross": dict(family="cross", family_options=dict(cross=dict(every=1))),
+    "hybrid": dict(family="hybrid", family_options=dict(cross=dict(every=2), hybrid=dict(tiles=2))),
 }
 
 
@@ -72,14 +72,14 @@ def _inputs(config, batch=2):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_scanned_equals_unrolled_forward_and_grads(family):
-  config = _config(family, hybrid_tiles=2) if family == "hybrid" else _config(family)
+  config = _config(family)
   if family == "hybrid":
     config.data.image_size = 32  # tiles of 16 with patch 8
   batch = _inputs(config)
   model = models.build_model(config.model, V)
   params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), *(batch[k] for k in
                                                                    ("image", "text", "mask_ar", "mask_input"))))["params"]
-  scanned = models.build_model(_config(family, scan=True, **({"hybrid_tiles": 2} if family == "hybrid" else {})).model, V)
+  scanned = models.build_model(_config(family, scan=True).model, V)
   sparams = to_layout(params, scanned=True)
   # The scanned init builds the same tree shapes.
   abstract = jax.eval_shape(scanned.init, jax.random.key(0), *(batch[k] for k in
@@ -154,8 +154,8 @@ def test_remat_config_errors():
     b = _inputs(config)
     models.build_model(config.model, V).init(jax.random.key(0), b["image"], b["text"], b["mask_ar"],
                                              b["mask_input"])
-  with pytest.raises(UserError, match=r"multiple of model.cross_every"):
-    models.build_model(_config("cross", scan=True, cross_every=3).model, V)
+  with pytest.raises(UserError, match=r"multiple of model.family_options.cross.every"):
+    models.build_model(_config("cross", scan=True, family_options=dict(cross=dict(every=3))).model, V)
 
 
 def test_layers_axis_is_replicated_and_the_rest_sharded():

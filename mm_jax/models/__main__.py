@@ -1,7 +1,7 @@
 """Lists the model registries: `python -m mm_jax.models`."""
 import dataclasses
 
-from mm_jax.models import CONNECTORS, FAMILIES, options, stack
+from mm_jax.models import CONNECTORS, ENCODERS, FAMILIES, options, stack
 
 
 def _summary(obj) -> str:
@@ -17,8 +17,12 @@ def _defaults(cls) -> str:
 
 def main() -> None:
   print("model.family:")
-  for name, build in sorted(FAMILIES.items()):
-    print(f"  {name:14s}{_summary(build)}")
+  for name, fam in sorted(FAMILIES.items()):
+    opts = f"\n  {'':14s}options (model.family_options.{name}): {_defaults(fam.options)}" if fam.options else ""
+    print(f"  {name:14s}{_summary(fam.build)}{opts}")
+  print("encoders (a family's; model.encoder holds their fields):")
+  for name, enc in sorted(ENCODERS.items()):
+    print(f"  {name:14s}{_summary(enc.build)}")
   print("model.connector (options, with defaults: model.connector_options.<name>.<option>):")
   for name, cls in sorted(CONNECTORS.items()):
     print(f"  {name:14s}{_summary(cls)}\n  {'':14s}options: {_defaults(cls)}")

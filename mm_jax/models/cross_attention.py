@@ -27,12 +27,15 @@ uniformly over all image tokens and its attention output is still added (hf_tran
 Default image_pos = 0: every token sees every image (the shapes data: one image before the text).
 With prefix attention a token before an image still sees it indirectly, through later prefix tokens.
 """
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mm_jax.config import fields
 from mm_jax.errors import UserError
-from mm_jax.models import stack
+from mm_jax.models import checks, encoders, family, stack
 from mm_jax.models.decoder import Cache, Decoder, DecoderBlock, cache_len
 from mm_jax.models.layers import (ACTIVATIONS, DType, Projection, RMSNorm, attend_kv_major, constrain,
                                   dense, make_attn_mask, partitioned)
@@ -260,27 +263,62 @@ class CrossAttentionVLM(nn.Module):
     return logits_Bx1xV[:, 0], dict(cache, self=self_cache), cache_mask_BxS
 
 
+@dataclasses.dataclass(frozen=True)
+class CrossOptions:
+  """model.family_options.cross (read by the cross and hybrid families); 0: the decoder's value."""
+  every: int = 1                 # a cross block before every `every` decoder blocks
+  num_heads: int = 0
+  num_kv_heads: int = 0
+  head_dim: int = 0
+  mlp_dim: int = 0
+  last_image_only: bool = True   # a token sees the last image (group) before it; False: all before it
+
+
+OPTIONS = "model.family_options.cross"
+
+
 def cross_attention(model_cfg, tokenizer_vocab: int) -> CrossAttentionVLM:
   """Method B (Llama 3.2 Vision, Flamingo, NVLM-X): text attends to the image by gated cross-attention.
 
-  model.encoder, model.connector, model.decoder as the other families;
-  model.cross_every, model.cross_{num_heads,num_kv_heads,head_dim,mlp_dim} (0: the decoder's),
-  model.cross_last_image_only, model.prefix_attention."""
-  from mm_jax import models  # pylint: disable=g-import-not-at-top  (models/__init__ imports families)
-  decoder = models.build_decoder(model_cfg, tokenizer_vocab)
-  every = model_cfg.get("cross_every", 1)
+  model.encoder, model.connector, model.decoder as the other families; model.family_options.cross
+  (CrossOptions); model.prefix_attention."""
+  decoder = family.build_decoder(model_cfg, tokenizer_vocab)
+  opts = family.family_options(model_cfg, "cross", CrossOptions)
+  every = opts.every
   if every < 1:
-    raise UserError(f"model.cross_every must be >= 1, got {every}")
+    raise UserError(f"{OPTIONS}.every must be >= 1, got {every}")
   if decoder.scan and decoder.depth % every:
     raise UserError(f"scanned super-blocks need model.decoder.depth ({decoder.depth}) to be a multiple "
-                    f"of model.cross_every ({every}); change one, or set model.decoder.scan=False")
-  field = lambda name: model_cfg.get(f"cross_{name}", 0) or getattr(decoder, name)
+                    f"of {OPTIONS}.every ({every}); change one, or set model.decoder.scan=False")
+  field = lambda name: getattr(opts, name) or getattr(decoder, name)
   block = dict(width=decoder.width, num_heads=field("num_heads"), num_kv_heads=field("num_kv_heads"),
                head_dim=field("head_dim"), mlp_dim=field("mlp_dim"), norm=decoder.norm,
-               norm_eps=decoder.norm_eps, mlp_act=decoder.mlp_act, **models.dtypes(model_cfg))
+               norm_eps=decoder.norm_eps, mlp_act=decoder.mlp_act, **family.dtypes(model_cfg))
   return CrossAttentionVLM(
-      encoder=models.build_encoder(model_cfg), connector=models.build_connector(model_cfg), decoder=decoder,
-      cross=CrossStack(count=-(-decoder.depth // every), block=block, scan=decoder.scan,
-                       remat=decoder.remat, remat_names=decoder.remat_names), cross_every=every,
-      prefix_attention=model_cfg.get("prefix_attention", True),
-      last_image_only=model_cfg.get("cross_last_image_only", True))
+      encoder=encoders.ENCODERS["vit"].build(model_cfg), connector=family.build_connector(model_cfg),
+      decoder=decoder, cross=CrossStack(count=-(-decoder.depth // every), block=block, scan=decoder.scan,
+                                        remat=decoder.remat, remat_names=decoder.remat_names),
+      cross_every=every, prefix_attention=model_cfg.prefix_attention,
+      last_image_only=opts.last_image_only)
+
+
+def check_cross(config) -> None:
+  """model.family_options.cross: its sizes, and query heads a multiple of kv heads."""
+  for name in ("num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
+    fields.integer(config, f"{OPTIONS}.{name}", 0)  # 0: the decoder's
+  fields.integer(config, f"{OPTIONS}.every", 1)
+  fields.boolean(config, f"{OPTIONS}.last_image_only")
+  opts, dec = config.model.family_options.cross, config.model.decoder
+  heads, kv = opts.num_heads or dec.num_heads, opts.num_kv_heads or dec.num_kv_heads
+  if heads % kv:
+    raise UserError(f"the cross-attention's query heads ({heads}) must be a multiple of its kv heads "
+                    f"({kv}); set --config.{OPTIONS}.num_heads / num_kv_heads (0: the decoder's)")
+
+
+def _check(config) -> None:
+  encoders.check_image(config, "vit")
+  checks.decoder(config)
+  check_cross(config)
+
+
+CROSS = family.Family(cross_attention, _check, options=CrossOptions)

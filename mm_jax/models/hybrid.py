@@ -14,11 +14,15 @@ features carry no position in the image, and cross-attention has no RoPE: a lear
 Parameter subtrees: `encoder`, `connector`, `decoder` (the text LLM), `cross/block_i`, `tile_embed`.
 With the gates at 0 the model is the unified-embedding model on the thumbnail.
 """
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mm_jax.config import fields
 from mm_jax.errors import UserError
+from mm_jax.models import checks, cross_attention, encoders, family
 from mm_jax.models.cross_attention import CrossAttentionVLM, kv_len
 from mm_jax.models.decoder import cache_len
 from mm_jax.models.layers import make_attn_mask, partitioned
@@ -50,7 +54,7 @@ class HybridVLM(CrossAttentionVLM):
 
   def _check(self, image_shape):
     if image_shape[-3] % self.tiles or image_shape[-2] % self.tiles:
-      raise UserError(f"model.hybrid_tiles={self.tiles} must divide the image size "
+      raise UserError(f"model.family_options.hybrid.tiles={self.tiles} must divide the image size "
                       f"{image_shape[-3]}x{image_shape[-2]}")
 
   def num_image_tokens(self, image_shape) -> int:
@@ -120,15 +124,36 @@ class HybridVLM(CrossAttentionVLM):
             {"self": cache, "cross": kvs, "image_pos": image_pos_Bx1}, cache_mask_BxS)
 
 
+@dataclasses.dataclass(frozen=True)
+class HybridOptions:
+  """model.family_options.hybrid; the cross blocks read model.family_options.cross."""
+  tiles: int = 2  # G: a G x G grid of tiles; the thumbnail is the image pooled by G
+
+
 def hybrid(model_cfg, tokenizer_vocab: int) -> HybridVLM:
   """NVLM-H: a thumbnail's tokens in the sequence, the image's tiles through gated cross-attention.
 
-  The cross family's fields, plus model.hybrid_tiles (G) and model.image_position (the thumbnail's)."""
-  from mm_jax.models.cross_attention import cross_attention  # pylint: disable=g-import-not-at-top
-  cross = cross_attention(model_cfg, tokenizer_vocab)
-  tiles = model_cfg.get("hybrid_tiles", 2)
+  The cross family's fields, plus model.family_options.hybrid.tiles (G) and model.image_position (the
+  thumbnail's)."""
+  cross = cross_attention.cross_attention(model_cfg, tokenizer_vocab)
+  tiles = family.family_options(model_cfg, "hybrid", HybridOptions).tiles
   if tiles < 1:
-    raise UserError(f"model.hybrid_tiles must be >= 1, got {tiles}")
-  fields = {f: getattr(cross, f) for f in ("encoder", "connector", "decoder", "cross", "cross_every",
-                                           "prefix_attention", "last_image_only")}
-  return HybridVLM(**fields, image_position=model_cfg.get("image_position", 0), tiles=tiles)
+    raise UserError(f"model.family_options.hybrid.tiles must be >= 1, got {tiles}")
+  kept = {f: getattr(cross, f) for f in ("encoder", "connector", "decoder", "cross", "cross_every",
+                                         "prefix_attention", "last_image_only")}
+  return HybridVLM(**kept, image_position=model_cfg.image_position, tiles=tiles)
+
+
+def _check(config) -> None:
+  size, tiles = config.data.image_size, fields.integer(config, "model.family_options.hybrid.tiles", 1)
+  if tiles and size % tiles == 0:  # the encoder sees the tiles (and the thumbnail: the same size)
+    encoders.check_image(config, "vit", size // tiles, f"the tile side {size // tiles} (data.image_size="
+                         f"{size} / model.family_options.hybrid.tiles={tiles})")
+  else:
+    encoders.check_image(config, "vit")
+  checks.decoder(config)
+  checks.image_position(config)
+  cross_attention.check_cross(config)
+
+
+HYBRID = family.Family(hybrid, _check, image_in_sequence=True, options=HybridOptions)

@@ -30,16 +30,20 @@ the transpose of an HF Linear weight (out, in); every bias of an [.., out] kerne
   logit_scale, logit_bias            []        scalars (HF: shape (1,))
 
 Initialisation of logit_scale / logit_bias: HF initialises both to 0 (imports overwrite them anyway);
-from scratch we use the paper's log(10) and -10 (model.logit_scale_init / model.logit_bias_init): with
+from scratch we use the paper's log(10) and -10 (model.family_options.siglip): with
 B-1 negatives per positive, the bias keeps the initial loss from being dominated by the negatives.
 The MAP head and the text head are not used by the unified VLM (it reads the encoder's patch features).
 """
+import dataclasses
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mm_jax.config import fields
+from mm_jax.errors import UserError
+from mm_jax.models import encoders, family
 from mm_jax.models.layers import ACTIVATIONS, Attention, DType, constrain, dense, layer_norm, partitioned
 from mm_jax.models.vit import EncoderBlock
 
@@ -138,3 +142,40 @@ class SigLIP(nn.Module):
 
   def __call__(self, image_BxHxWxC: Array, text_BxT: Array) -> Array:
     return self.logits(self.embed_text(text_BxT), self.embed_image(image_BxHxWxC))
+
+
+# --- the siglip family ---
+
+@dataclasses.dataclass(frozen=True)
+class SigLIPOptions:
+  """model.family_options.siglip: the logit scale (log) and bias at init."""
+  logit_scale_init: float = math.log(10.0)
+  logit_bias_init: float = -10.0
+
+
+def siglip(model_cfg, tokenizer_vocab: int) -> SigLIP:
+  """Two towers: model.encoder (ViT) + a MAP head of the encoder's heads / mlp_dim, model.text
+  (TextEncoder; vocab_size 0: the tokenizer's), projected to the encoder's width."""
+  encoder = encoders.ENCODERS["vit"].build(model_cfg)
+  kw = family.dtypes(model_cfg)
+  fields_ = dict(model_cfg.text)
+  vocab = family.vocab_size("text", fields_.pop("vocab_size", 0), tokenizer_vocab)
+  text = family.make(TextEncoder, fields_, "text", vocab_size=vocab, out_dim=encoder.width, **kw)
+  head = MAPHead(encoder.num_heads, encoder.mlp_dim, encoder.norm_eps, **kw)
+  opts = family.family_options(model_cfg, "siglip", SigLIPOptions)
+  return SigLIP(encoder=encoder, map_head=head, text=text, **dataclasses.asdict(opts))
+
+
+def _check(config) -> None:
+  encoders.check_image(config, "vit")
+  for field in ("width", "depth", "num_heads", "mlp_dim", "max_len"):
+    fields.integer(config, f"model.text.{field}", 1)
+  fields.integer(config, "model.text.vocab_size", 0)
+  fields.heads("text", fields.get(config, "model.text.width"), fields.get(config, "model.text.num_heads"))
+  max_len, text_len = fields.get(config, "model.text.max_len"), config.data.text_len
+  if max_len is not fields.ABSENT and max_len < text_len:  # the text tower's position table
+    raise UserError(f"data.text_len={text_len} exceeds model.text.max_len={max_len}, the text tower's "
+                    "positions; set --config.data.text_len to at most that (or model.text.max_len)")
+
+
+SIGLIP = family.Family(siglip, _check, options=SigLIPOptions)

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mm_jax.models import checks, encoders, family
 from mm_jax.models.decoder import Cache, cache_len
 from mm_jax.models.layers import make_attn_mask
 
@@ -108,3 +109,42 @@ class UnifiedVLM(nn.Module):
     logits_Bx1xV, cache = self.decoder(x_Bx1xD, position_B[:, None], cache_mask_BxS[:, None, :],
                                        cache, slot)
     return logits_Bx1xV[:, 0], cache, cache_mask_BxS
+
+
+# --- the families of this model: unified, fuyu (raw patches for an encoder), lm (no image) ---
+
+def _in_sequence(model_cfg, tokenizer_vocab: int, encoder: str) -> UnifiedVLM:
+  return UnifiedVLM(encoder=encoders.ENCODERS[encoder].build(model_cfg),
+                    connector=family.build_connector(model_cfg),
+                    decoder=family.build_decoder(model_cfg, tokenizer_vocab),
+                    image_position=model_cfg.image_position, prefix_attention=model_cfg.prefix_attention)
+
+
+def unified(model_cfg, tokenizer_vocab: int) -> UnifiedVLM:
+  """Method A: image tokens from the connector in the decoder's sequence (PaliGemma, LLaVA)."""
+  return _in_sequence(model_cfg, tokenizer_vocab, "vit")
+
+
+def fuyu(model_cfg, tokenizer_vocab: int) -> UnifiedVLM:
+  """Fuyu: the unified model with raw pixel patches (model.encoder.patch_size) for an encoder."""
+  return _in_sequence(model_cfg, tokenizer_vocab, "patches")
+
+
+def language_model(model_cfg, tokenizer_vocab: int) -> UnifiedVLM:
+  """The decoder alone (an imported Gemma / Llama): a causal LM that ignores the image."""
+  return UnifiedVLM(encoder=None, connector=None, decoder=family.build_decoder(model_cfg, tokenizer_vocab),
+                    prefix_attention=model_cfg.prefix_attention)
+
+
+def _checks(encoder: str | None):
+  def check(config) -> None:
+    if encoder:
+      encoders.check_image(config, encoder)
+      checks.image_position(config)
+    checks.decoder(config)
+  return check
+
+
+UNIFIED = family.Family(unified, _checks("vit"), image_in_sequence=True)
+FUYU = family.Family(fuyu, _checks("patches"), image_in_sequence=True)
+LM = family.Family(language_model, _checks(None))

@@ -1,0 +1,57 @@
+"""Image encoders by name: what turns an image into the patch features a connector reads.
+
+  ENCODERS["vit"].build(model_cfg) -> vit.ViT from model.encoder;  ENCODERS["patches"]: Fuyu's raw patches
+Each entry also checks model.encoder's fields against the image side it will see (check).
+"""
+import dataclasses
+from typing import Callable
+
+import ml_collections as mlc
+
+from mm_jax.config import fields
+from mm_jax.errors import UserError
+from mm_jax.models import family
+from mm_jax.models.vit import RawPatches, ViT
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoder:
+  """build(model_cfg) -> module with num_patches(image_shape); check(config, side, what): its fields."""
+  build: Callable[[mlc.ConfigDict], object]
+  check: Callable
+
+
+def _whole_patches(config, side: int, what: str) -> None:
+  patch = fields.integer(config, "model.encoder.patch_size", 1)
+  if patch and (side % patch or side < patch):  # else the conv drops the rest of the image silently
+    raise UserError(f"{what} is not a multiple of model.encoder.patch_size={patch}; set "
+                    f"--config.data.image_size (or the patch size) so that the image is whole patches")
+
+
+def _check_vit(config, side: int, what: str) -> None:
+  for field in ("width", "num_heads", "mlp_dim"):
+    fields.integer(config, f"model.encoder.{field}", 1)
+  fields.integer(config, "model.encoder.depth", 0)  # 0: patch embedding only (LLaVA's vision_feature_layer=0)
+  fields.number(config, "model.encoder.norm_eps", 0, lo_open=True)
+  fields.heads("encoder", config.model.encoder.width, config.model.encoder.num_heads)
+  _whole_patches(config, side, what)
+
+
+def _vit(model_cfg: mlc.ConfigDict) -> ViT:
+  """SigLIP-style ViT from model.encoder (vit.ViT's fields)."""
+  return family.make(ViT, dict(model_cfg.encoder), "encoder", **family.dtypes(model_cfg))
+
+
+def _patches(model_cfg: mlc.ConfigDict) -> RawPatches:
+  """Fuyu's raw pixel patches of model.encoder.patch_size; no parameters."""
+  return RawPatches(model_cfg.encoder.patch_size)  # the encoder's other fields are unused
+
+
+ENCODERS = {"vit": Encoder(_vit, _check_vit), "patches": Encoder(_patches, _whole_patches)}
+
+
+def check_image(config, encoder: str, side: int | None = None, what: str | None = None) -> None:
+  """ENCODERS[encoder]'s checks of model.encoder for images of `side` (default data.image_size)."""
+  size = config.data.image_size
+  ENCODERS[encoder].check(config, size if side is None else side,
+                          what or f"data.image_size={size}")
