@@ -15,7 +15,7 @@ from mm_jax.errors import UserError
 from mm_jax.checkpoint.integrity import SaveFailed
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
   """The message on one line; of an embedded traceback only its last line (the error itself)."""
   msg = str(e).replace("\\n", "\n").replace("\\'", "'")
   if "Traceback (most recent call last)" in msg:
@@ -36,7 +36,7 @@ def _config_load_error(prog: str, argv: list[str], raised: BaseException | None 
   else:
     return
   path = ([a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")] or ["?"])[-1]
-  cause = "no such file" if not os.path.exists(path.split(":")[0]) else _one_line(error)
+  cause = "no such file" if not os.path.exists(path.split(":")[0]) else one_line(error)
   sys.exit(f"{prog}: error: --config={path}: the config file cannot be loaded ({cause[:200]}); "
            "give a path like configs/shapes_tiny.py[:variant]")
 
@@ -45,16 +45,16 @@ def _parse_flags(prog: str, argv: list[str]) -> list[str]:
   try:
     rest = flags.FLAGS(argv)
   except flags.Error as e:
-    sys.exit(f"{prog}: error: {_one_line(e)}")
+    sys.exit(f"{prog}: error: {one_line(e)}")
   except (ImportError, SyntaxError, NameError) as e:  # raised by the config file itself
-    sys.exit(f"{prog}: error: the config file cannot be loaded ({type(e).__name__}: {_one_line(e)}); "
+    sys.exit(f"{prog}: error: the config file cannot be loaded ({type(e).__name__}: {one_line(e)}); "
              "fix it, or give another --config")
   except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:
     _config_load_error(prog, argv, e)
     # A --config.a.b=v override that names no field or has a value of the wrong type (ml_collections
     # raises these while applying overrides during parsing).
     overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-    detail = _one_line(e).replace("'", "")
+    detail = one_line(e).replace("'", "")
     key = re.sub(r"\W", "", detail.split()[0])
     named = [o for o in overrides if o.rsplit(".", 1)[-1] == key] or overrides
     sys.exit(f"{prog}: error: {', '.join(named)} names no field of the config ({detail}); "

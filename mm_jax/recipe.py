@@ -42,7 +42,7 @@ from mm_jax.checkpoint import Checkpoints, workdir_path
 from mm_jax.config import files
 from mm_jax.errors import UserError
 from mm_jax.eval.evaluate import evaluate
-from mm_jax.train.optim import path_str
+from mm_jax.models.stack import path_str
 from mm_jax.train.state import ModelOnMesh
 from mm_jax.train.loop import initial_params, train
 
@@ -85,7 +85,7 @@ def stage_config(recipe: mlc.ConfigDict, index: int, workdirs: dict) -> tuple[ml
       config.update_from_flattened_dict({key: value})
     except (AttributeError, KeyError, TypeError, ValueError) as e:
       raise UserError(f"recipe {recipe.name}, stage {stage.name}: override {key}={value!r} does not fit "
-                      f"{stage.config} ({cli._one_line(e)}); fix configs/recipes.py") from None
+                      f"{stage.config} ({cli.one_line(e)}); fix configs/recipes.py") from None
   return config, overrides
 
 

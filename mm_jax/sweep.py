@@ -127,7 +127,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
   return out
 
 
-def plan(spec: str, sweep: str, workdir: str, common: dict | None = None,
+def resolve_points(spec: str, sweep: str, workdir: str, common: dict | None = None,
          check_workdirs: bool = True) -> list[dict]:
   """Per point: index, name, overrides, config, workdir. Raises UserError, naming the point, for an
   override that names no field or has the wrong type, or (check_workdirs) a workdir holding a run of
@@ -138,7 +138,7 @@ def plan(spec: str, sweep: str, workdir: str, common: dict | None = None,
   try:
     base.update_from_flattened_dict(common)
   except (AttributeError, KeyError, TypeError, ValueError) as e:
-    raise UserError(f"the overrides {common} do not fit {spec} ({cli._one_line(e)})") from None
+    raise UserError(f"the overrides {common} do not fit {spec} ({cli.one_line(e)})") from None
   points = []
   for i, overrides in enumerate(expand(spec, sweep)):
     name, config = point_name(i, overrides), copy.deepcopy(base)
@@ -156,7 +156,7 @@ def plan(spec: str, sweep: str, workdir: str, common: dict | None = None,
                         f"{' (' + hint.group(0) + '?)' if hint else ''}; fix the sweep in "
                         f"get_sweeps()") from None
       except (TypeError, ValueError) as e:
-        raise UserError(f"{where}: override {key}={value!r} has the wrong type ({cli._one_line(e)}); "
+        raise UserError(f"{where}: override {key}={value!r} has the wrong type ({cli.one_line(e)}); "
                         "fix the sweep in get_sweeps()") from None
     wd = os.path.join(workdir, sweep, name)
     saved = workdir_path(wd) / "config.json" if check_workdirs else None
@@ -256,7 +256,7 @@ def run(spec: str, sweep: str, workdir: str, *, common: dict | None = None,
   """Trains and evaluates every point not finished yet, in order; returns the summary rows. Raises
   UserError at the end, after the summary is written, if a point failed."""
   common = common or {}
-  points = plan(spec, sweep, workdir, common)
+  points = resolve_points(spec, sweep, workdir, common)
   for point in points:  # a typo in the last point fails before the first one trains
     check_builds(point)
   sweep_dir, title = os.path.join(workdir, sweep), _title(spec, sweep, workdir, common, split)
@@ -289,7 +289,7 @@ def run(spec: str, sweep: str, workdir: str, *, common: dict | None = None,
     except Exception as e:  # pylint: disable=broad-except  # recorded; the next point runs
       if not isinstance(e, UserError):
         traceback.print_exc()
-      rows[i] = {**collect(point, split), "status": "failed", "error": cli._one_line(e)}
+      rows[i] = {**collect(point, split), "status": "failed", "error": cli.one_line(e)}
       print(f"[sweep {sweep}] {point['name']} failed: {rows[i]['error']}", flush=True)
     md = write_summary(sweep_dir, rows, title)
   print(f"\n{md}\nWrote {os.path.join(sweep_dir, 'summary.csv')} and summary.md", flush=True)
@@ -319,7 +319,7 @@ def print_commands(spec: str, sweep: str, workdir: str, *, common: dict | None =
                    split: str = "validation", launch_prefix: str = DEFAULT_LAUNCH) -> str:
   """Per point, its train and eval commands after `launch_prefix` (printed as given): a shell script."""
   common = common or {}
-  points = plan(spec, sweep, workdir, common, check_workdirs=False)  # gs:// need not be reachable here
+  points = resolve_points(spec, sweep, workdir, common, check_workdirs=False)  # gs:// need not be reachable here
   prefix = launch_prefix + " " if launch_prefix else ""
   lines = [f"# sweep {sweep} of {spec}: {len(points)} points, one workdir each under "
            f"{os.path.join(workdir, sweep)}"]
@@ -338,7 +338,7 @@ def summarize(spec: str, sweep: str, workdir: str, *, common: dict | None = None
               split: str = "validation") -> list[dict]:
   """The summary of what the points' workdirs hold now (runs nothing)."""
   common = common or {}
-  rows = [collect(p, split) for p in plan(spec, sweep, workdir, common)]
+  rows = [collect(p, split) for p in resolve_points(spec, sweep, workdir, common)]
   md = write_summary(os.path.join(workdir, sweep), rows, _title(spec, sweep, workdir, common, split))
   print(f"{md}\nWrote {os.path.join(workdir, sweep, 'summary.csv')} and summary.md", flush=True)
   return rows

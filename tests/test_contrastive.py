@@ -113,10 +113,10 @@ def test_train_eval_and_load_the_encoder_into_the_unified_model(test_config, tmp
   assert "i2t_recall@1" in r.stdout
   # The unified model reads this encoder by name (init.parts), and nothing else.
   from mm_jax.checkpoint import Checkpoints  # pylint: disable=g-import-not-at-top
-  from mm_jax.checkpoint.parts import load_parts, plan_parts  # pylint: disable=g-import-not-at-top
+  from mm_jax.checkpoint.parts import load_parts, map_parts  # pylint: disable=g-import-not-at-top
   config = copy.deepcopy(test_config)
   mm, _ = make_run(config, jax.devices()[:1], vocab_size=64)
-  plans = plan_parts(((str(tmp_path), "encoder/", "encoder/"),), mm.abstract_params)
+  plans = map_parts(((str(tmp_path), "encoder/", "encoder/"),), mm.abstract_params)
   fresh = mm.init_params(seed=0)
   loaded = load_parts(plans, fresh)
   saved = Checkpoints(str(tmp_path), read_only=True)

@@ -15,7 +15,7 @@ from conftest import make_run
 from mm_jax.checkpoint import integrity
 from mm_jax.train import sharding
 from mm_jax.checkpoint import Checkpoints
-from mm_jax.checkpoint.parts import plan_parts
+from mm_jax.checkpoint.parts import map_parts
 from mm_jax.data import pipeline
 from mm_jax.errors import UserError
 from mm_jax.checkpoint.integrity import MANIFEST, SaveFailed, WorkdirLock
@@ -107,7 +107,7 @@ def test_eval_and_init_parts_refuse_a_damaged_checkpoint(saved, copied):
   step, _ = eval_lib.restore_params(str(copied), mm, 2)  # an explicit older step is fine
   assert step == 2
   with pytest.raises(UserError, match=rf"step 3 .* is damaged \({why}\)"):
-    plan_parts(((str(copied), "encoder/", "encoder/"),), mm.abstract_params)
+    map_parts(((str(copied), "encoder/", "encoder/"),), mm.abstract_params)
 
 
 def test_checkpoints_written_before_manifests_are_trusted(saved, copied):

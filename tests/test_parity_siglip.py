@@ -12,7 +12,7 @@ import transformers
 import hf_tiny
 from mm_jax.train import sharding
 from mm_jax.checkpoint import Checkpoints
-from mm_jax.checkpoint.parts import load_parts, plan_parts
+from mm_jax.checkpoint.parts import load_parts, map_parts
 from mm_jax.convert import convert
 from mm_jax.models.siglip import MAPHead
 from mm_jax.train.state import ModelOnMesh
@@ -77,7 +77,7 @@ def test_vision_model_alone_gives_the_unified_encoder_and_the_map_head(tmp_path)
 
   # The unified model loads the encoder by init.parts, as train does.
   mm = ModelOnMesh.create(config, config.data.vocab_size, sharding.make_mesh(config.mesh, jax.devices()[:1]))
-  params = load_parts(plan_parts(config.init.parts, mm.abstract_params), mm.init_params(0))
+  params = load_parts(map_parts(config.init.parts, mm.abstract_params), mm.init_params(0))
   feats = jax.jit(lambda p, x: mm.model.apply({"params": p}, x, method=lambda m, x: m.encoder(x)))(
       params, hf_tiny.nhwc(px))
   assert hf_tiny.max_diff(feats, want.last_hidden_state.numpy()) <= 1e-4

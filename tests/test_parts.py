@@ -9,7 +9,7 @@ import pytest
 from conftest import make_run
 from mm_jax.checkpoint import Checkpoints
 from mm_jax.errors import UserError
-from mm_jax.checkpoint.parts import load_parts, plan_parts
+from mm_jax.checkpoint.parts import load_parts, map_parts
 
 
 def _host(tree):
@@ -34,7 +34,7 @@ def test_parts_load_by_name_and_leave_the_rest(test_config, tmp_path):
   mm, _ = make_run(config, jax.devices(), 40)
   fresh = mm.init_params(seed=2)
   before = _host(fresh)
-  plans = plan_parts(((str(tmp_path / "src"), "encoder/", "encoder/"),), mm.abstract_params)
+  plans = map_parts(((str(tmp_path / "src"), "encoder/", "encoder/"),), mm.abstract_params)
   loaded = _host(load_parts(plans, fresh))
   jax.tree.map(np.testing.assert_array_equal, loaded["encoder"], src["encoder"])
   jax.tree.map(np.testing.assert_array_equal, loaded["decoder"], before["decoder"])
@@ -49,10 +49,10 @@ def test_parts_errors_name_the_problem(test_config, tmp_path):
   mm, _ = make_run(wide, jax.devices()[:1], 40)
   src = str(tmp_path / "src")
   with pytest.raises(UserError, match=r"encoder/.* is float32\[.*in the checkpoint but .* architectures differ"):
-    plan_parts(((src, "encoder/", "encoder/"),), mm.abstract_params)
+    map_parts(((src, "encoder/", "encoder/"),), mm.abstract_params)
   with pytest.raises(UserError, match=r"vision/block_0/attn/k/bias \(for encoder/block_0/attn/k/bias\) is not in"):
-    plan_parts(((src, "vision/", "encoder/"),), mm.abstract_params)
+    map_parts(((src, "vision/", "encoder/"),), mm.abstract_params)
   with pytest.raises(UserError, match="no parameter of this model starts with 'nope/'"):
-    plan_parts(((src, "encoder/", "nope/"),), mm.abstract_params)
+    map_parts(((src, "encoder/", "nope/"),), mm.abstract_params)
   with pytest.raises(UserError, match="no checkpoint in"):
-    plan_parts(((str(tmp_path / "absent"), "", ""),), mm.abstract_params)
+    map_parts(((str(tmp_path / "absent"), "", ""),), mm.abstract_params)

@@ -16,6 +16,7 @@ from ml_collections import config_flags
 
 from conftest import REPO, load_config, make_run
 from mm_jax import recipe
+from mm_jax.models import stack
 from mm_jax.train import optim
 from mm_jax.checkpoint import Checkpoints
 from mm_jax.errors import UserError
@@ -97,7 +98,7 @@ def test_recipe_end_to_end(name, run_recipe, tokenizer):
     config, _ = recipe.stage_config(r, i, workdirs)
     assert config.model.family == family and s["workdir"] == workdirs[stage_name]
     mm, _ = recipe.describe(config)
-    sizes = {optim.path_str(p): x.size
+    sizes = {stack.path_str(p): x.size
              for p, x in jax.tree_util.tree_flatten_with_path(mm.abstract_params)[0]}
     want_trainable = [k for k in sizes if k.split("/")[0] in trainable]
     assert s["total_steps"] == config.total_steps and s["total_params"] == sum(sizes.values())
@@ -177,7 +178,7 @@ def test_every_stage_config_builds_and_rules_cover_params(name, test_config):
     assert r.stages[i].name == stage_name and config.model.family == family
     assert workdirs[stage_name] == f"/{'p' if i < len(PRETRAIN) else 'w'}/{stage_name}"
     mm, labels = recipe.describe(config)  # abstract (eval_shape); raises if the rules leave a param
-    got = {optim.path_str(p).split("/")[0] for (p, _), lab in zip(
+    got = {stack.path_str(p).split("/")[0] for (p, _), lab in zip(
         jax.tree_util.tree_flatten_with_path(mm.abstract_params)[0], jax.tree.leaves(labels))
            if lab == "trainable"}
     assert got == trainable

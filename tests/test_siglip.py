@@ -9,7 +9,7 @@ import pytest
 
 from conftest import load_config
 from mm_jax.models import build_model
-from mm_jax.train.optim import path_str
+from mm_jax.models.stack import path_str
 
 B, S, T, V = 3, 32, 12, 40
 

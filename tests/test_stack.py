@@ -20,8 +20,8 @@ from mm_jax.train import loop as train
 from mm_jax.checkpoint import Checkpoints, OtherLayout, layout, relayout
 from mm_jax.eval.decode import greedy_decode
 from mm_jax.errors import UserError
-from mm_jax.train.optim import path_str
-from mm_jax.train.state import forward
+from mm_jax.models.stack import path_str
+from mm_jax.tasks import forward
 
 V = 40
 FAMILIES = {

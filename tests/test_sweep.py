@@ -46,7 +46,7 @@ def _table(workdir: str) -> list[dict]:
 
 def test_four_points_run_from_one_command_and_write_the_summary(swept):
   workdir, common, stdout = swept
-  points = sweep.plan(SPEC, "smoke", workdir, common)
+  points = sweep.resolve_points(SPEC, "smoke", workdir, common)
   table = _table(workdir)
   assert [t["point"] for t in table] == [p["name"] for p in points] == [
       "0_base", "1_connector=mlp,lr=0.001", "2_connector=pixel_shuffle,lr_scales=encoder_0.5",
@@ -92,7 +92,7 @@ def test_rerun_keeps_finished_points_and_evaluates_a_trained_one(swept, monkeypa
   # Another budget in the same workdir would resume the runs with another schedule: refused.
   with pytest.raises(UserError, match=r"point 0_base: .* holds a run of another config \(total_steps: "
                                       r"4 there, 6 now\)"):
-    sweep.plan(SPEC, "smoke", workdir, {**common, "total_steps": 6})
+    sweep.resolve_points(SPEC, "smoke", workdir, {**common, "total_steps": 6})
 
 
 def test_summarize_reads_what_the_workdirs_hold(swept, tmp_path):
@@ -157,7 +157,7 @@ def test_printed_pod_commands_parse_back_to_each_points_config(test_config, tmp_
   common = {"data.data_dir": test_config.data.data_dir, "total_steps": 6,
             "optim.rules": (("encoder/.*", "frozen"), (".*", "trainable"))}
   text = sweep.print_commands(SPEC, "smoke", "gs://bucket/sweeps", common=common, split="test")
-  points = sweep.plan(SPEC, "smoke", "gs://bucket/sweeps", common, check_workdirs=False)
+  points = sweep.resolve_points(SPEC, "smoke", "gs://bucket/sweeps", common, check_workdirs=False)
   lines = [line for line in text.splitlines() if not line.startswith("#")]
   assert len(lines) == 2 * len(points)
   for p, train_line, eval_line in zip(points, lines[::2], lines[1::2]):

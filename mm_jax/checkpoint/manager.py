@@ -38,7 +38,7 @@ from mm_jax.data import pipeline
 from mm_jax.errors import UserError
 from mm_jax.models import stack
 from mm_jax.checkpoint.integrity import MANIFEST, SaveFailed, manifest_problem, read_manifest, short_error, write_manifest
-from mm_jax.train.optim import path_str
+from mm_jax.models.stack import path_str
 
 
 def workdir_path(workdir: str) -> epath.Path:

@@ -11,10 +11,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mm_jax.checkpoint import Checkpoints, relayout, workdir_path
 from mm_jax.errors import UserError
-from mm_jax.train.optim import path_str
+from mm_jax.models.stack import path_str
 
 
-def plan_parts(parts, abstract_params) -> list[dict]:
+def map_parts(parts, abstract_params) -> list[dict]:
   """Checks config.init.parts against this model and the checkpoints; returns what load_parts reads.
 
   parts: ordered (checkpoint dir, source prefix, destination prefix). Every param of this model under

@@ -12,7 +12,7 @@ split's elements need (the longest one), and model.image_position against the sh
 Not repeated, only called where they already are (with their own messages): the registries (family,
 connector, dtypes, remat, optim.loss_norm / loss), the mesh against the device count and the batch
 against the data-parallel size (sharding), uncovered params and malformed rules / lr_scales (optim),
-init.parts against the model's shapes (parts.plan_parts), the tokenizer's size against the
+init.parts against the model's shapes (parts.map_parts), the tokenizer's size against the
 vocabulary (models), the dataset's sizes and data_dir (data.shapes).
 """
 import re
@@ -26,7 +26,7 @@ from mm_jax import data
 from mm_jax.data import pipeline
 from mm_jax.errors import UserError
 from mm_jax.config import fields
-from mm_jax.models import build_model, family_of
+from mm_jax.models import build_model, family_of, stack
 from mm_jax.tasks import TASKS
 
 
@@ -111,7 +111,7 @@ def check_rules(config, params) -> None:
   often the catch-all) and some parameter trains."""
   rules = config.optim.rules
   labels = optim.param_labels(params, rules)
-  names = [optim.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  names = [stack.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   taken = set()
   for name in names:
     for i, (regex, _) in enumerate(rules):

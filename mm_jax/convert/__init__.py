@@ -85,7 +85,7 @@ def convert(hf_dir: str, out: str, dtype: str = "float32") -> mlc.ConfigDict:
   ckpt = HFCheckpoint(hf_dir)
   arch, config = derive_config(ckpt.config, hf_dir, out, dtype)
   abstract = _abstract_params(arch, config)
-  layout, entries, skipped = names.plan(arch, ckpt.config, config.model)
+  layout, entries, skipped = names.mapping(arch, ckpt.config, config.model)
   writer.check(ckpt, layout, entries, skipped, abstract)
   writer.refuse_existing(out)
   if arch != "SiglipVisionModel" and not config.data.tokenizer:

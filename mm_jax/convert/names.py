@@ -143,7 +143,7 @@ def connector(kind: str) -> list[Entry]:
   return _dense("projector.linear_1", "connector/fc1") + _dense("projector.linear_2", "connector/fc2")
 
 
-def plan(arch: str, hf: dict, model_cfg) -> tuple[str, list[Entry], re.Pattern | None]:
+def mapping(arch: str, hf: dict, model_cfg) -> tuple[str, list[Entry], re.Pattern | None]:
   """(layout, entries, skipped): `skipped` matches the canonical names of file tensors that are
   knowingly not converted (HF does not use them either, or they duplicate a converted one)."""
   enc, dec = model_cfg.get("encoder"), model_cfg.get("decoder")

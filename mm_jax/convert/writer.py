@@ -14,7 +14,7 @@ from mm_jax.checkpoint import Checkpoints, workdir_path
 from mm_jax.convert import names
 from mm_jax.convert.reader import FLOAT_DTYPES, HFCheckpoint
 from mm_jax.errors import UserError
-from mm_jax.train.optim import path_str
+from mm_jax.models.stack import path_str
 
 
 def flat_params(abstract) -> dict:

@@ -35,6 +35,11 @@ _UNROLLED = re.compile(r"((?:.*/)?)block_(\d+)/(.*)")  # P/block_i/R
 _LAYER = re.compile(r"/block_\d+(?=/|$)")
 
 
+def path_str(path) -> str:
+  """A jax tree path as the param's name, 'decoder/block_0/attn/q/kernel'."""
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
 def split_scanned(path: str) -> tuple[str, str] | None:
   """P/blocks/R -> (P/, R) (P/ empty for a top-level stack); None for a path of no scanned stack."""
   m = _SCANNED.fullmatch(path)

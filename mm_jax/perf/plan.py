@@ -19,8 +19,8 @@ A compile takes 1-4 min on a 2-core CPU for the 3-11 B configs (configs/paligemm
 
 What it does: the mesh is sharding.make_mesh(config.mesh) over the topology's devices; the train step
 is ModelOnMesh.train_step_jit (the jit training runs: stated shardings, state donated), lowered with
-abstract inputs (ShapeDtypeStructs with shardings; the batch shaped as state.example_batch of
-config.global_batch_size) and compiled by XLA:TPU. No data, no tokenizer: the vocabulary is
+abstract inputs (ShapeDtypeStructs with shardings; the batch shaped as the task's example_batch
+of config.global_batch_size) and compiled by XLA:TPU. No data, no tokenizer: the vocabulary is
 model.decoder.vocab_size (or data.vocab_size when that is 0).
 
 Memory, bytes per device: parameters and optimizer state from the shardings (each leaf's shard size);
@@ -53,9 +53,10 @@ from mm_jax import cli
 from mm_jax.perf import flops
 from mm_jax.train import optim
 from mm_jax.train import sharding
-from mm_jax.train import state
+from mm_jax.config import files
 from mm_jax.errors import UserError
-from mm_jax.train.state import TASKS, ModelOnMesh
+from mm_jax.tasks import TASKS
+from mm_jax.train.state import ModelOnMesh
 
 GiB = 1024 ** 3
 INSTALL = "pip install -e '.[tpu]'"
@@ -143,7 +144,7 @@ def topology_devices(topo: Topology) -> list:
   try:
     return topologies.get_topology_desc(**topo.topology_desc_args()).devices
   except Exception as e:  # pylint: disable=broad-except
-    raise UserError(f"libtpu could not describe {topo.name} ({cli._one_line(e)[:300]}); "
+    raise UserError(f"libtpu could not describe {topo.name} ({cli.one_line(e)[:300]}); "
                     f"try another topology, or reinstall: {INSTALL}") from None
 
 
@@ -161,7 +162,7 @@ def _bytes(num: str, unit: str) -> int:
 
 def parse_oom(message: str) -> dict:
   """What XLA:TPU's out-of-HBM message says: required and available bytes (per device) when stated."""
-  out = {"message": cli._one_line(message)[:400]}
+  out = {"message": cli.one_line(message)[:400]}
   for key, pattern in (("required", rf"Used {_SIZE} of"), ("available", rf"of {_SIZE} hbm"),
                        ("required", rf"temporaries \({_SIZE}\)"),
                        ("available", rf"available HBM \({_SIZE}\)"),
@@ -178,12 +179,14 @@ def is_oom(e: BaseException) -> bool:
 
 
 def vocab_size(config: mlc.ConfigDict) -> int:
-  tower = config.model.text if config.model.family == "siglip" else config.model.decoder
-  return tower.get("vocab_size", 0) or config.data.vocab_size
+  """The tokenizer's size a plan assumes (no data is built): data.vocab_size. A model's own
+  vocab_size (an imported one's, set in its tower's section) takes precedence in its builder."""
+  return config.data.vocab_size
 
 
 def plan(config: mlc.ConfigDict, topology: str, hbm_gib: float | None = None) -> dict:
   """Compiles config's train step for `topology`; returns the report (see the module docstring)."""
+  config = files.complete(config)  # a config written before a field gets base's default
   topo = parse_topology(topology)
   devices = topology_devices(topo)
   mesh = sharding.make_mesh(config.mesh, devices)
@@ -194,8 +197,8 @@ def plan(config: mlc.ConfigDict, topology: str, hbm_gib: float | None = None) ->
   tx = optim.make_optimizer(config.optim, config.total_steps, labels)
   train_state = mm.abstract_train_state(tx)
   batch_sh = sharding.batch_sharding(mesh)
-  shapes = jax.eval_shape(functools.partial(state.example_batch, config, config.global_batch_size,
-                                            mm.model.task))
+  shapes = jax.eval_shape(functools.partial(TASKS[mm.model.task].example_batch, config,
+                                            config.global_batch_size))
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sh), shapes)
   sizes = [p.size for p in jax.tree.leaves(mm.abstract_params)]
   trainable = sum(s for s, lab in zip(sizes, jax.tree.leaves(labels)) if lab == "trainable")

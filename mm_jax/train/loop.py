@@ -20,6 +20,7 @@ Reliability (mm_jax.checkpoint and mm_jax.integrity have the details):
     line; the earlier checkpoints stay restorable.
 """
 import contextlib
+import dataclasses
 import signal
 import threading
 import time
@@ -36,20 +37,22 @@ from mm_jax.train import optim
 from mm_jax.train import sharding
 from mm_jax.config import validate
 from mm_jax.checkpoint import Checkpoints, signature, workdir_path
+from mm_jax.config import files
 from mm_jax.errors import UserError
 from mm_jax.checkpoint.integrity import WorkdirLock
 from mm_jax.train.metrics import MetricWriter, parameter_table
-from mm_jax.checkpoint.parts import load_parts, plan_parts
-from mm_jax.train.state import TASKS, ModelOnMesh
+from mm_jax.checkpoint.parts import load_parts, map_parts
+from mm_jax.tasks import TASKS
+from mm_jax.train.state import ModelOnMesh
 
 def initial_params(config: mlc.ConfigDict, mm: ModelOnMesh, parts=None, needed=None) -> dict:
   """The params a run starts from at step 0: the init of config.seed, then config.init.parts over it.
 
   train() and mm_jax.recipe's frozen-params check both call this, so both see the same values.
-  parts: plan_parts' plans (planned here if None). needed: the param paths the caller reads (default
+  parts: map_parts' mappings (planned here if None). needed: the param paths the caller reads (default
   all); the seeded init is computed only if one of them is not loaded, else the rest stay abstract.
   """
-  parts = plan_parts(config.init.parts, mm.abstract_params) if parts is None else parts
+  parts = map_parts(config.init.parts, mm.abstract_params) if parts is None else parts
   loaded = {path for plan in parts for path in plan["mapping"]}
   needed = set(signature(mm.abstract_params) if needed is None else needed)
   params = mm.abstract_params if needed <= loaded else mm.init_params(config.seed)
@@ -99,11 +102,10 @@ class _Preemption:
 
 
 def _checkpoint_fields(config: mlc.ConfigDict) -> dict:
-  """Checkpoints' retention and integrity options, checked (.get: configs written before they existed)."""
-  out = dict(keep=config.keep_checkpoints, keep_every=config.get("keep_every", 0),
-             checksums=config.get("checkpoint_checksums", True))
-  minutes = config.get("checkpoint_minutes", 0)
-  for name, v in (("keep_every", out["keep_every"]), ("checkpoint_minutes", minutes)):
+  """Checkpoints' retention and integrity options, checked."""
+  out = dict(keep=config.keep_checkpoints, keep_every=config.keep_every, checksums=config.checkpoint_checksums)
+  for name in ("keep_every", "checkpoint_minutes"):
+    v = config[name]
     if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
       raise UserError(f"{name}={v!r} must be a number >= 0 (0: off); set --config.{name}")
   if not isinstance(out["checksums"], bool):
@@ -115,7 +117,7 @@ def _checkpoint_fields(config: mlc.ConfigDict) -> dict:
 def _temporary_due(config: mlc.ConfigDict, ckpt: Checkpoints, step: int) -> bool:
   """checkpoint_minutes since the last save started. Several processes decide at log steps only (process
   0's clock, broadcast where the loop syncs anyway)."""
-  minutes = config.get("checkpoint_minutes", 0)
+  minutes = config.checkpoint_minutes
   if not minutes:
     return False
   due = time.monotonic() - ckpt.last_save_time >= 60 * minutes
@@ -148,14 +150,36 @@ def _throughput(config: mlc.ConfigDict, mm: ModelOnMesh, labels) -> mfu.Throughp
 
 def train(config: mlc.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) training; returns the last logged metrics. On SIGTERM: saves, then Preempted."""
+  config = files.complete(config)  # a config written before a field gets base's default
   with contextlib.ExitStack() as stack:  # lets go of what the run holds, however it ends
     preemption = _Preemption()
     stack.callback(preemption.close)
     return _train(config, workdir, stack, preemption)
 
 
+@dataclasses.dataclass
+class _Run:
+  """What the checks before a run found: the model on its mesh, the optimizer, where to start."""
+  mm: ModelOnMesh
+  tokenizer: object
+  source: object
+  labels: dict
+  tx: object
+  lock: WorkdirLock
+  existing: Checkpoints  # closed; moves damaged checkpoints aside
+  resume_step: int | None
+  damaged: list[tuple[int, str]]  # (step, why) of damaged checkpoints newer than resume_step
+  parts: list
+
+
 def _train(config: mlc.ConfigDict, workdir: str, stack: contextlib.ExitStack, preemption) -> dict:
-  # 1. Everything that can fail on bad input, before the workdir is touched.
+  run = _check(config, workdir, stack)  # everything that can fail on bad input: nothing written yet
+  ckpt, data_iter, state = _start(config, workdir, stack, run)
+  return _loop(config, workdir, run, ckpt, data_iter, state, stack, preemption)
+
+
+def _check(config: mlc.ConfigDict, workdir: str, stack: contextlib.ExitStack) -> _Run:
+  """The config, the data, the model and the workdir's checkpoints, before the workdir is touched."""
   validate.check_config(config)  # fields, rules against the param tree, text_len against the data
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.global_batch_size, mesh)
@@ -164,8 +188,8 @@ def _train(config: mlc.ConfigDict, workdir: str, stack: contextlib.ExitStack, pr
   TASKS[mm.model.task].check(config)  # the task's loss fields (optim.loss_norm, optim.loss)
   labels = optim.param_labels(mm.abstract_params, config.optim.rules)
   tx = optim.make_optimizer(config.optim, config.total_steps, labels)
-  ckpt_options = _checkpoint_fields(config)
-  lock = WorkdirLock(workdir_path(workdir))  # taken here if its file exists (writing nothing), else in 2.
+  _checkpoint_fields(config)
+  lock = WorkdirLock(workdir_path(workdir))  # taken here if its file exists (writing nothing), else in _start
   stack.callback(lock.release)
   lock.acquire(create=False)
   existing = Checkpoints(workdir, read_only=True)
@@ -177,52 +201,62 @@ def _train(config: mlc.ConfigDict, workdir: str, stack: contextlib.ExitStack, pr
     existing.check_compatible(resume_step, mm.abstract_params)
     existing.check_state(resume_step, mm.abstract_train_state(tx))  # e.g. optim.rules changed
   existing.close()
-  parts = plan_parts(config.init.parts, mm.abstract_params) if resume_step is None else []
+  parts = map_parts(config.init.parts, mm.abstract_params) if resume_step is None else []
+  return _Run(mm, tokenizer, source, labels, tx, lock, existing, resume_step, damaged, parts)
 
-  # 2. Build the run.
+
+def _start(config: mlc.ConfigDict, workdir: str, stack: contextlib.ExitStack, run: _Run):
+  """Takes the workdir; (checkpoints, the data iterator, the state resumed or at step 0)."""
   workdir_path(workdir).mkdir(parents=True, exist_ok=True)
-  lock.acquire(create=True)
-  if damaged:  # newer than resume_step: out of the way of the saves that will write them again
-    aside = existing.move_aside([s for s, _ in damaged])
-    for s, why in damaged:
+  run.lock.acquire(create=True)
+  if run.damaged:  # out of the way of the saves that will write those steps again
+    aside = run.existing.move_aside([s for s, _ in run.damaged])
+    for s, why in run.damaged:
       if jax.process_index() == 0:
         print(f"Skipped the checkpoint at step {s}: {why}; moved it to {aside}.", flush=True)
-  ckpt = Checkpoints(workdir, **ckpt_options)
+  ckpt = Checkpoints(workdir, **_checkpoint_fields(config))
   stack.callback(ckpt.close, quiet=True)  # on an error: the save in flight completes first
-  data_iter = data.TRAIN_ITERATORS[mm.model.task](
-      config, tokenizer, source, process_index=jax.process_index(), process_count=jax.process_count())
-  if resume_step is not None:
-    state = ckpt.restore(resume_step, mm.abstract_train_state(tx), data_iter, verified=True)
-    logging.info("Resumed from step %d of %s", resume_step, ckpt.directory)
-    print(f"Resuming from the checkpoint at step {resume_step}.", flush=True)
+  mm, tx = run.mm, run.tx
+  data_iter = TASKS[mm.model.task].train_iterator(
+      config, run.tokenizer, run.source, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  if run.resume_step is not None:
+    state = ckpt.restore(run.resume_step, mm.abstract_train_state(tx), data_iter, verified=True)
+    logging.info("Resumed from step %d of %s", run.resume_step, ckpt.directory)
+    print(f"Resuming from the checkpoint at step {run.resume_step}.", flush=True)
   else:
-    state = mm.init_train_state(tx, config.seed, initial_params(config, mm, parts))
+    state = mm.init_train_state(tx, config.seed, initial_params(config, mm, run.parts))
   if jax.process_index() == 0:
-    print(parameter_table(mm.abstract_params, labels), flush=True)
-  train_step = mm.make_train_step(tx)
-  lr_at = optim.schedule(config.optim, config.total_steps)
-  writer = MetricWriter(workdir_path(workdir), config.total_steps, _throughput(config, mm, labels))
-  stack.callback(writer.close)
+    print(parameter_table(mm.abstract_params, run.labels), flush=True)
+  return ckpt, data_iter, state
 
-  # 3. The loop. Only log steps read values back to the host.
+
+def _loop(config, workdir, run: _Run, ckpt, data_iter, state, stack, preemption) -> dict:
+  """The steps, logs and saves. Only log and checkpoint steps read values back to the host."""
+  mm, mesh = run.mm, run.mm.mesh
+  train_step = mm.make_train_step(run.tx)
+  lr_at = optim.schedule(config.optim, config.total_steps)
+  writer = MetricWriter(workdir_path(workdir), config.total_steps, _throughput(config, mm, run.labels))
+  stack.callback(writer.close)
   metrics, skips = {}, data.SkipMeter(config)  # data.bad_records=skip: replaced rows, per log interval
   step = int(state["step"])
   while step < config.total_steps:
     state, out = train_step(state, skips.add(sharding.to_global(next(data_iter), mesh)))
     step += 1
-    if step % config.log_every == 0 or step % config.checkpoint_every == 0 or step == config.total_steps:
+    log, save = step % config.log_every == 0, step % config.checkpoint_every == 0
+    last = step == config.total_steps
+    if log or save or last:
       numerics = mm.check_numerics(state, ckpt)  # a non-finite step stops the run here, before a save
-    if step % config.log_every == 0 or step == config.total_steps:
-      loss = float(out["loss"])
-      metrics = {"loss": loss, "lr": float(lr_at(step - 1)), **skips.pop(), **numerics}
+    if log or last:
+      metrics = {"loss": float(out["loss"]), "lr": float(lr_at(step - 1)), **skips.pop(), **numerics}
       writer.write(step, metrics)
-    if step % config.checkpoint_every == 0 or step == config.total_steps:
+    if save or last:
       ckpt.save(step, state, data_iter, config)
     elif _temporary_due(config, ckpt, step):
       mm.check_numerics(state, ckpt)
       ckpt.save(step, state, data_iter, config, temporary=True)
     ckpt.poll()  # a save done in the background: its failure stops the run now
-    if step < config.total_steps and preemption.requested(step, step % config.log_every == 0):
+    if not last and preemption.requested(step, log):
       _stop_preempted(preemption, step, state, data_iter, config, ckpt, mm)
   ckpt.wait()
   ckpt.close()

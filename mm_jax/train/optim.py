@@ -24,12 +24,9 @@ import optax
 
 from mm_jax.errors import UserError
 from mm_jax.models import stack
+from mm_jax.models.stack import path_str
 
 LABELS = ("trainable", "frozen")
-
-
-def path_str(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
 def param_labels(params, rules) -> dict:
@@ -107,7 +104,7 @@ def make_optimizer(cfg: mlc.ConfigDict, total_steps: int, labels) -> optax.Gradi
   nonfinite_policy(cfg)  # checked with the other optim fields, before anything is written
   # Weight decay on matrices only, not on norms, biases or position tables of rank 1.
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-  factors = lr_factors(labels, cfg.get("lr_scales", ()))
+  factors = lr_factors(labels, cfg.lr_scales)
   trainable = optax.chain(
       optax.clip_by_global_norm(cfg.grad_clip),
       optax.adamw(schedule(cfg, total_steps), b2=cfg.b2, weight_decay=cfg.weight_decay,
@@ -122,8 +119,8 @@ NONFINITE = ("stop", "skip")
 
 
 def nonfinite_policy(cfg: mlc.ConfigDict) -> tuple[str, int]:
-  """(optim.nonfinite, optim.max_consecutive_skips), checked; configs without them get ("stop", 10)."""
-  policy, max_skips = cfg.get("nonfinite", "stop"), cfg.get("max_consecutive_skips", 10)
+  """(optim.nonfinite, optim.max_consecutive_skips), checked."""
+  policy, max_skips = cfg.nonfinite, cfg.max_consecutive_skips
   if policy not in NONFINITE:
     raise UserError(f"optim.nonfinite={policy!r} is unknown; use one of {NONFINITE} "
                     "(--config.optim.nonfinite=...)")
