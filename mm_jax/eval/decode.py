@@ -7,12 +7,13 @@ N + P + t (the same for all examples); the padded slots are masked out.
 import jax
 import jax.numpy as jnp
 
-from mm_jax.models.vlm import UnifiedVLM
+from mm_jax.models.protocol import Decodable
 
 
-def greedy_decode(model: UnifiedVLM, params, image_BxHxWxC: jax.Array, prefix_BxP: jax.Array,
+def greedy_decode(model: Decodable, params, image_BxHxWxC: jax.Array, prefix_BxP: jax.Array,
                   prefix_mask_BxP: jax.Array, prefix_len_B: jax.Array, max_new: int) -> jax.Array:
-  """Returns the greedy continuation, int32 BxM (M = max_new); callers cut it at EOS."""
+  """Returns the greedy continuation, int32 BxM (M = max_new); callers cut it at EOS. Any model with
+  prefill / decode_step (models/protocol.py) decodes so."""
   variables = {"params": params}
   b, p = prefix_BxP.shape
   n = model.num_image_tokens(image_BxHxWxC.shape)

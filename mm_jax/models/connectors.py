@@ -2,6 +2,8 @@
 
 Chosen by name from CONNECTORS (config `model.connector`); each one's own fields come from
 `model.connector_options.<name>`. Patches arrive in row-major order of a square grid (vit.ViT).
+Each counts its FLOPs: count_flops(t, pre, x, n, patches, e) on n x patches features of width e in
+stream x (left at the decoder's width) -> its token count per image.
 """
 import math
 
@@ -10,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from mm_jax.errors import UserError
+from mm_jax.models import flop_count
 from mm_jax.models.layers import ACTIVATIONS, Attention, DType, constrain, dense, layer_norm, partitioned
 
 Array = jax.Array
@@ -30,6 +33,10 @@ class Linear(nn.Module):
     return dense(self.width, ("embed_in", "embed"), "proj", dtype=self.dtype,
                  param_dtype=self.param_dtype)(x_BxPxE)
 
+  def count_flops(self, t: flop_count.Tally, pre: str, x: str, n: int, patches: int, e: int) -> int:
+    t.dense(pre, f"{pre}/proj", x, x, n * patches, e, self.width)
+    return self.num_tokens(patches)
+
 
 class MLP(nn.Module):
   """Two linear layers with bias and an exact GELU between (LLaVA-1.5: fc1 E->D, fc2 D->D)."""
@@ -45,6 +52,11 @@ class MLP(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = ACTIVATIONS["gelu"](dense(self.width, ("embed_in", "embed"), "fc1", **kw)(x_BxPxE))
     return dense(self.width, ("mlp", "embed"), "fc2", **kw)(h)
+
+  def count_flops(self, t: flop_count.Tally, pre: str, x: str, n: int, patches: int, e: int) -> int:
+    t.dense(pre, f"{pre}/fc1", x, x, n * patches, e, self.width)
+    t.dense(pre, f"{pre}/fc2", x, x, n * patches, self.width, self.width)
+    return self.num_tokens(patches)
 
 
 class ResamplerBlock(nn.Module):
@@ -108,6 +120,16 @@ class Resampler(nn.Module):
     q_BxQxE = layer_norm("ln_final", self.norm_eps, **kw)(q_BxQxE)
     return dense(self.width, ("embed_in", "embed"), "proj", **kw)(q_BxQxE)
 
+  def count_flops(self, t: flop_count.Tally, pre: str, x: str, n: int, patches: int, e: int) -> int:
+    q = self.num_queries
+    t.ew("rq", [], [f"{pre}/queries"])
+    for i in range(self.depth):
+      flop_count.vit_block(t, pre, f"{pre}/block_{i}", "rq", n, q, e, self.num_heads,
+                           self.mlp_dim or 4 * e, kv=(x, patches))
+    t.ew("rq", ["rq"], [f"{pre}/ln_final"])
+    t.dense(pre, f"{pre}/proj", "rq", x, n * q, e, self.width)
+    return self.num_tokens(patches)
+
 
 def grid_side(num_patches: int, scale: int) -> int:
   """The side of the square patch grid, checked to be a multiple of `scale`."""
@@ -144,6 +166,11 @@ class PixelShuffle(nn.Module):
     x_BxNxF = constrain(pixel_shuffle(x_BxPxE, self.scale), ("act_batch", "act_len", None))
     return dense(self.width, ("embed_in", "embed"), "proj", use_bias=False, dtype=self.dtype,
                  param_dtype=self.param_dtype)(x_BxNxF)
+
+  def count_flops(self, t: flop_count.Tally, pre: str, x: str, n: int, patches: int, e: int) -> int:
+    s2 = self.scale ** 2
+    t.dense(pre, f"{pre}/proj", x, x, n * patches // s2, s2 * e, self.width)
+    return self.num_tokens(patches)
 
 
 CONNECTORS = {"linear": Linear, "mlp": MLP, "resampler": Resampler, "pixel_shuffle": PixelShuffle}

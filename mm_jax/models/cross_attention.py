@@ -36,7 +36,8 @@ import jax.numpy as jnp
 from mm_jax.config import fields
 from mm_jax.errors import UserError
 from mm_jax.models import checks, encoders, family, stack
-from mm_jax.models.decoder import Cache, Decoder, DecoderBlock, cache_len
+from mm_jax.models.decoder import Cache, Decoder, DecoderBlock, count_gated_mlp, prefill_masks
+from mm_jax.models.flop_count import Sizes, Tally, attention, counter
 from mm_jax.models.layers import (ACTIVATIONS, DType, Projection, RMSNorm, attend_kv_major, constrain,
                                   dense, make_attn_mask, partitioned)
 
@@ -109,6 +110,28 @@ class CrossBlock(nn.Module):
     x_BxLxD = x_BxLxD + gate(self.mlp_gate) * (row_BxLx1 * self.down(h_BxLxF))
     return constrain(x_BxLxD, ("act_batch", "act_len", "act_embed"))
 
+  def count_kv(self, t: Tally, part: str, pre: str, img: str, kv: tuple[str, str], b: int, s: int):
+    """kv() on b x s image tokens of stream img -> streams kv = (k, v)."""
+    kh = self.num_kv_heads * self.head_dim
+    t.dense(part, f"{pre}/k", img, kv[0], b * s, self.width, kh)
+    t.ew(kv[0], [kv[0]], [f"{pre}/k_norm"])
+    t.dense(part, f"{pre}/v", img, kv[1], b * s, self.width, kh)
+
+  def count_flops(self, t: Tally, part: str, pre: str, x: str, kv: tuple[str, str], b: int, l: int,
+                  s: int) -> None:
+    """__call__ on b x l positions of stream x, attending to s image tokens in streams kv."""
+    d = self.width
+    t.ew("h", [x], [f"{pre}/norm_attn"])
+    t.ew("k", [kv[0]])
+    t.ew("v", [kv[1]])
+    attention(t, part, pre, "h", None, "a", b, l, s, d, self.num_heads, self.num_kv_heads,
+              self.head_dim, qk_norm=True)
+    t.ew("a", ["a"], [f"{pre}/attn_gate"])
+    t.ew(x, [x, "a"])
+    count_gated_mlp(t, part, pre, x, b, l, d, self.mlp_dim)
+    t.ew("m", ["m"], [f"{pre}/mlp_gate"])
+    t.ew(x, [x, "m"])
+
 
 class CrossStack(nn.Module):
   """The `cross` subtree: `count` CrossBlocks named block_i, or with scan one `blocks` stacked on a
@@ -125,6 +148,17 @@ class CrossStack(nn.Module):
     else:
       cls = stack.remat_module(CrossBlock, self.remat, self.remat_names)
       self.blocks = [cls(**self.block, name=f"block_{i}") for i in range(self.count)]
+
+  def count_kv(self, t: Tally, pre: str, img: str, b: int, s: int) -> None:
+    """FLOPs of kv(): every block's image k/v (streams img_k{j}, img_v{j}), once per step."""
+    block = CrossBlock(**self.block, parent=None)
+    for j in range(self.count):
+      block.count_kv(t, pre, f"{pre}/block_{j}", img, (f"img_k{j}", f"img_v{j}"), b, s)
+
+  def count_block(self, t: Tally, pre: str, j: int, x: str, b: int, l: int, s: int) -> None:
+    """FLOPs of block j on b x l positions of stream x over s image tokens (after count_kv)."""
+    CrossBlock(**self.block, parent=None).count_flops(t, pre, f"{pre}/block_{j}", x,
+                                                      (f"img_k{j}", f"img_v{j}"), b, l, s)
 
   def kv(self, img_BxSxD: Array):
     """Every block's image k/v: a tuple of KV, or scanned one KV stacked CxBxKxSxH."""
@@ -242,11 +276,8 @@ class CrossAttentionVLM(nn.Module):
     Returns (logits BxPxV, cache {"self", "cross", "image_pos"}, cache_mask BxS: real slots).
     """
     kvs, image_pos_BxI = self._image(image, image_pos_BxI)
-    (b, l), s = prefix_mask_BxP.shape, cache_len(cache)
-    cache_mask_BxS = jnp.pad(prefix_mask_BxP, ((0, 0), (0, s - l))) > 0
-    mask_BxLxS = jnp.broadcast_to(cache_mask_BxS[:, None, :], (b, l, s))
-    if not self.prefix_attention:
-      mask_BxLxS = mask_BxLxS & (jnp.arange(s)[None, None, :] <= jnp.arange(l)[None, :, None])
+    cache_mask_BxS, mask_BxLxS = prefill_masks(prefix_mask_BxP, cache, causal=not self.prefix_attention)
+    b, l = prefix_mask_BxP.shape
     positions_BxL = jnp.broadcast_to(jnp.arange(l), (b, l))
     xmask_BxLxS = self._cross_mask(image_pos_BxI, positions_BxL, kv_len(kvs))
     logits_BxLxV, cache = self._run(self.decoder.embed(prefix_BxP), positions_BxL, mask_BxLxS, kvs,
@@ -261,6 +292,23 @@ class CrossAttentionVLM(nn.Module):
     logits_Bx1xV, self_cache = self._run(self.decoder.embed(token_B[:, None]), position_B[:, None],
                                          cache_mask_BxS[:, None, :], kvs, xmask_Bx1xS, cache["self"], slot)
     return logits_Bx1xV[:, 0], dict(cache, self=self_cache), cache_mask_BxS
+
+  def count_flops(self, t: Tally, sizes: Sizes, batch: int) -> None:
+    """Matmul FLOPs of the teacher-forced forward on `batch` examples of one image (flop_count.py)."""
+    self.decoder.count_embed(t, "decoder", "x")
+    s, n = self._count_images(t, sizes.image_size, batch)
+    self.cross.count_kv(t, "cross", "img", batch, s)
+    l = sizes.text_len + n
+
+    def cross_block(i: int) -> None:  # a super-block starts with its cross block
+      if i % self.cross_every == 0:
+        self.cross.count_block(t, "cross", i // self.cross_every, "x", batch, l, s)
+    self.decoder.count_flops(t, "decoder", "x", batch, l, l, before_block=cross_block)
+
+  def _count_images(self, t: Tally, size: int, b: int) -> tuple[int, int]:
+    """FLOPs of the image features (stream img): (image tokens per example, tokens in the sequence)."""
+    patches, e = counter(self.encoder)(t, "encoder", b, size, "img")
+    return counter(self.connector)(t, "connector", "img", b, patches, e), 0
 
 
 @dataclasses.dataclass(frozen=True)

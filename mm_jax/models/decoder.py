@@ -10,12 +10,14 @@ beside text embeddings (`embed` gives the text ones); the attention mask comes f
 Blocks are block_0 .. block_{depth-1}, or with scan=True one `blocks` stacked on a "layers" axis; remat
 and remat_names pick what the backward pass keeps (models/stack.py).
 """
+from typing import Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from mm_jax.models import stack
+from mm_jax.models import flop_count, stack
 from mm_jax.models.layers import (ACTIVATIONS, Attention, DType, RMSNorm, Rope, constrain, dense,
                                   fused_projections, partitioned)
 
@@ -27,6 +29,27 @@ Cache = tuple[dict[str, Array], ...] | dict[str, Array]
 def cache_len(cache: Cache) -> int:
   """S, the slots of a cache of either layout."""
   return cache["k"].shape[3] if isinstance(cache, dict) else cache[0]["k"].shape[2]
+
+
+def prefill_masks(input_mask_BxL: Array, cache: Cache, causal: bool) -> tuple[Array, Array]:
+  """The masks of a prefill of L positions into cache slots [0, L): (cache_mask_BxS, the slots holding
+  real tokens; mask_BxLxS, keys the real slots, the prefill one bidirectional block or causal)."""
+  (b, l), s = input_mask_BxL.shape, cache_len(cache)
+  cache_mask_BxS = jnp.pad(input_mask_BxL, ((0, 0), (0, s - l))) > 0
+  mask_BxLxS = jnp.broadcast_to(cache_mask_BxS[:, None, :], (b, l, s))
+  if causal:
+    mask_BxLxS = mask_BxLxS & (jnp.arange(s)[None, None, :] <= jnp.arange(l)[None, :, None])
+  return cache_mask_BxS, mask_BxLxS
+
+
+def count_gated_mlp(t: flop_count.Tally, part: str, pre: str, x: str, b: int, l: int, d: int,
+                    f: int) -> None:
+  """FLOPs of a block's norm_mlp and gated MLP (gate, up, down under `pre`) on stream x -> stream m."""
+  t.ew("h", [x], [f"{pre}/norm_mlp"])
+  t.dense(part, f"{pre}/gate", "h", "g", b * l, d, f)
+  t.dense(part, f"{pre}/up", "h", "u", b * l, d, f)
+  t.ew("g", ["g", "u"])
+  t.dense(part, f"{pre}/down", "g", "m", b * l, f, d)
 
 
 class DecoderBlock(nn.Module):
@@ -135,6 +158,28 @@ class Decoder(nn.Module):
     x_BxLxD = self.final_norm(x_BxLxD)
     logits_BxLxV = self.embedder.attend(x_BxLxD) if self.tie_embeddings else self.head(x_BxLxD)
     return constrain(logits_BxLxV, ("act_batch", "act_len", "act_vocab"))
+
+  def count_embed(self, t: flop_count.Tally, pre: str, x: str) -> None:
+    """Text embeddings into stream x: a gather, no FLOPs."""
+    t.ew(x, [], [f"{pre}/embedder"])
+
+  def count_flops(self, t: flop_count.Tally, pre: str, x: str, b: int, l: int, head_len: int,
+                  before_block: Callable[[int], None] = lambda i: None) -> None:
+    """FLOPs of the blocks (part `pre`) on b x l positions of stream x, then of the head (part "head")
+    on head_len of them; before_block(i) counts what a caller runs before block i (a cross block)."""
+    d, f = self.width, self.mlp_dim
+    for i in range(self.depth):
+      before_block(i)
+      blk = f"{pre}/block_{i}"
+      t.ew("h", [x], [f"{blk}/norm_attn"])
+      flop_count.attention(t, pre, f"{blk}/attn", "h", "h", "a", b, l, l, d, self.num_heads,
+                           self.num_kv_heads, self.head_dim)
+      t.ew(x, [x, "a"])
+      count_gated_mlp(t, pre, blk, x, b, l, d, f)
+      t.ew(x, [x, "m"])
+    t.ew(x, [x], [f"{pre}/final_norm"])
+    head = f"{pre}/embedder" if self.tie_embeddings else f"{pre}/head"
+    t.dense("head", head, x, "logits", b * head_len, d, self.vocab_size)
 
   def init_cache(self, batch: int, length: int) -> Cache:
     shape = (batch, self.num_kv_heads, length, self.head_dim)  # BxKxSxH: see layers.attend_kv_major

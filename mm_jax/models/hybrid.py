@@ -24,8 +24,9 @@ from mm_jax.config import fields
 from mm_jax.errors import UserError
 from mm_jax.models import checks, cross_attention, encoders, family
 from mm_jax.models.cross_attention import CrossAttentionVLM, kv_len
-from mm_jax.models.decoder import cache_len
-from mm_jax.models.layers import make_attn_mask, partitioned
+from mm_jax.models.decoder import prefill_masks
+from mm_jax.models.flop_count import Tally, counter
+from mm_jax.models.layers import drop_tokens, insert_tokens, make_attn_mask, partitioned
 
 Array = jax.Array
 
@@ -76,21 +77,26 @@ class HybridVLM(CrossAttentionVLM):
     thumb_BxNxD = self.connector(self.encoder(thumbnail(image_BxHxWxC, g))).astype(self.decoder.dtype)
     return thumb_BxNxD, kvs, jnp.zeros((b, 1), jnp.int32)
 
-  def _insert(self, text_BxTx_: Array, image_BxNx_: Array) -> Array:
-    k = self.image_position
-    return jnp.concatenate([text_BxTx_[:, :k], image_BxNx_, text_BxTx_[:, k:]], axis=1)
-
-  def _drop_image(self, x_BxLx_: Array, n: int) -> Array:
-    k = self.image_position
-    return jnp.concatenate([x_BxLx_[:, :k], x_BxLx_[:, k + n:]], axis=1)
+  def _count_images(self, t: Tally, size: int, b: int) -> tuple[int, int]:
+    """FLOPs of _image_paths: the tiles into stream img, the thumbnail into the sequence (stream x)."""
+    g = self.tiles
+    encoder, connector = counter(self.encoder), counter(self.connector)
+    patches, e = encoder(t, "encoder", b * g * g, size // g, "img")
+    s = g * g * connector(t, "connector", "img", b * g * g, patches, e)
+    t.ew("img", ["img"], ["tile_embed"])
+    # The thumbnail: the same encoder and connector on one (size / G)^2 image per example.
+    encoder(t, "encoder", b, size // g, "thumb")
+    n = connector(t, "connector", "thumb", b, patches, e)
+    t.ew("x", ["x", "thumb"])
+    return s, n
 
   def _sequence(self, thumb_BxNxD: Array, text_BxT: Array, mask_input_BxT: Array, mask_ar_BxT: Array):
     """Decoder input BxLxD, input mask, autoregressive mask (thumbnail in the prefix), positions."""
-    b, n = thumb_BxNxD.shape[:2]
-    x_BxLxD = self._insert(self.decoder.embed(text_BxT).astype(self.decoder.dtype), thumb_BxNxD)
-    input_BxL = self._insert(mask_input_BxT, jnp.ones((b, n), mask_input_BxT.dtype))
+    (b, n), k = thumb_BxNxD.shape[:2], self.image_position
+    x_BxLxD = insert_tokens(self.decoder.embed(text_BxT).astype(self.decoder.dtype), thumb_BxNxD, k)
+    input_BxL = insert_tokens(mask_input_BxT, jnp.ones((b, n), mask_input_BxT.dtype), k)
     if self.prefix_attention:
-      ar_BxL = self._insert(mask_ar_BxT, jnp.zeros((b, n), mask_ar_BxT.dtype))
+      ar_BxL = insert_tokens(mask_ar_BxT, jnp.zeros((b, n), mask_ar_BxT.dtype), k)
     else:
       ar_BxL = jnp.ones_like(input_BxL)
     return x_BxLxD, input_BxL, ar_BxL, jnp.broadcast_to(jnp.arange(x_BxLxD.shape[1]), input_BxL.shape)
@@ -104,7 +110,7 @@ class HybridVLM(CrossAttentionVLM):
     xmask_BxLxS = self._cross_mask(image_pos_Bx1, positions_BxL, kv_len(kvs))
     logits_BxLxV, _ = self._run(x_BxLxD, positions_BxL, make_attn_mask(input_BxL, ar_BxL), kvs,
                                 xmask_BxLxS)
-    return self._drop_image(logits_BxLxV, thumb_BxNxD.shape[1])
+    return drop_tokens(logits_BxLxV, self.image_position, thumb_BxNxD.shape[1])
 
   def prefill(self, image_BxHxWxC: Array, prefix_BxP: Array, prefix_mask_BxP: Array, cache):
     """Thumbnail + (right-padded) prefix into self-attention slots [0, N + P); the tiles' k/v once.
@@ -113,14 +119,10 @@ class HybridVLM(CrossAttentionVLM):
     thumb_BxNxD, kvs, image_pos_Bx1 = self._image_paths(image_BxHxWxC)
     x_BxLxD, input_BxL, _, positions_BxL = self._sequence(thumb_BxNxD, prefix_BxP, prefix_mask_BxP,
                                                           jnp.zeros_like(prefix_mask_BxP))
-    (b, l), s = input_BxL.shape, cache_len(cache)
-    cache_mask_BxS = jnp.pad(input_BxL, ((0, 0), (0, s - l))) > 0
-    mask_BxLxS = jnp.broadcast_to(cache_mask_BxS[:, None, :], (b, l, s))
-    if not self.prefix_attention:
-      mask_BxLxS = mask_BxLxS & (jnp.arange(s)[None, None, :] <= jnp.arange(l)[None, :, None])
+    cache_mask_BxS, mask_BxLxS = prefill_masks(input_BxL, cache, causal=not self.prefix_attention)
     xmask_BxLxS = self._cross_mask(image_pos_Bx1, positions_BxL, kv_len(kvs))
     logits_BxLxV, cache = self._run(x_BxLxD, positions_BxL, mask_BxLxS, kvs, xmask_BxLxS, cache, 0)
-    return (self._drop_image(logits_BxLxV, thumb_BxNxD.shape[1]),
+    return (drop_tokens(logits_BxLxV, self.image_position, thumb_BxNxD.shape[1]),
             {"self": cache, "cross": kvs, "image_pos": image_pos_Bx1}, cache_mask_BxS)
 
 

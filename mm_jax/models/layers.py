@@ -51,6 +51,16 @@ def make_attn_mask(input_mask_BxL: Array, mask_ar_BxL: Array) -> Array:
   return mask_BxLxL & (input_mask_BxL[:, None, :] > 0)
 
 
+def insert_tokens(seq_BxTx_: Array, tokens_BxNx_: Array, k: int) -> Array:
+  """seq with the N tokens inserted before its position k (image tokens at image_position): BxT+Nx..."""
+  return jnp.concatenate([seq_BxTx_[:, :k], tokens_BxNx_, seq_BxTx_[:, k:]], axis=1)
+
+
+def drop_tokens(seq_BxLx_: Array, k: int, n: int) -> Array:
+  """seq without its n positions from k (insert_tokens undone): BxL-Nx..."""
+  return jnp.concatenate([seq_BxLx_[:, :k], seq_BxLx_[:, k + n:]], axis=1)
+
+
 @dataclasses.dataclass(frozen=True)
 class Rope:
   """RoPE frequencies: theta, and optionally Llama 3's long-context scaling (type "llama3")."""

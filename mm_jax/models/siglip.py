@@ -44,6 +44,7 @@ import jax.numpy as jnp
 from mm_jax.config import fields
 from mm_jax.errors import UserError
 from mm_jax.models import encoders, family
+from mm_jax.models.flop_count import Sizes, Tally, attention, vit_block
 from mm_jax.models.layers import ACTIVATIONS, Attention, DType, constrain, dense, layer_norm, partitioned
 from mm_jax.models.vit import EncoderBlock
 
@@ -72,6 +73,16 @@ class MAPHead(nn.Module):
     y = dense(self.mlp_dim, ("embed", "mlp"), "mlp_in", **kw)(y)
     o_Bx1xD = o_Bx1xD + dense(d, ("mlp", "embed"), "mlp_out", **kw)(ACTIVATIONS["gelu_tanh"](y))
     return o_Bx1xD[:, 0]
+
+  def count_flops(self, t: Tally, pre: str, x: str, b: int, patches: int, d: int) -> None:
+    """b x patches features of width d in stream x -> the pooled Bx1xD, in stream x."""
+    n = self.num_heads
+    t.ew("probe", [], [f"{pre}/probe"])
+    attention(t, pre, f"{pre}/attn", "probe", x, x, b, 1, patches, d, n, n, d // n)
+    t.ew("h", [x], [f"{pre}/ln_mlp"])
+    t.dense(pre, f"{pre}/mlp_in", "h", "m", b, d, self.mlp_dim)
+    t.dense(pre, f"{pre}/mlp_out", "m", "m", b, self.mlp_dim, d)
+    t.ew(x, [x, "m"])
 
 
 class TextEncoder(nn.Module):
@@ -109,6 +120,14 @@ class TextEncoder(nn.Module):
     # "embed_out": the image embedding width (a param may not carry one logical name twice).
     return dense(self.out_dim, ("embed", "embed_out"), "head", **kw)(pooled_BxD)
 
+  def count_flops(self, t: Tally, pre: str, x: str, b: int, l: int) -> None:
+    """b texts of l tokens -> their embeddings BxE, in stream x."""
+    t.ew(x, [], [f"{pre}/embedder", f"{pre}/pos_embedding"])
+    for i in range(self.depth):
+      vit_block(t, pre, f"{pre}/block_{i}", x, b, l, self.width, self.num_heads, self.mlp_dim)
+    t.ew(x, [x], [f"{pre}/ln_final"])
+    t.dense(pre, f"{pre}/head", x, x, b, self.width, self.out_dim)
+
 
 def l2_normalize(x_BxE: Array) -> Array:
   x32 = x_BxE.astype(jnp.float32)
@@ -142,6 +161,13 @@ class SigLIP(nn.Module):
 
   def __call__(self, image_BxHxWxC: Array, text_BxT: Array) -> Array:
     return self.logits(self.embed_text(text_BxT), self.embed_image(image_BxHxWxC))
+
+  def count_flops(self, t: Tally, sizes: Sizes, batch: int) -> None:
+    """Matmul FLOPs of the forward on `batch` image-text pairs (models/flop_count.py)."""
+    patches, e = self.encoder.count_flops(t, "encoder", batch, sizes.image_size, "img")
+    self.map_head.count_flops(t, "map_head", "img", batch, patches, e)
+    self.text.count_flops(t, "text", "txt", batch, sizes.text_len)
+    t.product("logits", "txt", "img", "logits", 2.0 * batch * batch * self.text.out_dim)
 
 
 # --- the siglip family ---

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from mm_jax.models import stack
+from mm_jax.models import flop_count, stack
 from mm_jax.models.layers import ACTIVATIONS, Attention, DType, constrain, dense, layer_norm, partitioned
 
 Array = jax.Array
@@ -86,6 +86,20 @@ class ViT(nn.Module):
         x_BxPxD = cls(self.num_heads, self.mlp_dim, self.norm_eps, name=f"block_{i}", **kw)(x_BxPxD, None)
     return layer_norm("ln_final", self.norm_eps, **kw)(x_BxPxD) if self.final_norm else x_BxPxD
 
+  def count_flops(self, t: flop_count.Tally, pre: str, n_images: int, size: int, out: str):
+    """n_images of size x size into stream `out` (part and param prefix `pre`): (patches, width)."""
+    p, d = self.patch_size, self.width
+    patches = (size // p) ** 2
+    t.source(out)
+    t.dense(pre, f"{pre}/patch_embed", out, out, n_images * patches, p * p * 3, d)
+    t.ew(out, [out], [f"{pre}/pos_embedding"])
+    for i in range(self.depth):
+      flop_count.vit_block(t, pre, f"{pre}/block_{i}", out, n_images, patches, d, self.num_heads,
+                           self.mlp_dim)
+    if self.final_norm:
+      t.ew(out, [out], [f"{pre}/ln_final"])
+    return patches, d
+
 
 class RawPatches(nn.Module):
   """Fuyu's "encoder": no parameters, no transformer. Image BxHxWxC -> flattened pixel patches
@@ -101,3 +115,9 @@ class RawPatches(nn.Module):
     b, h, w, c = image_BxHxWxC.shape
     x = image_BxHxWxC.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
     return constrain(x.reshape(b, (h // p) * (w // p), p * p * c), ("act_batch", "act_len", None))
+
+  def count_flops(self, t: flop_count.Tally, pre: str, n_images: int, size: int, out: str):
+    """No FLOPs: (patches, their width p * p * 3) of n_images of size x size, in stream `out`."""
+    del pre, n_images
+    t.source(out)
+    return (size // self.patch_size) ** 2, self.patch_size ** 2 * 3

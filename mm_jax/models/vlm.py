@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 
 from mm_jax.models import checks, encoders, family
-from mm_jax.models.decoder import Cache, cache_len
-from mm_jax.models.layers import make_attn_mask
+from mm_jax.models.decoder import Cache, prefill_masks
+from mm_jax.models.flop_count import Sizes, Tally, counter
+from mm_jax.models.layers import drop_tokens, insert_tokens, make_attn_mask
 
 Array = jax.Array
 
@@ -41,16 +42,8 @@ class UnifiedVLM(nn.Module):
     The head runs on the text positions only: image positions are never scored, and at PaliGemma's
     size they are 3/4 of the sequence (the vocab projection was ~10 % of the step)."""
     h_BxLxD = self._hidden(image_BxHxWxC, text_BxT, mask_ar_BxT, mask_input_BxT)
-    return self.decoder.logits(self._drop_image(h_BxLxD, h_BxLxD.shape[1] - text_BxT.shape[1]))
-
-  def _drop_image(self, x_BxLx_: Array, n: int) -> Array:
-    """The text positions of a sequence with n image positions at image_position."""
-    k = self.image_position
-    return jnp.concatenate([x_BxLx_[:, :k], x_BxLx_[:, k + n:]], axis=1)
-
-  def _insert_image(self, text_BxTx_: Array, image_BxNx_: Array) -> Array:
-    k = self.image_position
-    return jnp.concatenate([text_BxTx_[:, :k], image_BxNx_, text_BxTx_[:, k:]], axis=1)
+    n = h_BxLxD.shape[1] - text_BxT.shape[1]
+    return self.decoder.logits(drop_tokens(h_BxLxD, self.image_position, n))
 
   def _inputs(self, image_BxHxWxC: Array, text_BxT: Array, mask_input_BxT: Array):
     """The decoder's input BxLxD (image tokens inserted at image_position), its input mask, positions."""
@@ -58,8 +51,9 @@ class UnifiedVLM(nn.Module):
     if self.encoder is not None:
       img_BxNxD = self.embed_image(image_BxHxWxC).astype(x_BxLxD.dtype)
       b, n = img_BxNxD.shape[:2]
-      x_BxLxD = self._insert_image(x_BxLxD, img_BxNxD)
-      input_mask_BxL = self._insert_image(mask_input_BxT, jnp.ones((b, n), mask_input_BxT.dtype))
+      x_BxLxD = insert_tokens(x_BxLxD, img_BxNxD, self.image_position)
+      input_mask_BxL = insert_tokens(mask_input_BxT, jnp.ones((b, n), mask_input_BxT.dtype),
+                                     self.image_position)
     positions_BxL = jnp.broadcast_to(jnp.arange(x_BxLxD.shape[1]), input_mask_BxL.shape)
     return x_BxLxD, input_mask_BxL, positions_BxL
 
@@ -74,7 +68,8 @@ class UnifiedVLM(nn.Module):
     x_BxLxD, input_mask_BxL, positions_BxL = self._inputs(image_BxHxWxC, text_BxT, mask_input_BxT)
     if self.prefix_attention:  # image tokens: mask_ar 0, they join the prefix block
       n = x_BxLxD.shape[1] - text_BxT.shape[1]
-      mask_ar_BxL = self._insert_image(mask_ar_BxT, jnp.zeros((text_BxT.shape[0], n), mask_ar_BxT.dtype))
+      mask_ar_BxL = insert_tokens(mask_ar_BxT, jnp.zeros((text_BxT.shape[0], n), mask_ar_BxT.dtype),
+                                  self.image_position)
     else:
       mask_ar_BxL = jnp.ones_like(input_mask_BxL)
     h_BxLxD, _ = self.decoder(x_BxLxD, positions_BxL, make_attn_mask(input_mask_BxL, mask_ar_BxL),
@@ -88,14 +83,11 @@ class UnifiedVLM(nn.Module):
     Returns (logits BxPxV at the prefix positions, cache, cache_mask BxS: the slots holding real tokens).
     """
     x_BxLxD, input_mask_BxL, positions_BxL = self._inputs(image_BxHxWxC, prefix_BxP, prefix_mask_BxP)
-    (b, l), s = input_mask_BxL.shape, cache_len(cache)
-    cache_mask_BxS = jnp.pad(input_mask_BxL, ((0, 0), (0, s - l))) > 0
     # Keys are the real slots of the cache; the prefix is one bidirectional block, or causal.
-    mask_BxLxS = jnp.broadcast_to(cache_mask_BxS[:, None, :], (b, l, s))
-    if not self.prefix_attention:
-      mask_BxLxS = mask_BxLxS & (jnp.arange(s)[None, None, :] <= jnp.arange(l)[None, :, None])
+    cache_mask_BxS, mask_BxLxS = prefill_masks(input_mask_BxL, cache, causal=not self.prefix_attention)
     h_BxLxD, cache = self.decoder(x_BxLxD, positions_BxL, mask_BxLxS, cache, 0, head=False)
-    logits_BxPxV = self.decoder.logits(self._drop_image(h_BxLxD, l - prefix_BxP.shape[1]))
+    n = input_mask_BxL.shape[1] - prefix_BxP.shape[1]
+    logits_BxPxV = self.decoder.logits(drop_tokens(h_BxLxD, self.image_position, n))
     return logits_BxPxV, cache, cache_mask_BxS
 
   def decode_step(self, token_B: Array, position_B: Array, cache: Cache, cache_mask_BxS: Array,
@@ -109,6 +101,17 @@ class UnifiedVLM(nn.Module):
     logits_Bx1xV, cache = self.decoder(x_Bx1xD, position_B[:, None], cache_mask_BxS[:, None, :],
                                        cache, slot)
     return logits_Bx1xV[:, 0], cache, cache_mask_BxS
+
+  def count_flops(self, t: Tally, sizes: Sizes, batch: int) -> None:
+    """Matmul FLOPs of the teacher-forced forward on `batch` examples (models/flop_count.py)."""
+    self.decoder.count_embed(t, "decoder", "x")
+    n = 0
+    if self.encoder is not None:
+      patches, e = counter(self.encoder)(t, "encoder", batch, sizes.image_size, "img")
+      n = counter(self.connector)(t, "connector", "img", batch, patches, e)
+      t.ew("x", ["x", "img"])
+    # The head runs on the text positions only (__call__).
+    self.decoder.count_flops(t, "decoder", "x", batch, sizes.text_len + n, sizes.text_len)
 
 
 # --- the families of this model: unified, fuyu (raw patches for an encoder), lm (no image) ---
