@@ -3,22 +3,15 @@ r"""Runs a stage recipe (configs/recipes.py) end to end: every stage trained, ch
   python -m mm_jax.recipe --config=configs/recipes.py:llava --workdir=workdirs/recipes/llava \
       [--pretrain_dir=workdirs/recipes/pretrain]
 
-Stage S trains in WORKDIR/S (pretraining stages in PRETRAIN_DIR/S; default WORKDIR/pretrain, give one dir
-to every recipe to train them once) by mm_jax.train.train, in this process: its config is the stage's
-base config + overrides, with init.parts pointing at the earlier stages' workdirs. Each stage's
-equivalent `python -m mm_jax.train ...` command is printed (a stage is one train run). A finished stage
-is not retrained (train resumes at total_steps and does nothing): the same command resumes a recipe.
-
-After each stage, two checks, which exit non-zero naming the stage and the first offending parameter:
-  (a) every parameter the stage's rules freeze is bitwise equal to its step-0 value, recomputed by
-      train.initial_params as train() built it (init.parts over the seeded init; the init is skipped
-      when init.parts load every frozen parameter);
-  (b) the optimizer state written in the stage's checkpoint (its saved tree, not restored onto a target,
-      which would only show what the target asks for) holds two arrays (Adam's mu, nu) of each trainable
-      parameter's shape, none of a frozen one, and scalar counters: 2 x trainable elements + counters.
-Then the test split eval (mm_jax.eval.evaluate; kept when <stage>/eval/test.json is of the final step).
-Prints a line per stage and writes WORKDIR/recipe.json: per stage its workdir, steps, params, checks,
-scores and train seconds. Every stage config is built and its rules checked before anything trains.
+Stage S trains in WORKDIR/S (pretraining stages in PRETRAIN_DIR/S, default WORKDIR/pretrain) by
+mm_jax.train.train, in this process: the stage's base config + overrides, with init.parts pointing at
+the earlier stages' workdirs; its equivalent `python -m mm_jax.train ...` command is printed. Every
+stage config is built and its rules checked before anything trains; the same command resumes.
+After each stage two checks, which exit non-zero naming the stage and the first offending parameter:
+every frozen parameter is bitwise its step-0 value (train.initial_params), and the checkpoint's
+optimizer state holds Adam's mu and nu of each trainable parameter and nothing of a frozen one
+(2 x trainable elements + counters). Then the test split eval. WORKDIR/recipe.json holds per stage
+its workdir, steps, params, checks, scores and train seconds.
 """
 import contextlib
 import fcntl

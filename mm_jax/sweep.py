@@ -6,20 +6,12 @@ r"""Runs a named sweep that a config file declares: every point trained and eval
   python -m mm_jax.sweep ... --print_commands [--launch_prefix='./launch_tpu.sh --name=pod --zone=Z --']
   python -m mm_jax.sweep ... --summarize
 
-A config declares sweeps with `get_sweeps()`: {name: points}, points a list or generator of dicts of
-dotted overrides ({"model.connector": "mlp", "optim.lr": 1e-3}). Point i of sweep S trains in
-WORKDIR/S/<i>_<overrides>, with the config + the --config.x=y flags given here (applied to every point)
-+ its overrides. Every point is checked (its overrides name fields of the right type, its model builds,
-its rules cover its params, its workdir holds no run of another config) before any point trains.
-
-Local (default): the points train one after another in this process (mm_jax.train.train), each then
-evaluated on --split (mm_jax.eval.evaluate; validation by default: a sweep chooses, the test split
-reports). A point with a final checkpoint and its eval json is kept, a half-trained one resumes: the same
-command again resumes the sweep. A failing point is recorded as failed with its error and the next one
-runs; the command exits 1 at the end naming the failed points. After every point WORKDIR/S/summary.csv
-and summary.md are rewritten: per point its overrides, status, steps, final train loss, eval scores and
-seconds. --print_commands prints, per point, the launch_tpu.sh train and eval commands (nothing runs,
-nothing is written); --summarize writes the summary from the workdirs (e.g. after those runs).
+`get_sweeps()` in the config file returns {name: points}, each point a dict of dotted overrides. Point
+i of sweep S trains in WORKDIR/S/<i>_<overrides> (mm_jax.train.train, in this process) and is then
+evaluated on --split; every point is checked before any trains. The same command resumes; a failing
+point is recorded and the command exits 1 at the end naming it. WORKDIR/S/summary.csv and summary.md
+are rewritten after every point. --print_commands prints the launch_tpu.sh train and eval commands
+per point and runs nothing; --summarize writes the summary from the workdirs.
 """
 import copy
 import csv

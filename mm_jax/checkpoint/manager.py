@@ -1,27 +1,17 @@
-"""Checkpoints in <workdir>/checkpoints through an orbax CheckpointManager.
+"""Checkpoints in <workdir>/checkpoints through an orbax CheckpointManager: Checkpoints(workdir, ...).
 
 Each step directory holds three items:
-  state  params, optimizer state and step (StandardSave: restored onto any mesh by target shardings)
+  state  params, optimizer state and step (restored onto any mesh by target shardings)
   data   the grain iterator state of every process, so a resumed run sees exactly the same batches
-  meta   json: the config that wrote it, the parameter signature (path -> dtype[shape]), which is
-         checked before restoring, so another architecture's checkpoint gives a clear error, and the
-         layer layout of each stack ({"decoder": "scanned", "encoder": "unrolled", ...}).
+  meta   json: the config that wrote it, the parameter signature (path -> dtype[shape]), checked before
+         restoring, and the layer layout of each stack ({"decoder": "scanned", "encoder": "unrolled"})
 
-Layer layouts (models/stack.py): an unrolled stack stores P/block_i/R, a scanned one P/blocks/R with a
-leading axis over i. Loading params by name (init.parts, eval) converts between the two; resuming a
-run needs the layout that wrote it.
-
-Integrity. orbax writes a step into <step>.orbax-checkpoint-tmp and renames it when every process has
-finished (commit_success.txt on stores without atomic rename), so a save killed midway never looks like
-a checkpoint; just before that commit, process 0 writes the step's manifest (mm_jax.integrity). A step
-whose files no longer match it (removed, truncated, altered after the commit) or whose manifest is
-missing is damaged: restore, meta and restore_params refuse it with a UserError naming the step and
-why; newest_good() finds the newest complete one. A directory where no step has a manifest (written
-before manifests existed) is trusted as orbax committed it.
-
-Retention (prune, after each save has committed): the newest `keep` permanent checkpoints, every one at
-a multiple of `keep_every`, and the newest temporary one while nothing newer exists. Nothing is deleted
-before a newer checkpoint has committed with its manifest.
+Loading params by name (init.parts, eval) converts between the layouts of models/stack.py; resuming a
+run needs the layout that wrote it. A step is good when its files match the manifest that process 0
+writes just before orbax commits it (mm_jax.integrity): restore, meta and restore_params refuse a
+damaged step with a UserError naming it and why; newest_good() finds the newest good one. prune()
+keeps the newest `keep` permanent checkpoints, every one at a multiple of `keep_every` and the newest
+temporary one; nothing is deleted before a newer checkpoint has committed with its manifest.
 """
 import json
 import os

@@ -6,14 +6,12 @@ Checked here: the type and range of every field the trainer and evaluator read (
 sizes, seed, optimizer numbers, model sizes, eval fields); the relations between fields (heads dividing
 widths, query heads a multiple of kv heads, RoPE's even head_dim, the image a whole number of patches,
 the text tower's position table against data.text_len); the freeze rules against the real parameter
-tree (a rule that takes no parameter, every parameter frozen); and data.text_len against what the
-split's elements need (the longest one), and model.image_position against the shortest text prefix.
+tree (a rule that takes no parameter, every parameter frozen); data.text_len against the split's
+longest element, and model.image_position against the shortest text prefix.
 
-Not repeated, only called where they already are (with their own messages): the registries (family,
-connector, dtypes, remat, optim.loss_norm / loss), the mesh against the device count and the batch
-against the data-parallel size (sharding), uncovered params and malformed rules / lr_scales (optim),
-init.parts against the model's shapes (parts.map_parts), the tokenizer's size against the
-vocabulary (models), the dataset's sizes and data_dir (data.shapes).
+Checked where they already are, not here: the registries, the mesh and the batch (sharding), the
+rules' coverage and lr_scales (optim), init.parts (parts.map_parts), the tokenizer's size (models),
+the dataset's sizes and data_dir (data.shapes).
 """
 import re
 

@@ -5,23 +5,13 @@ r"""Imports a Hugging Face checkpoint (safetensors + config.json) as an mm_jax w
   python -m mm_jax.train --config=OUT/config.py --workdir=NEW     # starts from the imported params
 
 Architectures (config.json's architectures[0]; hf_config.py says what each becomes): GemmaForCausalLM,
-LlamaForCausalLM, PaliGemmaForConditionalGeneration, LlavaForConditionalGeneration (SigLIP tower + Llama
-text), SiglipModel, SiglipVisionModel. SiglipVisionModel alone writes the encoder params (and its MAP
-head, named as in the siglip family) with a unified-family config whose init.parts reads only encoder/
-from OUT (decoder and connector start fresh): a starting point for training; eval on OUT alone is not
-meaningful.
-
-Writes OUT/checkpoints/0 (params only, placed with their shardings on the derived config's mesh over
-the current devices; saved uncompressed, see experiments/README.md), OUT/config.py (the derived config:
-configs/shapes_tiny.py's, or siglip_shapes.py's, with model.* and data.image_size from config.json,
-data.tokenizer = OUT/tokenizer.model, init.parts reading the params by name) and OUT/tokenizer.model
-(a copy of DIR's tokenizer.model or spiece.model).
-
-Nothing is written until everything is checked: the architecture and config fields, then every
-tensor's name and shape against the model built from the derived config, from the safetensors headers
-alone; an OUT that already holds a checkpoint is refused. Then tensors are streamed one at a time
-(read, transposed, cast, placed), largest first, so the host holds the params plus one tensor in
-flight: peak RSS 1.3x the checkpoint (experiments/convert_memory.py).
+LlamaForCausalLM, PaliGemmaForConditionalGeneration, LlavaForConditionalGeneration, SiglipModel and
+SiglipVisionModel (the encoder alone: a starting point for training, not a model to evaluate).
+Writes OUT/checkpoints/0 (params only), OUT/config.py (the derived config, with init.parts reading the
+params by name) and OUT/tokenizer.model (a copy of DIR's tokenizer.model or spiece.model).
+Nothing is written until every tensor's name and shape is checked against the model, from the
+safetensors headers alone; an OUT that already holds a checkpoint is refused. Then tensors are
+streamed one at a time, so the host holds the params plus one tensor in flight.
 """
 import os
 

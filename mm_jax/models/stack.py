@@ -2,21 +2,16 @@
 cross-attention blocks run their layers (config: model.encoder.* and model.decoder.* scan / remat /
 remat_names; the decoder's also apply to the cross blocks).
 
-  scan=False  modules block_0 .. block_{n-1}; XLA compiles every copy, so compile time grows with depth.
-  scan=True   one module `blocks` whose params carry a leading "layers" axis of length n, run by nn.scan:
-              one compiled body whatever the depth (MaxText's scan_layers). checkpoint.py converts a
-              checkpoint of one layout into the other by name (P/block_i/R <-> P/blocks/R[i]).
+  scan=False  modules block_0 .. block_{n-1}; XLA compiles every copy.
+  scan=True   one module `blocks` whose params carry a leading "layers" axis of length n, run by
+              nn.scan: one compiled body whatever the depth.
 
-Remat: what the backward pass keeps of each block's forward (the rest is recomputed):
-  none    everything (fastest, most memory)
-  full    only the block's input (jax.checkpoint without a policy)
-  dots    the outputs of the weight matmuls (dots without batch dimensions); norms, activations and
-          attention scores are recomputed
-  custom  only the tensors tagged with the names in remat_names (NAMES; e.g. ("attn_out",
-          "mlp_hidden") keeps the inputs of the two output projections)
-
-Param paths of the two layouts (checkpoints, optimizer reports and FLOP counts read them by name):
-split_scanned / split_unrolled take a path apart, unrolled_path / scanned_path put one together.
+Remat, what the backward pass keeps of each block's forward (the rest is recomputed): none
+(everything), full (only the block's input), dots (the outputs of the weight matmuls), custom (only
+the tensors tagged with the names in remat_names, NAMES).
+Param paths of the two layouts, P/block_i/R and P/blocks/R[i] (checkpoints convert between them, and
+optimizer reports and FLOP counts read them, by name): split_scanned / split_unrolled take a path
+apart, unrolled_path / scanned_path put one together.
 """
 import re
 

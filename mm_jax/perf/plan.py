@@ -1,41 +1,17 @@
 r"""Plans a config on a TPU topology from this (CPU) host: AOT-compiles the real train step for that
 topology and reports per-device memory against the chip's HBM, and the model FLOPs per step.
 
-  python -m mm_jax.plan --config=configs/paligemma_3b.py --topology=v5e-16
-  python -m mm_jax.plan --config=configs/llava_7b.py --topology=v6e-32 --json_out=plan.json
-  python -m mm_jax.plan --config=configs/llama32_vision_11b.py --topology=2xv5e-256 \
-      --config.global_batch_size=512   # 2 slices of 256 chips: the batch must split 512 ways
+  python -m mm_jax.plan --config=configs/llava_7b.py --topology=v6e-32 [--json_out=plan.json]
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \
       python -m mm_jax.plan --config=configs/shapes_tiny.py --topology=cpu-8   # host CPU devices
 
-TPU topologies need libtpu, an optional extra: pip install -e '.[tpu]' (in a venv of its own is fine;
-no TPU is needed, nor JAX_PLATFORMS). Names as Cloud TPU's accelerator types: v4-N and v5p-N count
-TensorCores (2 per chip: v5p-32 is 16 chips), v5e-N (alias v5litepod-N) and v6e-N count chips,
-tpu7x-N counts TensorCores (2 devices per chip); `KxNAME` is K slices of NAME joined by DCN
-(2xv5e-256). `cpu-N` compiles for N of this host's CPU devices (no HBM limit unless --hbm_gib): the
-same code path, for tests. An unknown name lists the known ones. libtpu prints ~5 harmless warning
-lines on stderr; two processes at once need ALLOW_MULTIPLE_LIBTPU_LOAD=1 (libtpu's lockfile).
-A compile takes 1-4 min on a 2-core CPU for the 3-11 B configs (configs/paligemma_3b.py ...).
-
-What it does: the mesh is sharding.make_mesh(config.mesh) over the topology's devices; the train step
-is ModelOnMesh.train_step_jit (the jit training runs: stated shardings, state donated), lowered with
-abstract inputs (ShapeDtypeStructs with shardings; the batch shaped as the task's example_batch
-of config.global_batch_size) and compiled by XLA:TPU. No data, no tokenizer: the vocabulary is
-model.decoder.vocab_size (or data.vocab_size when that is 0).
-
-Memory, bytes per device: parameters and optimizer state from the shardings (each leaf's shard size);
-temporaries, generated code, arguments, outputs and aliased from compiled.memory_analysis(); and
-  total = arguments + outputs - aliased + temporaries + generated code
-(arguments are params + optimizer state + batch; donation aliases the new state onto them, so only
-the loss is a new output). It fits when total <= the usable HBM per device (XLA's own limit: v5e
-15.75 GiB, v4 30.75, v6e 31.25; v5p 95 and tpu7x 96 = 192 per chip / 2, the published figures).
-The total is an upper bound: XLA's peak_memory_in_bytes, printed beside it, ran 10-33 % lower on the
-large configs; a plan whose total exceeds HBM while XLA's peak does not is called marginal. An
-out-of-HBM error at compile time (RESOURCE_EXHAUSTED ... hbm) is reported as not fitting, with the
-numbers read from the message. The numbers depend on the libtpu version (recorded in --json_out).
-
-FLOPs: mm_jax.flops.train_flops (matmuls, frozen parts by optim.rules), global and per device.
-Exit status: 0 fits, 2 does not fit (report printed, --json_out written), 1 bad input.
+TPU topologies need libtpu (pip install -e '.[tpu]'; no TPU needed). Names as Cloud TPU's accelerator
+types (v4-N, v5e-N, v5p-N, v6e-N, tpu7x-N), KxNAME for K slices joined by DCN (2xv5e-256), and cpu-N
+for this host's CPU devices; an unknown name lists the known ones. The step (ModelOnMesh.train_step_jit)
+is lowered with abstract inputs: no data, no tokenizer. Memory per device: params and optimizer state
+from the shardings, the rest from compiled.memory_analysis(); total = arguments + outputs - aliased +
+temporaries + generated code, an upper bound (XLA's peak is printed beside it). FLOPs: mm_jax.flops.
+Exit status: 0 fits, 2 does not fit (an out-of-HBM compile error included), 1 bad input.
 """
 import dataclasses
 import functools

@@ -9,15 +9,9 @@ again); damaged ones newer than it are moved to checkpoints/damaged/, each with 
 Writes <workdir>/checkpoints, <workdir>/metrics.jsonl and TensorBoard events in <workdir>/tensorboard:
 at every log step loss, lr, steps_per_sec, tokens_per_s and mfu (from the second log step; mm_jax.mfu).
 Every input is checked before anything is written; bad input exits with one line naming the fix.
-
-Reliability (mm_jax.checkpoint and mm_jax.integrity have the details):
-  - One trainer per workdir (<workdir>/.lock): a second one exits 1 naming the holder, writing nothing.
-  - SIGTERM: the current step finishes, a checkpoint is saved and the process exits 0 saying so; the same
-    command resumes. Several processes stop at one step: jax's preemption sync point.
-  - Checkpoints: permanent every checkpoint_every steps (the newest keep_checkpoints kept, and every one
-    at a multiple of keep_every), temporary after checkpoint_minutes without a save (only the newest
-    kept, until a newer checkpoint exists). A save that fails (e.g. a full disk) stops the run with one
-    line; the earlier checkpoints stay restorable.
+One trainer per workdir (<workdir>/.lock). On SIGTERM the current step finishes, a checkpoint is saved
+and the process exits 0; the same command resumes. A save that fails stops the run with one line.
+Checkpoint retention: mm_jax.checkpoint; the reliability table in README.md has the rest.
 """
 import contextlib
 import dataclasses

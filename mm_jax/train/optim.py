@@ -2,14 +2,13 @@
 
 `config.optim.rules` is an ordered list of (regex, "trainable" | "frozen"); a parameter's path
 ('decoder/block_0/attn/q/kernel') takes the label of the first regex that matches it in full, and every
-parameter must be matched. Frozen parameters go through optax.set_to_zero: they get no optimizer state,
-and XLA drops their backward pass. Gradient clipping sits inside the trainable branch, so the frozen
-gradients are never read (a global clip outside would keep the whole backward alive).
+parameter must be matched. Frozen parameters go through optax.set_to_zero (no optimizer state, and
+XLA drops their backward); clipping sits in the trainable branch, so frozen gradients are never read.
 
 `config.optim.lr_scales` (ordered (regex, factor), first full match wins, default factor 1) scales the
-learning rate of trainable parameters by group, e.g. (("encoder/.*", 0.1),) for a pretrained encoder
-fine-tuned more gently than the rest (PaliGemma; big_vision's lr_mults). The factor multiplies the
-AdamW update (weight decay included), after one global gradient clip over all trainable parameters.
+learning rate of trainable parameters by group, e.g. (("encoder/.*", 0.1),) for a pretrained encoder.
+The factor multiplies the AdamW update (weight decay included), after one global gradient clip over
+all trainable parameters.
 
 `config.optim.nonfinite` says what a step whose loss or trainable gradients hold a NaN or Inf does
 (NONFINITE); `param_groups` names the parameter groups such a step reports (mm_jax.state applies both).

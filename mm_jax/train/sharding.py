@@ -1,38 +1,17 @@
 r"""The device mesh, logical-to-mesh axis rules, multi-host setup, and the shardings every jit states.
 
 Params carry logical names (models/layers.py); `config.axis_rules` maps them to the mesh axes
-dcn x data x fsdp x tensor (outermost first); a name the rules do not list is replicated (flax's
-default; scanned layers' leading "layers" axis, e.g.). The batch is split over dcn x data x fsdp, in
-blocks of contiguous rows, one block per process (each process feeds its own rows, see to_global).
+dcn x data x fsdp x tensor (outermost first); a name the rules do not list, or a dim its mesh axis
+does not divide, is replicated. The batch is split over dcn x data x fsdp, one block of contiguous
+rows per process (to_global). A strategy is mesh settings only (sizes multiply to the device count,
+one may be -1): --config.mesh.data=-1 (data parallel, the default), --config.mesh.fsdp=-1
+--config.mesh.data=1 (FSDP), --config.mesh.tensor=T (tensor parallel), their combinations, and
+--config.mesh.dcn=S (data parallel across slices; on multi-slice TPUs a hybrid mesh).
 
-Strategies are mesh settings only (the rules stay as in configs/shapes_tiny.py); sizes multiply to
-the device count and one may be -1 (the devices left over):
-
-  strategy                 flags                                         params and optimizer state
-  data parallel (default)  --config.mesh.data=-1                         replicated
-  FSDP (ZeRO-3)            --config.mesh.fsdp=-1 --config.mesh.data=1    `embed` dims split over fsdp
-  tensor parallel          --config.mesh.tensor=T                        heads, kv_heads, mlp, vocab
-                                                                         dims split over tensor
-  FSDP + tensor            --config.mesh.fsdp=-1 --config.mesh.data=1 --config.mesh.tensor=T
-  data + FSDP + tensor     --config.mesh.data=D --config.mesh.fsdp=F --config.mesh.tensor=T
-  multi-slice (DCN)        --config.mesh.dcn=S with any of the above     as the strategy inside a slice
-
-Activations at block boundaries: act_batch over dcn x data x fsdp, act_heads / act_mlp / act_vocab over
-tensor, the rest (act_len, act_embed) replicated. A dim that a mesh axis does not divide (1 kv head on
-tensor=2) is replicated instead. dcn is data parallel across slices: gradients are all-reduced over the
-data-centre network once per step, everything else stays inside a slice. On TPU devices that span
-several slices the dcn axis is the slices (mesh.dcn left at 1 means "the slice count"), built with
-mesh_utils.create_hybrid_device_mesh; elsewhere (CPU, GPU, one slice) dcn is just the outermost axis.
-
-Multi-host: maybe_initialize_distributed() (every entry point calls it) reads the environment:
-  MM_JAX_DISTRIBUTED=1            jax.distributed.initialize() finds its peers (TPU pods, SLURM, ...)
-  MM_JAX_COORDINATOR=host:port    explicit coordinates, for other clusters or one machine (loopback):
-  MM_JAX_NUM_PROCESSES=N          all three together; process 0 serves the coordinator at host:port
-  MM_JAX_PROCESS_ID=i             (bound to host only when it is a loopback address)
-  MM_JAX_INIT_TIMEOUT=300         seconds to wait for every process to join
-Each process feeds rows [p*b, (p+1)*b) of every global batch (b = global_batch_size / processes;
-data/pipeline.py), so the batch axes must split over the processes (tensor inside a host):
-check_batch says which setting to change otherwise.
+Multi-host: maybe_initialize_distributed() (every entry point calls it) reads MM_JAX_DISTRIBUTED=1
+(jax.distributed.initialize() finds its peers), or MM_JAX_COORDINATOR=host:port with
+MM_JAX_NUM_PROCESSES=N and MM_JAX_PROCESS_ID=i (and MM_JAX_INIT_TIMEOUT). Each process feeds its own
+rows, so the batch axes must split over the processes; check_batch says which setting to change.
 """
 import math
 import os
