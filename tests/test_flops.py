@@ -124,3 +124,15 @@ def test_scanned_layers_count_as_unrolled(family):
     config, mm, labels = _setup(config, FROZEN_LLM)
     counts.append(flops.train_flops(config, mm.abstract_params, labels))
   assert counts[0] == counts[1]
+
+
+def test_a_model_without_count_flops_is_a_value_error(monkeypatch):
+  """Each model class counts itself (count_flops); one that does not: ValueError naming it (the trainer
+  logs a warning and runs without MFU)."""
+  config, mm, _ = _setup(load_config("test"))
+
+  class Uncounted:
+    pass
+  monkeypatch.setattr(flops, "build_model", lambda *args: Uncounted())
+  with pytest.raises(ValueError, match=r"no count for Uncounted \(it has no count_flops method\)"):
+    flops.forward_flops(config, mm.abstract_params)
