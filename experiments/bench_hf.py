@@ -37,7 +37,8 @@ from mm_jax.perf import flops  # pylint: disable=wrong-import-position
 from mm_jax.perf import mfu  # pylint: disable=wrong-import-position
 from mm_jax.train import optim  # pylint: disable=wrong-import-position
 from mm_jax.train import sharding  # pylint: disable=wrong-import-position
-from mm_jax.train.state import ModelOnMesh, loss_fn  # pylint: disable=wrong-import-position
+from mm_jax.tasks.vqa import loss_fn  # pylint: disable=wrong-import-position
+from mm_jax.train.state import ModelOnMesh  # pylint: disable=wrong-import-position
 from mm_jax.cli import keep_freed_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 keep_freed_memory()  # as mm_jax.train does on CPU: XLA's per-step temporaries are not faulted in anew

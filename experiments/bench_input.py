@@ -78,11 +78,12 @@ def profile(config, tokenizer, source, n: int = 1000) -> dict:
   clock("parse_us", features._example_parser_np.parse_example, raws)  # pylint: disable=protected-access
   records = clock("deserialize_us (parse + png decode)", features.deserialize_example_np, raws)
   clock("records_getitem_us (read + deserialize + check)", lambda i: source[int(i)], ids)
-  qas = [pipeline._qa(r, 0) for r in records]  # pylint: disable=protected-access
+  src = data.get(config.data.name)
+  qas = [src.texts(r, 0) for r in records]
   clock("tokenize_us", lambda qa: (pipeline._prefix(tokenizer, qa[0]), tokenizer.encode(qa[1])), qas)  # pylint: disable=protected-access
   clock("image_to_float_us", lambda r: pipeline._image(r["image"], config), records)  # pylint: disable=protected-access
   make = pipeline._TrainExample(config, tokenizer, source)  # pylint: disable=protected-access
-  clock("whole_element_us", lambda i: make(int(i) * pipeline.QA_PER_IMAGE), ids)
+  clock("whole_element_us", lambda i: make(int(i) * src.num_questions), ids)
   return out
 
 

@@ -25,7 +25,8 @@ import jax
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from mm_jax.train import optim
 from mm_jax.train import sharding
-from mm_jax.train.state import ModelOnMesh, example_batch
+from mm_jax.tasks import TASKS
+from mm_jax.train.state import ModelOnMesh
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs", "shapes_tiny.py")
 
@@ -53,7 +54,7 @@ def compile_seconds(depth: int, scan: bool, remat: str) -> float:
   state = mm.abstract_train_state(tx)
   batch = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.batch_sharding(mm.mesh)),
-      example_batch(config, config.global_batch_size))
+      TASKS[mm.model.task].example_batch(config, config.global_batch_size))
   jitted = mm.train_step_jit(tx)
   start = time.perf_counter()
   with mm.context():

@@ -20,7 +20,8 @@ sys.path.insert(0, str(REPO))
 
 from mm_jax.train import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mm_jax.train import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
-from mm_jax.train.state import ModelOnMesh, example_batch  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mm_jax.tasks import TASKS  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mm_jax.train.state import ModelOnMesh  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mm_jax.cli import keep_freed_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 keep_freed_memory()  # as mm_jax.train does on CPU: XLA's per-step temporaries are not faulted in anew
@@ -54,7 +55,7 @@ def step_timer(config):
   carry = {"state": mm.init_train_state(tx, 0)}
   step = mm.make_train_step(tx)
   batch = sharding.to_global(
-      {k: np.asarray(v) for k, v in example_batch(config, config.global_batch_size).items()}, mesh)
+      {k: np.asarray(v) for k, v in TASKS[mm.model.task].example_batch(config, config.global_batch_size).items()}, mesh)
 
   def timer(steps: int) -> float:
     start = time.perf_counter()

@@ -25,7 +25,7 @@ def test_layout_caption_eos_pad(test_config, tokenizer, train_source):
   assert batch["image"].shape == (b, s, s, 3) and batch["text"].shape == (b, t)
   assert batch["image"].dtype == np.float32 and batch["text"].dtype == np.int32
   assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
-  all_captions = set(captions.captions(train_source))
+  all_captions = set(captions.captions(test_config, train_source))
   for row in batch["text"]:
     n = int(np.argmax(row == tokenizer.eos_id)) + 1
     assert row[n - 1] == tokenizer.eos_id and (row[n:] == tokenizer.pad_id).all()
@@ -72,7 +72,7 @@ def test_eval_batches_pad_every_process_alike(test_config, tokenizer, train_sour
   seen = np.concatenate([b["index"] for share in shares for b in share])
   assert sorted(seen[seen >= 0].tolist()) == indices and (seen == -1).sum() == 16 - 11
   first = shares[0][0]
-  caption = captions.captions(train_source)[first["index"][0]]
+  caption = captions.captions(test_config, train_source)[first["index"][0]]
   assert tokenizer.decode(first["text"][0].tolist()) == caption
 
 

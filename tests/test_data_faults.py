@@ -21,10 +21,10 @@ from array_record.python import array_record_module
 from tensorflow_datasets.proto import tf_example_pb2
 
 from conftest import REPO
-from mm_jax.data import captions, pipeline, records
+from mm_jax.data import captions, pipeline, records, shapes
 from mm_jax.errors import UserError
 
-QA = pipeline.QA_PER_IMAGE
+QA = shapes.SOURCE.num_questions
 
 
 def _split_file(data_dir, split):
@@ -225,14 +225,14 @@ def test_eval_follows_the_policy(bad, tokenizer):
   with pytest.raises(records.BadRecord, match="^validation record 5 field 'image'"):
     list(pipeline.eval_batches(config, tokenizer, source, process_index=0, process_count=1))
   with pytest.raises(records.BadRecord, match="^validation record 5"):
-    captions.captions(source)
+    captions.captions(config, source)
   config = _skip(config)
   source = pipeline.open_source(config, "validation")
   ev = list(pipeline.eval_batches(config, tokenizer, source, process_index=0, process_count=1))
   skipped = np.concatenate([b["skipped"] for b in ev])
   assert np.flatnonzero(skipped).tolist() == [5 * QA + k for k in range(QA)]
   assert not np.concatenate([b["valid"] for b in ev])[skipped].any()
-  assert [i for i, c in enumerate(captions.captions(source)) if c is None] == [5]
+  assert [i for i, c in enumerate(captions.captions(config, source)) if c is None] == [5]
   cap = list(captions.eval_batches(config, tokenizer, source, list(range(16)), process_index=0,
                                    process_count=1))
   index = np.concatenate([b["index"] for b in cap])

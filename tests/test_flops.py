@@ -11,10 +11,10 @@ import jax
 import pytest
 from conftest import load_config
 
+from mm_jax import tasks
 from mm_jax.perf import flops
 from mm_jax.train import optim
 from mm_jax.train import sharding
-from mm_jax.train import state
 from mm_jax.train.state import ModelOnMesh
 
 ALL = ((".*", "trainable"),)
@@ -98,7 +98,8 @@ def _wide(family, connector="linear"):
 def test_train_flops_match_xla_cost_analysis(family, connector, rules):
   config, mm, labels = _setup(_wide(family, connector), rules, vocab=256)
   tx = optim.make_optimizer(config.optim, config.total_steps, labels)
-  batch = jax.eval_shape(functools.partial(state.example_batch, config, config.global_batch_size))
+  example_batch = tasks.TASKS[mm.model.task].example_batch
+  batch = jax.eval_shape(functools.partial(example_batch, config, config.global_batch_size))
   with mm.context():
     xla = mm.train_step_jit(tx).lower(mm.abstract_train_state(tx), batch).compile().cost_analysis()
   ours = flops.train_flops(config, mm.abstract_params, labels)["total"]
@@ -107,9 +108,10 @@ def test_train_flops_match_xla_cost_analysis(family, connector, rules):
 
 def test_forward_flops_match_xla_cost_analysis():
   config, mm, _ = _setup(_wide("unified"), vocab=256)
-  batch = jax.eval_shape(functools.partial(state.example_batch, config, config.global_batch_size))
+  example_batch = tasks.TASKS[mm.model.task].example_batch
+  batch = jax.eval_shape(functools.partial(example_batch, config, config.global_batch_size))
   with mm.context():
-    fwd = jax.jit(functools.partial(state.forward, mm.model)).lower(mm.abstract_params, batch)
+    fwd = jax.jit(functools.partial(tasks.forward, mm.model)).lower(mm.abstract_params, batch)
     xla = fwd.compile().cost_analysis()
   assert 1.0 <= xla["flops"] / flops.forward_flops(config, mm.abstract_params)["total"] <= 1.05
 

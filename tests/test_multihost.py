@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import REPO, make_run
+from mm_jax import data
 from mm_jax.train import sharding
 from mm_jax.checkpoint import Checkpoints
 from mm_jax.data import pipeline
@@ -42,7 +43,7 @@ def test_one_process_sequence_is_the_recorded_one(test_config, tokenizer, train_
   assert sorted(first.tolist()) == list(range(NUM)) and first.tolist() != list(range(NUM))
   # Real elements: the old pipeline's batches, array for array.
   make = pipeline._TrainExample(test_config, tokenizer, train_source)  # pylint: disable=protected-access
-  num = len(train_source) * pipeline.QA_PER_IMAGE
+  num = len(train_source) * data.get(test_config.data.name).num_questions
   old = grain.MapDataset.range(num)[0::1].shuffle(seed=test_config.seed).repeat(None).map(make)
   old = old.batch(8, drop_remainder=True)
   it = pipeline.train_iterator(test_config, tokenizer, train_source, process_index=0, process_count=1)

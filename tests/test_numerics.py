@@ -15,10 +15,10 @@ import pytest
 from conftest import make_run
 from mm_jax.train import optim
 from mm_jax.train import sharding
-from mm_jax.train import state as state_lib
 from mm_jax.train import loop as train
 from mm_jax.checkpoint import Checkpoints
 from mm_jax.data import pipeline
+from mm_jax.tasks import TASKS
 from mm_jax.errors import UserError
 
 POISONED = "decoder/block_1/up/kernel"
@@ -52,14 +52,14 @@ def test_bad_policy_fields_are_user_errors(test_config, field, value):
 def _poisonable(monkeypatch):
   """The vqa loss plus 0 * sqrt(0 * W) for W = POISONED where batch["poison"] is 1: the same loss, and
   a NaN gradient (0 * inf) in that one parameter only."""
-  task = state_lib.TASKS["vqa"]
+  task = TASKS["vqa"]
 
   def loss(model, params, batch, optim_cfg):
     batch = dict(batch)
     flag = jnp.max(batch.pop("poison"))
     w = functools.reduce(lambda t, k: t[k], POISONED.split("/"), params)
     return task.loss(model, params, batch, optim_cfg) + 0.0 * jnp.sum(jnp.sqrt(w * 0.0 + (1 - flag)))
-  monkeypatch.setitem(state_lib.TASKS, "vqa", dataclasses.replace(task, loss=loss))
+  monkeypatch.setitem(TASKS, "vqa", dataclasses.replace(task, loss=loss))
 
 
 class _Ckpt:
@@ -102,7 +102,7 @@ def test_stop_keeps_the_last_finite_state_and_names_the_group(test_config, token
   mm, tx = make_run(test_config, jax.devices()[:1], tokenizer.vocab_size)
   batches = _batches(test_config, tokenizer, train_source, 4)
   states, last = _run(mm, tx, mm.make_train_step(tx), batches, {3})
-  task = state_lib.TASKS[mm.model.task]
+  task = TASKS[mm.model.task]
 
   @jax.jit
   def unchecked(params, opt, batch):  # the step as it was before the check

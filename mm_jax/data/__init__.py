@@ -1,11 +1,32 @@
-"""Data: the generated `shapes` TFDS dataset, its SentencePiece tokenizer, and the grain pipelines."""
-from mm_jax.data import captions
-from mm_jax.data.pipeline import eval_batches, load_tokenizer, open_source, train_iterator
-from mm_jax.data.records import BadRecord, SkipMeter
-from mm_jax.data.shapes import QUESTION_KINDS
+"""Data: the sources (SOURCES, each a source.Source found by config.data.name), their SentencePiece
+tokenizers, and the grain pipelines over them (pipeline: question answering, captions: pairs).
 
-# model.task -> its training iterator (config, tokenizer, source, *, process_index, process_count).
-TRAIN_ITERATORS = {"vqa": train_iterator, "contrastive": captions.train_iterator}
+  src = data.get(config.data.name)                # unknown names: a UserError naming the known ones
+  tokenizer, split = data.prepare(config, "train")
+
+A new source: one module whose SOURCE is a source.Source, and its line in SOURCES.
+"""
+from mm_jax.data import shapes
+from mm_jax.data.source import Source
+from mm_jax.errors import UserError
+
+SOURCES = {"shapes": shapes.SOURCE}
+
+
+def get(name: str) -> Source:
+  """The source record of config.data.name."""
+  if name not in SOURCES:
+    raise UserError(f"data.name={name!r} is unknown; use one of {', '.join(SOURCES)} "
+                    "(--config.data.name=...)")
+  return SOURCES[name]
+
+
+# The pipelines look their source up with get(), so they are imported once it is defined.
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from mm_jax.data import captions  # isort: skip
+from mm_jax.data.pipeline import eval_batches, load_tokenizer, open_source, train_iterator  # isort: skip
+from mm_jax.data.records import BadRecord, SkipMeter  # isort: skip
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 
 def prepare(config, split: str):

@@ -1,4 +1,4 @@
-r"""(image, caption) pairs of the `shapes` dataset, for contrastive training and retrieval eval.
+r"""(image, caption) pairs of a source (data.get(data.name)), for contrastive training and retrieval eval.
 
   it = train_iterator(config, tok, source, process_index=..., process_count=...)  # as pipeline's
   for batch in eval_batches(config, tok, source, indices, process_index=..., process_count=...): ...
@@ -17,30 +17,32 @@ padding rows), and skipped bool [b].
 
 Bad records follow data.bad_records (records.py): under "skip" a bad train element is replaced by the
 next good one (batch["skipped"] int32 [b] flags it), an eval row of a bad record is a padding row
-(index -1, skipped True), and captions() gives None for a bad record.
+(index -1, skipped True), and captions(config, source) gives None for a bad record.
 """
 import math
 
 import numpy as np
 
+from mm_jax.data import get
 from mm_jax.data import pipeline
 from mm_jax.data import records as records_lib
 from mm_jax.data.pipeline import _image, _local_batch_size, _padded
 
 
-def captions(source) -> list[str | None]:
+def captions(config, source) -> list[str | None]:
   """The caption of every record of the split, in order (None: a bad record, under skip)."""
-  out = []
+  src, out = get(config.data.name), []
   for i in range(len(source)):
     record = source.get(i)  # the source's policy: records.Records
-    out.append(None if record is None else record["caption"].decode())
+    out.append(None if record is None else src.caption(record))
   return out
 
 
-def caption_tokens(tokenizer, caption: str, text_len: int, record: int, source) -> np.ndarray:
+def caption_tokens(tokenizer, caption: str, text_len: int, record: int, source,
+                   field: str = "caption") -> np.ndarray:
   ids = tokenizer.encode(caption) + [tokenizer.eos_id]
   if len(ids) > text_len:
-    raise source.bad(record, "caption", f"({caption!r}) needs {len(ids)} tokens with eos but "
+    raise source.bad(record, field, f"({caption!r}) needs {len(ids)} tokens with eos but "
                      f"--config.data.text_len is {text_len}", f"set it to at least {len(ids)}")
   return _padded(ids, text_len)
 
@@ -50,12 +52,14 @@ class _Pair:
 
   def __init__(self, config, tokenizer, source):
     self._config, self._tokenizer, self._source = config, tokenizer, source
+    self._src = get(config.data.name)
 
   def __call__(self, j: int) -> dict[str, np.ndarray]:
     record = self._source[int(j)]
     return dict(image=_image(record["image"], self._config),
-                text=caption_tokens(self._tokenizer, record["caption"].decode(),
-                                    self._config.data.text_len, int(j), self._source))
+                text=caption_tokens(self._tokenizer, self._src.caption(record),
+                                    self._config.data.text_len, int(j), self._source,
+                                    self._src.field(self._src.caption_element)))
 
 
 def train_iterator(config, tokenizer, source, *, process_index: int, process_count: int):

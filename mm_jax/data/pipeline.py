@@ -1,6 +1,7 @@
 r"""Input pipelines: (image, question, answer) -> batches of numpy arrays for the trainer and the evaluator.
 
-  source = open_source(config, "train")     # Random-access source of a split; builds the data on first use.
+  source = open_source(config, "train")     # Random-access source of a split of data.get(data.name);
+                                            # builds the data on first use.
   tok = load_tokenizer(config)              # The tokenizer shipped with the data; tok.vocab_size is real.
   it = train_iterator(config, tok, source, process_index=jax.process_index(),
                       process_count=jax.process_count())
@@ -8,10 +9,10 @@ r"""Input pipelines: (image, question, answer) -> batches of numpy arrays for th
                                             # IteratorSave(it) / IteratorRestore(it) (grain's format).
   for batch in eval_batches(config, tok, source_val, process_index=..., process_count=...): ...
 
-Every element is one (image, QA pair): element j of the split's index space is QA pair j % 4 of record
-j // 4, so one epoch shows each pair exactly once. With data.caption_ratio > 0, round(ratio * images)
-captioning elements follow (images spread evenly): prefix "what is there?", suffix the image's caption
-(PaliGemma-style task mixing: the caption names every shape's colour, kind and place, a dense
+Every element is one (image, QA pair) of the source's records (source.Source.element: with shapes,
+element j is QA pair j % 4 of record j // 4), so one epoch shows each pair exactly once. With
+data.caption_ratio > 0, round(ratio * images) captioning elements follow (images spread evenly): prefix
+the source's caption prompt ("what is there?"), suffix the image's caption (PaliGemma-style task mixing: the caption names every shape's colour, kind and place, a dense
 grounding signal beside one-word answers; the ratio keeps its many tokens from swamping the answers
 in the token-mean loss). Train: the index space is shuffled with `config.seed` and reshuffled every
 epoch, then cut into global batches of global_batch_size; process p of P takes rows [p*b, (p+1)*b) of
@@ -28,7 +29,7 @@ too: a checkpoint written by P processes resumes with any other count (IteratorR
 
 Eval yields the prefix only: image, text ([bos] question | pad), mask_input, prefix_len int32 [b],
 valid bool [b] (False on the rows padding the last batch), and python lists question, answer, kind
-(QUESTION_KINDS name) of length b ('' on padding rows), and skipped bool [b]. Padding rows carry the
+(the source's kinds) of length b ('' on padding rows), and skipped bool [b]. Padding rows carry the
 prefix [bos] alone (prefix_len 1), so no row is empty.
 
 Bad records (undecodable, missing fields, text longer than data.text_len): data.bad_records, see
@@ -48,22 +49,20 @@ import numpy as np
 import orbax.checkpoint as ocp
 from PIL import Image
 
+from mm_jax.data import get
 from mm_jax.data import records as records_lib
-from mm_jax.data import shapes
 from mm_jax.data import tokenizer as tokenizer_lib
 from mm_jax.errors import UserError
-
-QA_PER_IMAGE = len(shapes.QUESTION_KINDS)
-CAPTION_PROMPT = "what is there?"
 
 
 def open_source(config, split: str) -> records_lib.Records:
   """Returns the random-access source of `split` ('train', 'validation', 'test'), built on first use;
   its items are checked records (a bad one raises records.BadRecord)."""
-  if split not in shapes.SPLITS:
-    raise UserError(f"unknown split {split!r}; use one of {', '.join(shapes.SPLITS)}")
+  src = get(config.data.name)
+  if split not in src.splits:
+    raise UserError(f"unknown split {split!r}; use one of {', '.join(src.splits)}")
   policy = records_lib.policy(config.data)
-  return records_lib.Records(shapes.build(config.data).as_data_source()[split], policy)
+  return records_lib.Records(src.open(config.data, split), policy)
 
 
 def load_tokenizer(config) -> tokenizer_lib.Tokenizer:
@@ -74,13 +73,13 @@ def load_tokenizer(config) -> tokenizer_lib.Tokenizer:
       raise UserError(f"data.tokenizer {path!r} does not exist; give a SentencePiece .model file or "
                       "'' for the dataset's own tokenizer")
     return tokenizer_lib.Tokenizer.load(path)
-  return tokenizer_lib.Tokenizer.load(shapes.tokenizer_path(shapes.build(config.data)))
+  return tokenizer_lib.Tokenizer.load(get(config.data.name).tokenizer(config.data))
 
 
 def train_iterator(config, tokenizer: tokenizer_lib.Tokenizer, source, *, process_index: int,
                    process_count: int) -> grain.DatasetIterator:
   """Returns an endless, checkpointable iterator over this process's training batches."""
-  num = len(source) * QA_PER_IMAGE + _num_captions(config, len(source))
+  num = get(config.data.name).num_elements(config.data, len(source))
   return shuffled_batches(config, num, _TrainExample(config, tokenizer, source),
                           process_index=process_index, process_count=process_count)
 
@@ -150,24 +149,25 @@ def eval_batches(config, tokenizer: tokenizer_lib.Tokenizer, source, *, process_
   Every process yields the same number of batches (the last ones padded), so collectives stay in step.
   """
   batch_size = _local_batch_size(config.eval.batch_size, process_count, "eval.batch_size")
-  num_pairs = len(source) * QA_PER_IMAGE
+  src = get(config.data.name)
+  num_pairs = src.num_elements(config.data, len(source), train=False)
   num_batches = math.ceil(num_pairs / (batch_size * process_count))
   mine = list(range(process_index, num_pairs, process_count))
   mine += [None] * (num_batches * batch_size - len(mine))
   text_len, size = config.data.text_len, config.data.image_size
   skip = records_lib.policy(config.data) == "skip"
-  cached = (None, None)  # (record index, record or its BadRecord): the 4 pairs of an image read once
+  cached = (None, None)  # (record index, record or its BadRecord): the pairs of an image read once
   for start in range(0, len(mine), batch_size):
     rows = []
     for j in mine[start:start + batch_size]:
       if j is None:
         rows.append(_eval_padding_row(tokenizer, text_len, size))
         continue
-      r, k = divmod(j, QA_PER_IMAGE)
+      r, k = src.element(config.data, len(source), j)
       if cached[0] != r:
         cached = (r, _read(source, r))
       try:
-        rows.append(_eval_row(config, tokenizer, source, r, k, cached[1]))
+        rows.append(_eval_row(config, src, tokenizer, source, r, k, cached[1]))
       except records_lib.BadRecord as e:
         if not skip:
           raise
@@ -183,46 +183,35 @@ def _read(source, r: int):
     return e
 
 
-def _eval_row(config, tokenizer, source, r: int, k: int, record) -> dict:
+def _eval_row(config, src, tokenizer, source, r: int, k: int, record) -> dict:
   if isinstance(record, records_lib.BadRecord):
     raise record
-  question, answer = _qa(record, k)
+  question, answer = src.texts(record, k)
   prefix = _prefix(tokenizer, question)
   text_len = config.data.text_len
   if len(prefix) > text_len:
-    raise _too_long(source, r, k, question, len(prefix), text_len)
+    raise _too_long(src, source, r, k, question, len(prefix), text_len)
   return dict(image=_image(record["image"], config), text=_padded(prefix, text_len),
               mask_input=_mask(len(prefix), text_len), prefix_len=len(prefix), valid=True,
-              question=question, answer=answer, kind=shapes.QUESTION_KINDS[k], skipped=False)
-
-
-def _num_captions(config, num_images: int) -> int:
-  """Captioning elements per epoch: data.caption_ratio per image (0 turns the task off)."""
-  return round(config.data.caption_ratio * num_images)
+              question=question, answer=answer, kind=src.kinds[k], skipped=False)
 
 
 class _TrainExample:
-  """Pair index -> one unbatched training element."""
+  """Element index -> one unbatched training element (a question or, after them, a caption)."""
 
   def __init__(self, config, tokenizer, source):
     self._config, self._tokenizer, self._source = config, tokenizer, source
+    self._src = get(config.data.name)
 
   def __call__(self, j: int) -> dict[str, np.ndarray]:
-    num_images, j = len(self._source), int(j)
-    if j < num_images * QA_PER_IMAGE:
-      r, k = divmod(j, QA_PER_IMAGE)
-      record = self._source[r]
-      question, answer = _qa(record, k)
-    else:  # Captioning: images spread evenly over the split; the caption names every shape.
-      c = j - num_images * QA_PER_IMAGE
-      r, k = c * num_images // _num_captions(self._config, num_images), QA_PER_IMAGE
-      record = self._source[r]
-      question, answer = CAPTION_PROMPT, record["caption"].decode()
+    r, k = self._src.element(self._config.data, len(self._source), int(j))
+    record = self._source[r]
+    question, answer = self._src.texts(record, k)
     prefix = _prefix(self._tokenizer, question)
     suffix = self._tokenizer.encode(answer) + [self._tokenizer.eos_id]
     n, text_len = len(prefix) + len(suffix), self._config.data.text_len
     if n > text_len:
-      raise _too_long(self._source, r, k, question, n, text_len, answer)
+      raise _too_long(self._src, self._source, r, k, question, n, text_len, answer)
     is_prefix = np.arange(text_len) < len(prefix)
     is_real = np.arange(text_len) < n
     return dict(
@@ -240,19 +229,14 @@ def _local_batch_size(global_size: int, process_count: int, field: str) -> int:
   return global_size // process_count
 
 
-def _qa(record, k: int) -> tuple[str, str]:
-  return record["questions"][k].decode(), record["answers"][k].decode()
-
-
 def _prefix(tokenizer, question: str) -> list[int]:
   return [tokenizer.bos_id] + tokenizer.encode(question)
 
 
-def _too_long(source, r: int, k: int, question: str, n: int, text_len: int,
+def _too_long(src, source, r: int, k: int, question: str, n: int, text_len: int,
               answer: str | None = None) -> records_lib.BadRecord:
-  field = "caption" if k == QA_PER_IMAGE else f"questions[{k}]"
   what = f"{question!r}" + ("" if answer is None else f" with its answer {answer!r}")
-  return source.bad(r, field, f"({what}) needs {n} tokens but --config.data.text_len is {text_len}",
+  return source.bad(r, src.field(k), f"({what}) needs {n} tokens but --config.data.text_len is {text_len}",
                     f"set it to at least {n}")
 
 

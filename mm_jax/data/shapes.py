@@ -18,7 +18,7 @@ occur in an earlier scene or split is redrawn with the next `attempt`, so splits
 
 `build(data_cfg)` builds the TFDS dataset (array_record, no TensorFlow needed) under `data_cfg.data_dir`
 on first use, then trains the SentencePiece tokenizer on the train split's text and stores it as
-`<builder.data_dir>/tokenizer.model`.
+`<builder.data_dir>/tokenizer.model`. SOURCE is its data.SOURCES record (data/source.py).
 """
 import collections
 import dataclasses
@@ -37,6 +37,7 @@ import tensorflow_datasets as tfds
 
 from mm_jax.data import records
 from mm_jax.data import tokenizer as tokenizer_lib
+from mm_jax.data.source import Source
 from mm_jax.errors import UserError
 
 IMAGE_SIZE = 64
@@ -47,6 +48,7 @@ COLORS = {  # Well apart in hue, all far from the light background.
 REGIONS = ("top left", "top right", "bottom left", "bottom right")  # Quadrants, row-major.
 QUESTION_KINDS = ("color", "shape", "count", "presence")
 SPLITS = ("train", "validation", "test")
+CAPTION_PROMPT = "what is there?"  # the question of a record's caption element
 TOKENIZER_FILE = "tokenizer.model"
 _QUADRANT = IMAGE_SIZE // 2
 _MIN_SIZE, _MAX_SIZE = 16, 24
@@ -281,6 +283,21 @@ def tokenizer_path(builder: Shapes) -> str:
   return os.path.join(builder.data_dir, TOKENIZER_FILE)
 
 
+def _open(data_cfg, split: str, text_only: bool = False):
+  """The TFDS random-access source of `split`, built on first use; text_only: images left undecoded."""
+  builder = build(data_cfg)
+  if text_only:
+    return builder.as_data_source(decoders={"image": tfds.decode.SkipDecoding()})[split]
+  return builder.as_data_source()[split]
+
+
+def _element_texts(record, k: int) -> tuple[str, str]:
+  """(question, answer) of element k of a record: question k, or the caption prompt and caption."""
+  if k == len(QUESTION_KINDS):
+    return CAPTION_PROMPT, record["caption"].decode()
+  return record["questions"][k].decode(), record["answers"][k].decode()
+
+
 def _texts(source: records.Records):
   for i in range(len(source)):
     record = source.get(i)  # None: a bad record under data.bad_records=skip
@@ -300,3 +317,10 @@ def _check_writable(data_dir: str) -> None:
     reason = " ".join((e.strerror or str(e)).split())  # One line.
     raise UserError(f"data_dir {data_dir!r} is not writable ({reason}); "
                     "set --config.data.data_dir to a writable directory") from None
+
+
+SOURCE = Source(
+    splits=SPLITS, open=_open, tokenizer=lambda data_cfg: tokenizer_path(build(data_cfg)),
+    kinds=QUESTION_KINDS, texts=_element_texts,
+    field=lambda k: "caption" if k == len(QUESTION_KINDS) else f"questions[{k}]",
+    caption=lambda record: record["caption"].decode())

@@ -17,7 +17,7 @@ import ml_collections as mlc
 from absl import logging
 
 from mm_jax.perf import flops as flops_lib
-from mm_jax.train.state import example_batch
+from mm_jax.tasks import TASKS
 
 # Dense (no sparsity) peak FLOP/s per jax device, by device_kind prefix (the longest matching prefix
 # wins: "TPU v5 lite" before "TPU v5") and compute dtype. Sources: the Cloud TPU system-architecture
@@ -85,19 +85,15 @@ def peak_flops_per_device(device: jax.Device, dtype: str, *, override: float = 0
 
 
 def tokens_per_step(config: mlc.ConfigDict, model) -> int:
-  """Tokens one train step processes: global_batch_size x the tokens of one example's sequence.
+  """Tokens one train step processes: global_batch_size x the tokens of one example's sequence(s), as
+  its task counts them (Task.tokens_per_example).
 
-  Counted per example: the decoder's sequence, i.e. data.text_len text tokens (padded, as computed)
-  plus the image tokens that sit in it (model.num_image_tokens: unified and fuyu all of them, hybrid
-  the thumbnail's, cross and lm none: their images reach the decoder only by cross-attention). SigLIP
-  has no decoder: both towers' sequences, the encoder's patches plus the text tower's text_len.
+  A decoder's sequence is data.text_len text tokens (padded, as computed) plus the image tokens that sit
+  in it (model.num_image_tokens: unified and fuyu all of them, hybrid the thumbnail's, cross and lm
+  none: their images reach the decoder only by cross-attention). SigLIP has no decoder: both towers'
+  sequences, the encoder's patches plus the text tower's text_len.
   """
-  image_shape = example_batch(config)["image"].shape
-  if model.task == "contrastive":
-    per_example = model.encoder.num_patches(image_shape) + config.data.text_len
-  else:
-    per_example = model.num_image_tokens(image_shape) + config.data.text_len
-  return int(per_example * config.global_batch_size)
+  return int(TASKS[model.task].tokens_per_example(config, model) * config.global_batch_size)
 
 
 class Throughput:

@@ -1,4 +1,5 @@
-"""The model on a mesh: abstract params and their shardings, sharded init, the loss and the train step.
+"""The model on a mesh: abstract params and their shardings, sharded init, and the train step of its
+task's loss (mm_jax.tasks.TASKS[model.task]).
 
 Nothing here materialises an unsharded array: params are born sharded (jit of init with out_shardings),
 the optimizer state takes the params' shardings, and the train step is one jit that states its in/out
@@ -12,7 +13,6 @@ where it reads anyway (log and checkpoint steps): check_numerics stops the run b
 import contextlib
 import dataclasses
 import functools
-from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -21,77 +21,11 @@ import ml_collections as mlc
 import optax
 from jax.sharding import Mesh
 
-from mm_jax.tasks import contrastive
+from mm_jax.tasks import TASKS
 from mm_jax.train import optim
 from mm_jax.train import sharding
 from mm_jax.errors import UserError
 from mm_jax.models import build_model
-
-
-def example_batch(config: mlc.ConfigDict, batch: int = 1, task: str = "vqa") -> dict:
-  """Zeros shaped like a training batch of `task` (the model's `task` attribute)."""
-  s, t = config.data.image_size, config.data.text_len
-  out = {"image": jnp.zeros((batch, s, s, 3), jnp.float32), "text": jnp.zeros((batch, t), jnp.int32)}
-  if task == "vqa":
-    out.update(mask_ar=jnp.zeros((batch, t), jnp.int32), mask_input=jnp.ones((batch, t), jnp.int32),
-               mask_loss=jnp.zeros((batch, t), jnp.int32))
-  return out
-
-
-def forward(model: nn.Module, params, batch: dict) -> jax.Array:
-  return model.apply({"params": params}, *(batch[k] for k in TASKS[model.task].inputs))
-
-
-def loss_fn(model: nn.Module, params, batch: dict, norm: str = "example") -> jax.Array:
-  """Next-token cross-entropy on the loss-masked (suffix) tokens.
-
-  norm="example": the mean over each example's suffix tokens, then over examples (big_vision's
-  PaliGemma trainer): a one-word answer weighs as much as a 20-token caption. norm="token": the mean
-  over all suffix tokens of the batch (HF transformers), where long targets dominate.
-  """
-  logits_BxTxV = forward(model, params, batch)[:, :-1].astype(jnp.float32)
-  weights_BxT = batch["mask_loss"][:, 1:].astype(jnp.float32)
-  ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["text"][:, 1:])
-  if norm == "token":
-    return jnp.sum(ce_BxT * weights_BxT) / jnp.maximum(jnp.sum(weights_BxT), 1.0)
-  per_example_B = jnp.sum(ce_BxT * weights_BxT, axis=1) / jnp.maximum(jnp.sum(weights_BxT, axis=1), 1.0)
-  return jnp.mean(per_example_B)
-
-
-LOSS_NORMS = ("example", "token")
-
-
-def _vqa_loss(model: nn.Module, params, batch: dict, optim_cfg: mlc.ConfigDict) -> jax.Array:
-  return loss_fn(model, params, batch, norm=optim_cfg.loss_norm)
-
-
-def _contrastive_loss(model: nn.Module, params, batch: dict, optim_cfg: mlc.ConfigDict) -> jax.Array:
-  """contrastive.LOSSES[optim.loss] over the TxI logits of the whole (global) batch."""
-  return contrastive.LOSSES[optim_cfg.loss](forward(model, params, batch))
-
-
-def _choice(field: str, known) -> Callable[[mlc.ConfigDict], None]:
-  def check(config):
-    value = config.optim.get(field)
-    if value not in known:
-      raise UserError(f"optim.{field}={value!r} is unknown; use one of {tuple(known)} "
-                      f"(--config.optim.{field}=...)")
-  return check
-
-
-@dataclasses.dataclass(frozen=True)
-class Task:
-  """What the trainer needs of a model's task (`model.task`): the batch keys its __call__ takes, its
-  loss (model, params, batch, optim_cfg) and a check of the config's loss fields."""
-  inputs: tuple[str, ...]
-  loss: Callable
-  check: Callable[[mlc.ConfigDict], None]
-
-
-TASKS = {
-    "vqa": Task(("image", "text", "mask_ar", "mask_input"), _vqa_loss, _choice("loss_norm", LOSS_NORMS)),
-    "contrastive": Task(("image", "text"), _contrastive_loss, _choice("loss", contrastive.LOSSES)),
-}
 
 
 @contextlib.contextmanager
@@ -125,8 +59,9 @@ class ModelOnMesh:
 
   @staticmethod
   def _init_boxed(model, config, rng):
-    b = example_batch(config, task=model.task)
-    return model.init(rng, *(b[k] for k in TASKS[model.task].inputs))["params"]
+    task = TASKS[model.task]
+    b = task.example_batch(config)
+    return model.init(rng, *(b[k] for k in task.inputs))["params"]
 
   def context(self):
     """The mesh and the logical axis rules, for tracing anything that calls the model."""
