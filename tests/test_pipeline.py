@@ -1,5 +1,6 @@
 """grain train pipeline and eval batches: layout, determinism, sharding, resumption, coverage."""
 import copy
+import dataclasses
 
 import chex
 import grain
@@ -8,7 +9,9 @@ import orbax.checkpoint as ocp
 from PIL import Image
 import pytest
 
-from mm_jax.data import pipeline
+from mm_jax import data
+from mm_jax.config import validate
+from mm_jax.data import pipeline, shapes
 from mm_jax.errors import UserError
 
 PAIRS = 64 * 4  # Test config: 64 train images x 4 questions.
@@ -196,3 +199,35 @@ def test_full_size_images_are_not_resized(test_config, tokenizer, train_source):
   for image in batch["image"]:
     restored = np.round((image + 1) * 127.5).astype(np.uint8)
     assert restored.tobytes() in images
+
+
+def test_unknown_data_name_is_one_line_naming_the_known_ones(test_config):
+  config = copy.deepcopy(test_config)
+  config.data.name = "coco"
+  msg = "data.name='coco' is unknown; use one of shapes (--config.data.name=...)"
+  for call in (lambda: data.get("coco"), lambda: pipeline.open_source(config, "train")):
+    with pytest.raises(UserError) as e:
+      call()
+    assert str(e.value) == msg
+
+
+def test_a_new_source_is_one_record(test_config, tokenizer, train_source, monkeypatch):
+  """A source registered in data.SOURCES alone (here: shapes' colour questions and captions) is what
+  the train and eval pipelines and the validator's text_len check read."""
+  shapes_k = lambda k: 0 if k == 0 else shapes.SOURCE.caption_element
+  colors = dataclasses.replace(shapes.SOURCE, kinds=("color",),
+                               texts=lambda record, k: shapes.SOURCE.texts(record, shapes_k(k)),
+                               field=lambda k: shapes.SOURCE.field(shapes_k(k)))
+  monkeypatch.setitem(data.SOURCES, "colors", colors)
+  config = copy.deepcopy(test_config)
+  config.data.name, config.data.caption_ratio, config.data.text_len = "colors", 1.0, 26
+  it = pipeline.train_iterator(config, tokenizer, pipeline.open_source(config, "train"),
+                               process_index=0, process_count=1)
+  epoch = _train_keys(tokenizer, _take(it, 2 * 64 // config.global_batch_size))
+  questions = sorted(q for _, q, _ in epoch)
+  assert questions.count("what is there?") == 64 and all(q.startswith("what color") for q in questions[:64])
+  ev = list(pipeline.eval_batches(config, tokenizer, train_source, process_index=0, process_count=1))
+  assert sum(int(b["valid"].sum()) for b in ev) == 64
+  assert {k for b in ev for k, v in zip(b["kind"], b["valid"]) if v} == {"color"}
+  elements = list(validate._elements(config, tokenizer, "train", "vqa", True))  # pylint: disable=protected-access
+  assert len(elements) == 128 and sum(what == "its caption" for *_, what in elements) == 64

@@ -3,21 +3,15 @@ r"""(image, caption) pairs of a source (data.get(data.name)), for contrastive tr
   it = train_iterator(config, tok, source, process_index=..., process_count=...)  # as pipeline's
   for batch in eval_batches(config, tok, source, indices, process_index=..., process_count=...): ...
 
-Train: element j is record j of the split; the same shuffling (config.seed, reshuffled every epoch),
-global batches (process p makes rows [p*b, (p+1)*b) of each) and checkpointing as
-pipeline.train_iterator.
-Batches of b = global_batch_size // process_count:
+Train: element j is record j of the split, shuffled, batched over processes and checkpointed as
+pipeline.train_iterator's. Batches of b = global_batch_size // process_count:
 
   image  float32 [b, S, S, 3]  in [-1, 1]; S = data.image_size
   text   int32   [b, T]        caption tokens, eos, then pad (0) up to T = data.text_len (no bos)
 
-Eval yields the records `indices` once (this process's strided share), every process the same number
-of batches (the last padded): image, text as above, and index int32 [b], the record index (-1 on
-padding rows), and skipped bool [b].
-
-Bad records follow data.bad_records (records.py): under "skip" a bad train element is replaced by the
-next good one (batch["skipped"] int32 [b] flags it), an eval row of a bad record is a padding row
-(index -1, skipped True), and captions(config, source) gives None for a bad record.
+Eval: the records `indices` once, image and text as above, index int32 [b] (-1 on padding rows) and
+skipped bool [b]. Bad records (records.py): under "skip" a bad train element is replaced by the next
+good one (batch["skipped"]), a bad eval record is a padding row, and captions() gives it None.
 """
 import math
 

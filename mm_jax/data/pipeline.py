@@ -1,40 +1,17 @@
-r"""Input pipelines: (image, question, answer) -> batches of numpy arrays for the trainer and the evaluator.
+r"""Input pipelines: the (image, question, answer) elements of a source -> numpy batches for the trainer
+and the evaluator.
 
-  source = open_source(config, "train")     # Random-access source of a split of data.get(data.name);
-                                            # builds the data on first use.
-  tok = load_tokenizer(config)              # The tokenizer shipped with the data; tok.vocab_size is real.
+  source = open_source(config, "train")   # a split of data.get(data.name), built on first use
+  tok = load_tokenizer(config)            # the data's tokenizer (or data.tokenizer); vocab_size is real
   it = train_iterator(config, tok, source, process_index=jax.process_index(),
                       process_count=jax.process_count())
-  batch = next(it)                          # Forever; it.get_state() / it.set_state(state), or orbax
-                                            # IteratorSave(it) / IteratorRestore(it) (grain's format).
+  batch = next(it)   # forever; it.get_state() / set_state(), or orbax IteratorSave / IteratorRestore
   for batch in eval_batches(config, tok, source_val, process_index=..., process_count=...): ...
 
-Every element is one (image, QA pair) of the source's records (source.Source.element: with shapes,
-element j is QA pair j % 4 of record j // 4), so one epoch shows each pair exactly once. With
-data.caption_ratio > 0, round(ratio * images) captioning elements follow (images spread evenly): prefix
-the source's caption prompt ("what is there?"), suffix the image's caption (PaliGemma-style task mixing: the caption names every shape's colour, kind and place, a dense
-grounding signal beside one-word answers; the ratio keeps its many tokens from swamping the answers
-in the token-mean loss). Train: the index space is shuffled with `config.seed` and reshuffled every
-epoch, then cut into global batches of global_batch_size; process p of P takes rows [p*b, (p+1)*b) of
-each, b = global_batch_size // P, and decodes only those. So the global batch sequence is the same
-whatever the process count (the processes' batches, concatenated in order, are the 1-process batch;
-sharding.check_batch checks that the mesh places them so), and the iterator state (the global batch index) is
-too: a checkpoint written by P processes resumes with any other count (IteratorRestore). A batch:
-
-  image      float32 [b, S, S, 3]  in [-1, 1] (all zeros if data.blind); S = data.image_size
-  text       int32   [b, T]        [bos] question | answer [eos] | pad ...; T = data.text_len
-  mask_ar    int32   [b, T]        0 on the prefix (full attention), 1 on suffix and padding (causal)
-  mask_loss  int32   [b, T]        1 on the suffix (answer + eos) only
-  mask_input int32   [b, T]        1 on every real token, 0 on padding
-
-Eval yields the prefix only: image, text ([bos] question | pad), mask_input, prefix_len int32 [b],
-valid bool [b] (False on the rows padding the last batch), and python lists question, answer, kind
-(the source's kinds) of length b ('' on padding rows), and skipped bool [b]. Padding rows carry the
-prefix [bos] alone (prefix_len 1), so no row is empty.
-
-Bad records (undecodable, missing fields, text longer than data.text_len): data.bad_records, see
-records.py. Under "skip" train batches also carry skipped int32 [b] (1: the row replaced a bad
-element); eval rows of a bad element are padding rows (valid False) with skipped True.
+The elements are the source's (source.Source: its questions, then in training its captioning elements),
+shuffled with config.seed and reshuffled every epoch. The global batches, and the iterator state, are
+the same whatever the process count: each process makes its own block of rows. The batches' layouts:
+train_iterator and eval_batches. Bad records (data.bad_records): records.py.
 """
 import dataclasses
 import json
@@ -78,7 +55,16 @@ def load_tokenizer(config) -> tokenizer_lib.Tokenizer:
 
 def train_iterator(config, tokenizer: tokenizer_lib.Tokenizer, source, *, process_index: int,
                    process_count: int) -> grain.DatasetIterator:
-  """Returns an endless, checkpointable iterator over this process's training batches."""
+  """Returns an endless, checkpointable iterator over this process's training batches, of
+  b = global_batch_size // process_count rows:
+
+    image      float32 [b, S, S, 3]  in [-1, 1] (all zeros if data.blind); S = data.image_size
+    text       int32   [b, T]        [bos] question | answer [eos] | pad ...; T = data.text_len
+    mask_ar    int32   [b, T]        0 on the prefix (full attention), 1 on suffix and padding (causal)
+    mask_loss  int32   [b, T]        1 on the suffix (answer + eos) only
+    mask_input int32   [b, T]        1 on every real token, 0 on padding
+    skipped    int32   [b]           only under data.bad_records=skip: 1 where a bad element was replaced
+  """
   num = get(config.data.name).num_elements(config.data, len(source))
   return shuffled_batches(config, num, _TrainExample(config, tokenizer, source),
                           process_index=process_index, process_count=process_count)
@@ -87,8 +73,11 @@ def train_iterator(config, tokenizer: tokenizer_lib.Tokenizer, source, *, proces
 def shuffled_batches(config, num_elements: int, make_element, *, process_index: int,
                      process_count: int) -> grain.DatasetIterator:
   """Elements make_element(j), j in [0, num_elements): shuffled with config.seed and reshuffled every
-  epoch, in global batches of config.global_batch_size of which this process makes its own block of
-  rows; endless, deterministic and checkpointable (the state is the global batch index)."""
+  epoch, in global batches of config.global_batch_size of which process p of P makes rows
+  [p*b, (p+1)*b), b = global_batch_size // P; endless, deterministic and checkpointable. The processes'
+  batches, concatenated in order, are the 1-process batch (sharding.check_batch checks that the mesh
+  places them so), and the state is the global batch index: a checkpoint written by P processes
+  resumes with any other count (IteratorRestore)."""
   size = config.global_batch_size
   b = _local_batch_size(size, process_count, "global_batch_size")
   ids = grain.MapDataset.range(num_elements).shuffle(seed=config.seed).repeat(None)  # reseeded per epoch
@@ -147,6 +136,10 @@ def eval_batches(config, tokenizer: tokenizer_lib.Tokenizer, source, *, process_
   """Yields every (image, question) pair of the split once (this process's share), in a fixed order.
 
   Every process yields the same number of batches (the last ones padded), so collectives stay in step.
+  The prefix only: image, text ([bos] question | pad), mask_input, prefix_len int32 [b], valid bool [b]
+  (False on padding rows: [bos] alone, prefix_len 1, so no row is empty, and rows of a bad element
+  under data.bad_records=skip), skipped bool [b], and lists question, answer, kind (of the source's
+  kinds; '' on padding rows).
   """
   batch_size = _local_batch_size(config.eval.batch_size, process_count, "eval.batch_size")
   src = get(config.data.name)

@@ -4,21 +4,12 @@ r"""Data faults: records that cannot be used, and the policy for them (config.da
   make = guarded(make_element, num, policy)  # element maker that applies the policy
 
 A record is bad when its bytes cannot be read from the array_record file, it is not a tf.train.Example,
-a field does not decode (e.g. garbled PNG bytes), a field is missing, has the wrong shape, count or
-encoding, or its text needs more tokens than data.text_len (never truncated: a cut answer is a wrong
-target). BadRecord (a UserError) names the split, the record index (the index in the TFDS split, i.e.
-in its array_record file), the field, the reason and the fix.
-
-  fail  (default) the first bad record stops the run with that one line (exit 1); grain re-raises
-        it in the main thread unchanged, so cli.run prints it as it prints any UserError.
-  skip  training: a bad element j is replaced by the next good one, (j + 1) % num, (j + 2) % num, ...
-        A pure function of j, so batches keep their size and a resumed run reads bitwise the same
-        batches. Each row says whether it was replaced (batch["skipped"], int32 [b], only under
-        skip); over an epoch the replaced rows are exactly the bad elements. SkipMeter sums them
-        for the metrics. More than MAX_SEARCH bad elements in a row stop the run (the data is
-        unusable, not a few bad records). Eval: the rows of a bad element are left out of the
-        scores like padding rows (valid False / index -1) and flagged in batch["skipped"].
-        The first LOG_LIMIT bad records a process meets are logged as warnings.
+a field does not decode (e.g. garbled PNG bytes), is missing, has the wrong shape, count or encoding, or
+its text needs more tokens than data.text_len (never truncated: a cut answer is a wrong target).
+BadRecord (a UserError) names the split, the record index (in the TFDS split's array_record file), the
+field, the reason and the fix. "fail" (default): the first bad record stops the run with that one line
+(grain re-raises it in the main thread unchanged). "skip": see guarded (training) and the pipelines'
+eval batches; the first LOG_LIMIT bad records a process meets are logged as warnings.
 """
 import re
 import threading
@@ -170,8 +161,15 @@ def note_skipped(e: BadRecord) -> None:
 
 
 class guarded:  # pylint: disable=invalid-name
-  """make_element(j) under the policy: 'fail' as is; 'skip' replaces a bad element by the next good
-  one (mod num) and adds skipped (1 when replaced)."""
+  """make_element(j) under the policy: 'fail' as is; 'skip' replaces a bad element j by the next good
+  one, (j + 1) % num, (j + 2) % num, ..., and adds skipped (1 when replaced).
+
+  A pure function of j, so batches keep their size and a resumed run reads bitwise the same batches;
+  over an epoch the replaced rows are exactly the bad elements (SkipMeter sums them for the metrics).
+  More than MAX_SEARCH bad elements in a row stop the run: the data is unusable, not a few bad records.
+  Eval: the rows of a bad element are left out of the scores like padding rows (valid False / index
+  -1) and flagged in batch["skipped"].
+  """
 
   def __init__(self, make_element, num: int, bad_records: str):
     self._make, self._num, self._skip = make_element, num, bad_records == "skip"

@@ -1,24 +1,18 @@
 r"""The `shapes` dataset: coloured shapes on a plain background, with a caption and 4 questions each.
 
 Every image is 64x64 RGB with 1-4 shapes (circle, square, triangle; 6 colours), at most one per quadrant,
-so that a tiny ViT can learn it. Each image carries exactly 4 (question, answer) pairs, one per kind in
-`QUESTION_KINDS` order, with single-word answers balanced so that the text alone gives little:
+so that a tiny ViT can learn it. Each carries one (question, answer) per kind of QUESTION_KINDS, in that
+order, with single-word answers balanced so that the text alone gives little (about 1/3, test_shapes):
 
-  color     "what color is the circle?" -> "red"          6 colours; asks about a shape type that occurs
-            once, else "what color is the shape in the top left?"
+  color     "what color is the circle?" -> "red"          (or "... the shape in the top left?")
   shape     "what shape is in the top left?" -> "square"  3 shapes; an occupied quadrant
   count     "how many shapes|red shapes|squares are there?" -> "0".."4" (digits)
   presence  "is there a green triangle?" -> "yes" | "no"  50/50
 
-A text-only model can do little better than 1/3 overall (tests/test_shapes.py measures it).
-
-Everything is a pure function of `dataset_seed`: scene i of a split comes from
-`np.random.default_rng([seed, split_id, i, attempt])`, and a scene whose objects (with positions) already
-occur in an earlier scene or split is redrawn with the next `attempt`, so splits are disjoint.
-
-`build(data_cfg)` builds the TFDS dataset (array_record, no TensorFlow needed) under `data_cfg.data_dir`
-on first use, then trains the SentencePiece tokenizer on the train split's text and stores it as
-`<builder.data_dir>/tokenizer.model`. SOURCE is its data.SOURCES record (data/source.py).
+All of it is a pure function of `dataset_seed` (generate). build(data_cfg) builds the TFDS dataset
+(array_record, no TensorFlow needed) under data_cfg.data_dir on first use, then trains the SentencePiece
+tokenizer on the train split's text into <builder.data_dir>/tokenizer.model. SOURCE: its data.SOURCES
+record.
 """
 import collections
 import dataclasses
@@ -181,7 +175,12 @@ def _group_by_count(counts: dict[str, int]) -> dict[int, list[str]]:
 
 
 def generate(seed: int, sizes: dict[str, int]) -> dict[str, list[tuple[Scene, list[tuple[str, str]]]]]:
-  """Returns {split: [(scene, qa pairs)]} for the splits in `sizes`, no scene repeated across all of them."""
+  """Returns {split: [(scene, qa pairs)]} for the splits in `sizes`, no scene repeated across all of them.
+
+  Scene i of a split comes from np.random.default_rng([seed, split_id, i, attempt]), and a scene whose
+  objects (with positions) already occur in an earlier scene or split is redrawn with the next attempt,
+  so splits are disjoint.
+  """
   seen, out = set(), {}
   for split_id, split in enumerate(SPLITS):
     if split not in sizes:

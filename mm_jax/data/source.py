@@ -44,7 +44,11 @@ class Source:
     return len(self.kinds)
 
   def num_captions(self, data_cfg, num_records: int) -> int:
-    """Captioning elements per epoch: data.caption_ratio per record (0 turns them off)."""
+    """Captioning elements per epoch: data.caption_ratio per record (0 turns them off).
+
+    PaliGemma-style task mixing: a caption naming every object is a dense grounding signal beside
+    one-word answers; the ratio keeps its many tokens from swamping the answers in the token-mean loss.
+    """
     return round(data_cfg.caption_ratio * num_records)
 
   def num_elements(self, data_cfg, num_records: int, train: bool = True) -> int:
