@@ -8,9 +8,11 @@ no code repeats a default. Fields typed by their defaults: `--config.x=v` of ano
 Family-specific fields sit under model.family_options.<family>, connector ones under
 model.connector_options.<connector>; each section is checked against its module's fields.
 """
-import math
+import dataclasses
 
 import ml_collections as mlc
+
+from mm_jax import models
 
 
 def get_config(arg: str = "") -> mlc.ConfigDict:
@@ -86,15 +88,11 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
       patch_size=16, width=128, depth=3, num_heads=4, mlp_dim=512, norm_eps=1e-6, final_norm=True,
       scan=False, remat="none", remat_names=()))
   c.model.connector = "linear"       # models.CONNECTORS; `python -m mm_jax.models` lists them
-  # Options per connector, by name (the modules' defaults); only the chosen connector's section is used,
-  # every one is checked. linear (LLaVA-1.0, PaliGemma) and mlp (LLaVA-1.5) have none: a token a patch.
-  c.model.connector_options = mlc.ConfigDict(dict(
-      # Learned queries cross-attend to the patches: num_queries tokens whatever the resolution.
-      # mlp_dim 0: 4x the encoder width; num_heads must divide the encoder width.
-      resampler=mlc.ConfigDict(dict(num_queries=64, depth=2, num_heads=4, mlp_dim=0)),
-      # scale x scale neighbouring patches in one token (Idefics3); must divide the patch grid's side.
-      pixel_shuffle=mlc.ConfigDict(dict(scale=2)),
-  ))
+  # Options per connector, by name: every connector's fields but width and dtypes, at the module's
+  # defaults (`python -m mm_jax.models` lists them); only the chosen connector's section is used, every
+  # one is checked. E.g. --config.model.connector_options.resampler.num_queries=16.
+  c.model.connector_options = _sections({n: cls for n, cls in models.CONNECTORS.items()},
+                                        ("width", "dtype", "param_dtype"))
   c.model.decoder = mlc.ConfigDict(dict(  # decoder.Decoder; Llama-style: norm "llama", mlp_act "silu",
       vocab_size=0,                  #   embed_scale False, tie_embeddings False. 0: the tokenizer's size
       width=128, depth=3, num_heads=4, num_kv_heads=4, head_dim=32, mlp_dim=512,
@@ -102,19 +100,10 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
       rope_theta=10_000.0, rope_type="default", rope_factor=8.0, rope_low_freq_factor=1.0,
       rope_high_freq_factor=4.0, rope_original_max_len=8192,
       scan=False, remat="none", remat_names=()))  # also for the cross blocks of cross / hybrid
-  # Options per family, by name (models.FAMILIES); only the chosen family's sections are used.
-  c.model.family_options = mlc.ConfigDict(dict(
-      # cross (models/cross_attention.py), also read by hybrid: the image reaches the decoder only
-      # through gated cross-attention blocks (gates start at 0). 0: the decoder's value.
-      cross=mlc.ConfigDict(dict(
-          every=1,                   # a cross block before every N decoder blocks (Llama 3.2: ~4-5)
-          num_heads=0, num_kv_heads=0, head_dim=0,
-          mlp_dim=0,                 # the cross block's MLP width
-          last_image_only=True)),    # a token sees the last image (group) before it; False: all
-      hybrid=mlc.ConfigDict(dict(tiles=2)),  # a G x G grid of tiles; the thumbnail pooled by G
-      # The logit scale (log) and bias at init: the paper's for training from scratch (HF: 0, 0).
-      siglip=mlc.ConfigDict(dict(logit_scale_init=math.log(10.0), logit_bias_init=-10.0)),
-  ))
+  # Options per family, by name: each Family record's options dataclass at its defaults (cross, also
+  # read by hybrid: CrossOptions in models/cross_attention.py; hybrid: tiles; siglip: the logit scale and
+  # bias at init). E.g. --config.model.family_options.cross.every=4.
+  c.model.family_options = _sections({n: f.options for n, f in models.FAMILIES.items() if f.options})
   c.model.max_answer_len = 6         # greedy decoding budget in eval
 
   # Parts loaded from other checkpoints at step 0 (params only), by name: ordered
@@ -149,3 +138,14 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
   c.eval.batch_size = 256
   c.eval.num_samples = 20            # (question, answer, prediction) samples written to the json
   return c
+
+
+def _sections(classes: dict, exclude=()) -> mlc.ConfigDict:
+  """{name: {field: default}} of the registered classes' config-settable fields (those with options)."""
+  out = {}
+  for name, cls in sorted(classes.items()):
+    fields = {f.name: f.default for f in dataclasses.fields(cls)
+              if f.name not in ("parent", "name", *exclude) and f.default is not dataclasses.MISSING}
+    if fields:
+      out[name] = mlc.ConfigDict(fields)
+  return mlc.ConfigDict(out)

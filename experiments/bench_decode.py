@@ -1,4 +1,4 @@
-r"""Greedy decoding: the KV cache (mm_jax.decode.greedy_decode) against recomputing the full forward for
+r"""Greedy decoding: the KV cache (mm_jax.eval.decode.greedy_decode) against recomputing the full forward for
 every new token, and the cached per-token latency at a short and a long context.
 
   python experiments/bench_decode.py                   # configs/shapes_tiny.py's model, random params

@@ -6,7 +6,7 @@ on CPU, in one process, the two sides timed alternately (so both see the same lo
 
 Measures the train step (HF: zero_grad, forward with labels, backward, AdamW step; mm_jax: the
 product's jitted step, state donated) and the forward (the loss, no gradient), the f32 matmul peak
-(mm_jax.mfu, the best of n = 512, 1024, 2048), the analytic FLOPs of the mm_jax model (mm_jax.flops)
+(mm_jax.perf.mfu, the best of n = 512, 1024, 2048), the analytic FLOPs of the mm_jax model (mm_jax.perf.flops)
 and MFU = FLOPs / median step time / peak. Prints one JSON line per measurement and a summary:
   {"summary": ..., "train_ratio": mm_jax / HF (target <= 0.7), "forward_ratio": (<= 0.7),
    "train_mfu": (>= 0.55), "train_ratio_at_peak" / "forward_ratio_at_peak": the ratios at MFU 1 (the

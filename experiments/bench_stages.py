@@ -14,7 +14,7 @@ bytes) plus scalars (counts). One JSON line per measurement and per state, then 
 
 The summary also gives "round_ratio" (the median of each round's own ratio), "cpu_ratio" (process CPU
 time, less sensitive to other load) and the matmul FLOP ratio, both XLA's count of the compiled steps
-and mm_jax.flops' analytic one: the frozen encoder gets no backward at all (it is upstream of everything
+and mm_jax.perf.flops' analytic one: the frozen encoder gets no backward at all (it is upstream of everything
 trainable), but the frozen decoder needs its input gradients (the connector is below it), so the
 connector step does 0.60 of the full step's matmul FLOPs at both configs: the floor of the ratio.
 Expected on the shared 2-core CPU: shapes_tiny connector ~240 ms / full ~400 ms, ratio ~0.57-0.6;

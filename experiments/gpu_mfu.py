@@ -4,9 +4,9 @@ r"""Model-FLOP utilisation of a ~1B-parameter unified model (configs/bench_1b.py
   python3 experiments/gpu_mfu.py --runs=:32,dots:32,dots:64,no_remat:16
 
 Prints one JSON line per run (variant of configs/bench_1b.py : global batch): the median train-step time of 10 steps after 3 warm-ups,
-the analytic model FLOPs per step (mm_jax.flops.train_flops: 2 x multiply-adds of every matmul,
+the analytic model FLOPs per step (mm_jax.perf.flops.train_flops: 2 x multiply-adds of every matmul,
 attention included, remat not counted), and MFU against the chip's datasheet bf16 dense peak
-(mm_jax.mfu when it knows the chip, else H100 SXM's 989e12) and against a bf16 8192^3 matmul measured
+(mm_jax.perf.mfu when it knows the chip, else H100 SXM's 989e12) and against a bf16 8192^3 matmul measured
 in the same run. Without a GPU it prints one line saying so and exits 0.
 """
 import argparse

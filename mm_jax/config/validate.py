@@ -67,7 +67,7 @@ def _check_run(config) -> None:
   fields.number(config, "optim.b2", 0, 1, hi_open=True)
   fields.number(config, "optim.grad_clip", 0, lo_open=True)
   fields.number(config, "data.caption_ratio", 0)
-  fields.number(config, "mfu_peak_flops", 0)  # 0: automatic (mm_jax.mfu)
+  fields.number(config, "mfu_peak_flops", 0)  # 0: automatic (mm_jax.perf.mfu)
 
 
 def _check_data(config) -> None:

@@ -7,7 +7,7 @@ r"""Trains a model described by a config: one trainer for every family and stage
 Resumes from the newest complete checkpoint in <workdir>/checkpoints when there is one (same command
 again); damaged ones newer than it are moved to checkpoints/damaged/, each with a line saying why.
 Writes <workdir>/checkpoints, <workdir>/metrics.jsonl and TensorBoard events in <workdir>/tensorboard:
-at every log step loss, lr, steps_per_sec, tokens_per_s and mfu (from the second log step; mm_jax.mfu).
+at every log step loss, lr, steps_per_sec, tokens_per_s and mfu (from the second log step; mm_jax.perf.mfu).
 Every input is checked before anything is written; bad input exits with one line naming the fix.
 One trainer per workdir (<workdir>/.lock). On SIGTERM the current step finishes, a checkpoint is saved
 and the process exits 0; the same command resumes. A save that fails stops the run with one line.
@@ -134,7 +134,7 @@ def _stop_preempted(preemption, step, state, data_iter, config, ckpt, mm) -> Non
 
 def _throughput(config: mlc.ConfigDict, mm: ModelOnMesh, labels) -> mfu.Throughput | None:
   """tokens_per_s and mfu for the writer (FLOPs frozen-aware by the optimizer's labels); None, with a
-  warning, for a model mm_jax.flops cannot count: the run goes on without them."""
+  warning, for a model mm_jax.perf.flops cannot count: the run goes on without them."""
   try:
     return mfu.Throughput(config, mm.model, mm.abstract_params, labels, mm.mesh.devices.flat)
   except ValueError as e:

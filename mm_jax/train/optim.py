@@ -11,7 +11,7 @@ The factor multiplies the AdamW update (weight decay included), after one global
 all trainable parameters.
 
 `config.optim.nonfinite` says what a step whose loss or trainable gradients hold a NaN or Inf does
-(NONFINITE); `param_groups` names the parameter groups such a step reports (mm_jax.state applies both).
+(NONFINITE); `param_groups` names the parameter groups such a step reports (mm_jax.train.state applies both).
 """
 import dataclasses
 import re
