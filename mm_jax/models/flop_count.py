@@ -1,12 +1,17 @@
-"""What each model class's count_flops method writes to: matmul FLOPs in data-flow order (mm_jax.perf.flops
-sums them up; its docstring says what is counted and how the backward follows the freeze rules).
+"""Matmul FLOPs, counted by each model class of itself (count_flops); mm_jax.perf.flops sums them up.
 
-A model's top-level count_flops(t: Tally, sizes: Sizes, batch) walks its forward: t.source for an input,
-t.dense for x @ W, t.product for activation @ activation, t.ew for the rest (no FLOPs, but it carries
-the needs-gradient flag of the streams it reads). Submodules count themselves the same way (counter(m)
-gets a pluggable submodule's method); attention() and vit_block() are the counts of the shared layers.
-Streams are named by strings; a part ("encoder", "decoder", ...) groups FLOPs in the report and a path
-("decoder/block_0/attn/q") names the params of a dense layer (their freeze label decides its backward).
+Counted: every matmul as 2 x its multiply-adds (the patch-embedding conv: a matmul of the flattened
+patches; the logits head at the positions where the model computes it) and attention's two products
+over the full LxS grid, masked or not. Not counted: elementwise work, gathers, remat (*model* FLOPs,
+the MFU convention). Backward: for Y = A @ B of F FLOPs, F more per operand that needs a gradient: a
+weight iff it is trainable, an activation iff a trainable param lies upstream (a flag per stream). So a
+trainable layer costs 3F, a frozen encoder upstream of everything trainable F, a frozen LLM that the
+gradient crosses to a trainable connector 2F (dX, no dW) and 3F for its attention products.
+
+A model's count_flops(t: Tally, sizes: Sizes, batch) walks its forward in data-flow order: t.source (an
+input), t.dense (x @ W, W the params under a path), t.product (activation @ activation), t.ew (no FLOPs;
+carries the gradient flag); submodules count themselves (counter(m) for a pluggable one), attention()
+and vit_block() count the shared layers. A part ("encoder", "head", ...) groups FLOPs in the report.
 """
 import dataclasses
 from typing import Callable

@@ -1,30 +1,14 @@
-r"""Analytic model FLOPs of a forward pass and of a train step, from the config and the param tree.
-
-Counted: every matmul, as 2 x its multiply-adds (2*M*K*N for an MxK @ KxN product; the patch-embedding
-conv is a matmul of the flattened patches): the projections (q, k, v, o, MLPs, connectors, the logits
-head at the positions where the model computes it: the text ones only where it scores only those) and
-the two attention products (scores q.k and the weighted sum p.v, computed over the full LxS grid,
-masked or not: the model computes them in full). Not counted: elementwise work (norms, softmax,
-activations, RoPE, residual adds, the loss, the optimizer update), gathers (token embedding) and
-rematerialisation (these are *model* FLOPs, the MFU convention: a remat'd forward is not counted twice).
-
-The train step: for each matmul Y = A @ B, the forward costs F = 2*M*K*N and the backward costs F more
-for each operand that needs a gradient (dA = dY @ B^T, dB = A^T @ dY). A weight needs one iff it is
-trainable (optim.rules on the real param tree: optim.param_labels); an activation needs one iff a
-trainable param lies upstream of it (the data flow is walked in order, one flag per activation stream).
-So a trainable layer costs 3F (the usual 6 * params * tokens); a frozen part upstream of everything
-trainable (a frozen encoder) costs F, forward only; a frozen part that a gradient must cross to reach a
-trainable one (a frozen LLM below a trainable connector, LLaVA stage 1) costs 2F for its projections
-(dX, no dW) and 3F for its attention products (both operands carry a gradient).
+"""Analytic model FLOPs of a forward pass and of a train step (matmuls: models/flop_count.py says what
+is counted and how the backward follows the freeze rules), from the config and the param tree.
 
   forward_flops(config, abstract_params) -> {"total", "by_part": {part: flops}}
   train_flops(config, abstract_params, labels) -> {"total", "forward", "backward",
                                                    "by_part": {part: {"forward", "backward", "total"}}}
 Global numbers for one step of config.global_batch_size examples (batch_size= overrides); divide by
-the chip count for per chip. Each model class counts its own forward (count_flops, written to the
-models/flop_count.py Tally); its parts are its subtrees (encoder, connector, cross: cross blocks and
-their image k/v, decoder: self-attention blocks, head: final logits, ...). A model without count_flops:
-ValueError (the trainer then logs no MFU).
+the chip count for per chip. labels: optim.param_labels of the real param tree. The model
+(models.build_model) walks its own forward (count_flops); its parts are its subtrees (encoder,
+connector, cross: the cross blocks and their image k/v, decoder: the self-attention blocks, head: the
+final logits, ...). A model without count_flops: ValueError (the trainer then logs no MFU).
 """
 import math
 
