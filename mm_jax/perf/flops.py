@@ -4,7 +4,8 @@ is counted and how the backward follows the freeze rules), from the config and t
   forward_flops(config, abstract_params) -> {"total", "by_part": {part: flops}}
   train_flops(config, abstract_params, labels) -> {"total", "forward", "backward",
                                                    "by_part": {part: {"forward", "backward", "total"}}}
-Global numbers for one step of config.global_batch_size examples (batch_size= overrides); divide by
+Global numbers for one step of config.global_batch_size examples (batch_size= overrides; model= the
+built model, else rebuilt from the config); divide by
 the chip count for per chip. labels: optim.param_labels of the real param tree. The model
 (models.build_model) walks its own forward (count_flops); its parts are its subtrees (encoder,
 connector, cross: the cross blocks and their image k/v, decoder: the self-attention blocks, head: the
@@ -20,9 +21,11 @@ from mm_jax.models.flop_count import Sizes, Tally, counter
 from mm_jax.models.stack import path_str
 
 
-def _vocab(abstract_params) -> int:
-  tower = abstract_params["text"] if "text" in abstract_params else abstract_params["decoder"]
-  return tower["embedder"]["embedding"].shape[0]
+def _vocab(config, abstract_params) -> int:
+  """The vocabulary the params were built with: the rows of their token embedding table."""
+  tables = [x.shape[0] for p, x in jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+            if path_str(p).endswith("embedding") and len(x.shape) == 2]
+  return max(tables, default=config.data.vocab_size)
 
 
 def _trainable_fn(labels, forward_only: bool):
@@ -43,8 +46,8 @@ def _trainable_fn(labels, forward_only: bool):
   return trainable
 
 
-def _tally(config, abstract_params, labels, batch_size) -> Tally:
-  count = counter(build_model(config.model, _vocab(abstract_params)))
+def _tally(config, abstract_params, labels, batch_size, model) -> Tally:
+  count = counter(model or build_model(config.model, _vocab(config, abstract_params)))
   forward_only = labels is None
   labels = jax.tree.map(lambda _: "frozen", abstract_params) if forward_only else labels
   t = Tally(_trainable_fn(labels, forward_only))
@@ -53,17 +56,19 @@ def _tally(config, abstract_params, labels, batch_size) -> Tally:
   return t
 
 
-def forward_flops(config: mlc.ConfigDict, abstract_params, batch_size: int | None = None) -> dict:
+def forward_flops(config: mlc.ConfigDict, abstract_params, batch_size: int | None = None,
+                  model=None) -> dict:
   """Matmul FLOPs of one forward pass over the global batch: {"total", "by_part": {part: flops}}."""
-  t = _tally(config, abstract_params, None, batch_size)
+  t = _tally(config, abstract_params, None, batch_size, model)
   by_part = {part: fwd for part, (fwd, _) in t.by_part.items()}
   return {"total": math.fsum(by_part.values()), "by_part": by_part}
 
 
-def train_flops(config: mlc.ConfigDict, abstract_params, labels, batch_size: int | None = None) -> dict:
+def train_flops(config: mlc.ConfigDict, abstract_params, labels, batch_size: int | None = None,
+                model=None) -> dict:
   """Matmul FLOPs of one train step over the global batch, frozen parts per `labels`
   (optim.param_labels): {"total", "forward", "backward", "by_part": {part: {forward, backward, total}}}."""
-  t = _tally(config, abstract_params, labels, batch_size)
+  t = _tally(config, abstract_params, labels, batch_size, model)
   by_part = {part: {"forward": f, "backward": b, "total": f + b} for part, (f, b) in t.by_part.items()}
   fwd = math.fsum(r["forward"] for r in by_part.values())
   bwd = math.fsum(r["backward"] for r in by_part.values())

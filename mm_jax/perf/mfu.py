@@ -102,7 +102,7 @@ class Throughput:
   (fewer than 2 log steps) never measures."""
 
   def __init__(self, config: mlc.ConfigDict, model, abstract_params, labels, devices):
-    self.flops = flops_lib.train_flops(config, abstract_params, labels)["total"]
+    self.flops = flops_lib.train_flops(config, abstract_params, labels, model=model)["total"]
     self.tokens = tokens_per_step(config, model)
     self._devices = list(devices)
     self._dtype = config.model.get("dtype", "float32")

@@ -190,7 +190,7 @@ def plan(config: mlc.ConfigDict, topology: str, hbm_gib: float | None = None) ->
       "memory": {"params_bytes": _shard_bytes(train_state["params"]),
                  "opt_state_bytes": _shard_bytes(train_state["opt_state"]),
                  "batch_bytes": _shard_bytes(batch)},
-      "flops": flops.train_flops(config, mm.abstract_params, labels),
+      "flops": flops.train_flops(config, mm.abstract_params, labels, model=mm.model),
       "jax": jax.__version__,  # the memory numbers depend on the libtpu version too
       "libtpu": None if topo.generation == "cpu" else importlib.metadata.version("libtpu"),
   }
