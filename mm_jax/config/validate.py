@@ -132,7 +132,7 @@ def _check_text(config, tokenizer, split: str, task: str, train: bool) -> None:
   """data.text_len against the longest element of the split as the pipeline makes it (the eval split:
   the prefix only), and model.image_position against the shortest prefix. Under
   data.bad_records='skip' a too-long element is skipped by design: not checked then."""
-  if config.data.get("bad_records", "fail") != "fail":
+  if config.data.bad_records != "fail":
     return
   longest, shortest = None, None  # (tokens, record, what)
   for n_tokens, prefix, r, what in _elements(config, tokenizer, split, task, train):

@@ -44,7 +44,7 @@ def open_source(config, split: str) -> records_lib.Records:
 
 def load_tokenizer(config) -> tokenizer_lib.Tokenizer:
   """data.tokenizer (a SentencePiece .model, e.g. an imported model's) or the dataset's own."""
-  path = config.data.get("tokenizer", "")
+  path = config.data.tokenizer
   if path:
     if not os.path.isfile(path):
       raise UserError(f"data.tokenizer {path!r} does not exist; give a SentencePiece .model file or "

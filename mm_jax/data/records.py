@@ -29,8 +29,8 @@ _REGENERATE = "the dataset is damaged: delete {dir} to regenerate it"
 
 
 def policy(data_cfg) -> str:
-  """data_cfg.bad_records (config.data), checked; 'fail' where a config has no such field."""
-  value = data_cfg.get("bad_records", "fail")
+  """data_cfg.bad_records (config.data), checked."""
+  value = data_cfg.bad_records
   if value not in POLICIES:
     raise UserError(f"data.bad_records={value!r} is unknown; set --config.data.bad_records to "
                     f"one of {', '.join(POLICIES)}")

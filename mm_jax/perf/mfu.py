@@ -86,13 +86,7 @@ def peak_flops_per_device(device: jax.Device, dtype: str, *, override: float = 0
 
 def tokens_per_step(config: mlc.ConfigDict, model) -> int:
   """Tokens one train step processes: global_batch_size x the tokens of one example's sequence(s), as
-  its task counts them (Task.tokens_per_example).
-
-  A decoder's sequence is data.text_len text tokens (padded, as computed) plus the image tokens that sit
-  in it (model.num_image_tokens: unified and fuyu all of them, hybrid the thumbnail's, cross and lm
-  none: their images reach the decoder only by cross-attention). SigLIP has no decoder: both towers'
-  sequences, the encoder's patches plus the text tower's text_len.
-  """
+  its task counts them (Task.tokens_per_example: e.g. the decoder's text and the image tokens in it)."""
   return int(TASKS[model.task].tokens_per_example(config, model) * config.global_batch_size)
 
 
@@ -105,8 +99,8 @@ class Throughput:
     self.flops = flops_lib.train_flops(config, abstract_params, labels, model=model)["total"]
     self.tokens = tokens_per_step(config, model)
     self._devices = list(devices)
-    self._dtype = config.model.get("dtype", "float32")
-    self._override = config.get("mfu_peak_flops", 0.0)  # configs written before the field: automatic
+    self._dtype = config.model.dtype
+    self._override = config.mfu_peak_flops  # 0: automatic
     self.peak = self.source = None
 
   def __call__(self, steps_per_sec: float) -> dict[str, float]:

@@ -34,7 +34,7 @@ class Task:
 def choice(field: str, known) -> Callable[[mlc.ConfigDict], None]:
   """A Task.check: config.optim.<field> is one of `known`."""
   def check(config):
-    value = config.optim.get(field)
+    value = config.optim[field]
     if value not in known:
       raise UserError(f"optim.{field}={value!r} is unknown; use one of {tuple(known)} "
                       f"(--config.optim.{field}=...)")
