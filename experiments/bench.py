@@ -1,4 +1,4 @@
-r"""Every benchmark of issue 7 ("Speed"), one after another, each in its own process.
+r"""Every speed benchmark, one after another, each in its own process.
 
   python experiments/bench.py                      # all of them
   python experiments/bench.py --only=stages,decode # some of them (names below)

@@ -1,4 +1,4 @@
-r"""Families, connectors and stage recipes on shapes at one step budget (experiments/README.md, issue 4).
+r"""Families, connectors and stage recipes on shapes at one step budget (experiments/README.md).
 
   python experiments/compare.py run --group=families,connectors [--parallel=4] [--root=workdirs/compare]
   python experiments/compare.py run --variant=cross_mlp --steps=3000

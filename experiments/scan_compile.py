@@ -1,4 +1,4 @@
-r"""Compile time of the decoder's train step against its depth, scanned and unrolled (issue 5: with scan,
+r"""Compile time of the decoder's train step against its depth, scanned and unrolled (the target: with scan,
 24 layers must compile in at most 1.5x the time of 2 layers).
 
   python experiments/scan_compile.py              # one JSON line per (scan, depth), then a summary line

@@ -1,18 +1,16 @@
 r"""The `shapes` dataset: coloured shapes on a plain background, with a caption and 4 questions each.
 
-Every image is 64x64 RGB with 1-4 shapes (circle, square, triangle; 6 colours), at most one per quadrant,
-so that a tiny ViT can learn it. Each carries one (question, answer) per kind of QUESTION_KINDS, in that
-order, with single-word answers balanced so that the text alone gives little (about 1/3, test_shapes):
+Every image is 64x64 RGB with 1-4 shapes (circle, square, triangle; 6 colours), at most one per quadrant.
+Each carries one (question, answer) per kind of QUESTION_KINDS, single-word answers balanced so that
+the text alone gives little (about 1/3, test_shapes):
 
   color     "what color is the circle?" -> "red"          (or "... the shape in the top left?")
   shape     "what shape is in the top left?" -> "square"  3 shapes; an occupied quadrant
   count     "how many shapes|red shapes|squares are there?" -> "0".."4" (digits)
   presence  "is there a green triangle?" -> "yes" | "no"  50/50
 
-All of it is a pure function of `dataset_seed` (generate). build(data_cfg) builds the TFDS dataset
-(array_record, no TensorFlow needed) under data_cfg.data_dir on first use, then trains the SentencePiece
-tokenizer on the train split's text into <builder.data_dir>/tokenizer.model. SOURCE: its data.SOURCES
-record.
+build(data_cfg) builds the TFDS dataset (array_record) under data_cfg.data_dir on first use and trains
+the SentencePiece tokenizer on its text; all of it is a pure function of dataset_seed. SOURCE: its record.
 """
 import collections
 import dataclasses

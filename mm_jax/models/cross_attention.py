@@ -1,31 +1,15 @@
-"""Cross-attention VLM (DESIGN.md "Method B": Flamingo, Llama 3.2 Vision, NVLM-X): images never enter the
-decoder's sequence; gated cross-attention blocks between the decoder's blocks let text attend to them.
+"""The cross family (Flamingo, Llama 3.2 Vision, NVLM-X): images never enter the decoder's sequence;
+gated cross-attention blocks between the decoder's blocks let text attend to them.
 
-  image(s) -> encoder (ViT) -> connector -> features BxIxPxD -> per cross block k/v (computed once)
-  text -> embed -> [cross_0, block_0 .. block_N-1] [cross_1, block_N .. block_2N-1] ... -> final norm -> head
-One super-block is 1 cross block + N = cross_every decoder blocks (cross first, as Flamingo); a last
-partial super-block has fewer decoder blocks. With model.decoder.scan the super-blocks are scanned: the
-params stay where they are (decoder/blocks stacked over the depth, cross/blocks over the cross blocks),
-and a lax.scan over super-blocks applies cross block s, then a lax.scan over decoder blocks sN..sN+N-1
-(both functionally, over slices of the stacked params). The depth must then be a multiple of N.
-
-Parameter subtrees: `encoder`, `connector`, `decoder` (exactly the text LLM of the `lm` / `unified`
-families: `init.parts` loads it, rule "decoder/.*" freezes exactly it), `cross/block_i` (scanned:
-`cross/blocks`).
-
-Cross block (Mllama's MllamaCrossAttentionDecoderLayer, pre-norm in the decoder's RMSNorm form):
-  x = x + tanh(attn_gate) * row * CrossAttn(norm_attn(x), image)    q from text, k/v from the image;
-  x = x + tanh(mlp_gate)  * row * MLP(norm_mlp(x))                  per-head q/k RMSNorm, GQA, no RoPE.
-Gates are scalars initialised at 0: the untrained model is exactly the text LLM.
-
-Media mask: image i sits before text position image_pos[b, i]; token t sees image i iff image_pos[i] <= t
-and (last_image_only) no other image sits between them (images with the same position form one group,
-all seen: Mllama's processor rule; Flamingo's is the last image). Absent images: image_pos >= T.
-`row` is 1 where a token sees some image. Rows that see none get NOTHING from the cross path, both
-branches zeroed. This differs from HF Mllama, which zeroes only the MLP branch: there such a row attends
-uniformly over all image tokens and its attention output is still added (hf_transformers.md "Mllama").
-Default image_pos = 0: every token sees every image (the shapes data: one image before the text).
-With prefix attention a token before an image still sees it indirectly, through later prefix tokens.
+  image(s) -> encoder -> connector -> features BxIxPxD -> per cross block k/v (computed once)
+  text -> embed -> [cross_0, block_0 .. block_N-1] [cross_1, block_N ..] ... -> final norm -> head
+A super-block is 1 cross block + N = model.family_options.cross.every decoder blocks (cross first, as
+Flamingo). Scanned (model.decoder.scan), the super-blocks run as a lax.scan over the stacked params.
+Parameter subtrees: `encoder`, `connector`, `decoder` (exactly the text LLM of `lm`), `cross/block_i`
+(scanned: `cross/blocks`). Cross block, Mllama's, pre-norm: x += tanh(gate) * row * CrossAttn(norm(x))
+and x += tanh(gate) * row * MLP(norm(x)); gates start at 0, so the untrained model is the text LLM.
+Token t sees image i iff image_pos[i] <= t (last_image_only: the last such group); `row` zeroes both
+branches for a token that sees no image (experiments/README.md has the details and HF's difference).
 """
 import dataclasses
 

@@ -1,18 +1,12 @@
-"""NVLM-H hybrid: a thumbnail's tokens in the decoder's sequence (Method A), the full-resolution tiles
-through gated cross-attention (Method B).
+"""The hybrid family (NVLM-H): a thumbnail's tokens in the decoder's sequence, the full-resolution tiles
+through gated cross-attention.
 
-  image HxW -> tiles: a G x G grid of (H/G)x(W/G) tiles -> encoder -> connector -> + tile embedding
-                                                         -> k/v of every cross block (all text sees them)
-            -> thumbnail: the image average-pooled by G to (H/G)x(W/G) -> encoder -> connector
-                                                         -> tokens at image_position in the sequence
-  [text_1..k, thumb_1..N, text_k+1..T] -> [cross_0, block_0 ..] [cross_1, ..] ... -> logits
-One encoder and one connector serve both paths (NVLM-H shares InternViT and its projector), so tiles and
-thumbnail are encoded at the same resolution and the encoder's position table fits both. A tile's
-features carry no position in the image, and cross-attention has no RoPE: a learned embedding per tile
-(`tile_embed`, zero-initialised) says which tile a feature came from (NVLM-H writes tile tags as text).
-
-Parameter subtrees: `encoder`, `connector`, `decoder` (the text LLM), `cross/block_i`, `tile_embed`.
-With the gates at 0 the model is the unified-embedding model on the thumbnail.
+  image HxW -> a G x G grid of tiles -> encoder -> connector -> + tile embedding -> every cross block's k/v
+            -> thumbnail (the image average-pooled by G) -> encoder -> connector -> tokens at image_position
+One encoder and one connector serve both paths (as NVLM-H shares InternViT and its projector); a learned
+per-tile embedding (`tile_embed`, zero at init) says which tile a feature came from. Parameter subtrees:
+`encoder`, `connector`, `decoder`, `cross/block_i`, `tile_embed`. With the gates at 0 it is the unified
+model on the thumbnail. G is model.family_options.hybrid.tiles.
 """
 import dataclasses
 

@@ -1,38 +1,12 @@
-"""SigLIP two-tower contrastive model (HF SiglipModel, big_vision two_towers): image and text embeddings
-in one space, scored pairwise: logits_per_text = normalize(txt) @ normalize(img).T * exp(scale) + bias.
+"""The siglip family: two towers (HF SiglipModel, big_vision two_towers) scoring image-text pairs,
+logits_per_text = normalize(txt) @ normalize(img).T * exp(scale) + bias.
 
-  image -> encoder (vit.ViT, final LN) -> map_head (attention pooling) -> img_BxE     (E = encoder width)
-  text  -> text (embed + positions, bidirectional pre-LN blocks, final LN, LAST position, head) -> txt_BxE
-
-Parameter tree (D encoder width, N encoder heads, H = D/N, F encoder mlp_dim; Dt, Nt, Ht, Ft, Lt the
-text tower's width, heads, head dim, mlp_dim, max_len; V vocab; all kernels are [in..., out...], i.e.
-the transpose of an HF Linear weight (out, in); every bias of an [.., out] kernel has shape [out]):
-
-  encoder/...                        exactly vit.ViT (final_norm=True): patch_embed/{kernel [p,p,3,D], bias},
-                                     pos_embedding [P,D], block_i/{ln_attn, attn/{q,k,v,o}, ln_mlp,
-                                     mlp_in, mlp_out}, ln_final. It loads into the unified model as is:
-                                     init.parts = (("<siglip workdir>", "encoder/", "encoder/"),).
-  map_head/probe                     [1,1,D]   HF head.probe
-  map_head/attn/{q,k,v}/kernel       [D,N,H]   HF head.attention.in_proj_weight rows [0:D], [D:2D], [2D:3D],
-                                               each transposed and reshaped (D, N, H)
-  map_head/attn/{q,k,v}/bias         [N,H]     in_proj_bias thirds, reshaped
-  map_head/attn/o/{kernel [N,H,D], bias [D]}   head.attention.out_proj
-  map_head/ln_mlp/{scale,bias}       [D]       head.layernorm
-  map_head/mlp_in/{kernel [D,F], bias [F]}     head.mlp.fc1
-  map_head/mlp_out/{kernel [F,D], bias [D]}    head.mlp.fc2
-  text/embedder/embedding            [V,Dt]    text_model.embeddings.token_embedding
-  text/pos_embedding                 [Lt,Dt]   text_model.embeddings.position_embedding
-  text/block_i/...                   as encoder blocks (vit.EncoderBlock, Nt heads, Ft): ln_attn =
-                                     layer_norm1, attn/{q,k,v,o} = self_attn.{q,k,v,out}_proj, ln_mlp =
-                                     layer_norm2, mlp_in/mlp_out = mlp.fc1/fc2
-  text/ln_final/{scale,bias}         [Dt]      text_model.final_layer_norm
-  text/head/{kernel [Dt,D], bias [D]}          text_model.head
-  logit_scale, logit_bias            []        scalars (HF: shape (1,))
-
-Initialisation of logit_scale / logit_bias: HF initialises both to 0 (imports overwrite them anyway);
-from scratch we use the paper's log(10) and -10 (model.family_options.siglip): with
-B-1 negatives per positive, the bias keeps the initial loss from being dominated by the negatives.
-The MAP head and the text head are not used by the unified VLM (it reads the encoder's patch features).
+  image -> encoder (vit.ViT, final LN) -> map_head (attention pooling) -> img_BxE   (E = encoder width)
+  text  -> text (embed + positions, pre-LN blocks, final LN, LAST position, head) -> txt_BxE
+Parameter subtrees: `encoder` (exactly vit.ViT: it loads into the unified model by init.parts),
+`map_head`, `text`, `logit_scale`, `logit_bias`. The HF name of every tensor: experiments/README.md
+("Notes moved from module docstrings") and mm_jax/convert/names.py. The logit scale and bias start at
+the paper's log(10) and -10 (model.family_options.siglip).
 """
 import dataclasses
 import math

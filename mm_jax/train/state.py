@@ -1,14 +1,10 @@
-"""The model on a mesh: abstract params and their shardings, sharded init, and the train step of its
-task's loss (mm_jax.tasks.TASKS[model.task]).
+"""The model on a mesh: abstract params and their shardings, sharded init, and the jitted train step.
 
+  mm = ModelOnMesh.create(config, tokenizer.vocab_size, mesh)
+  state = mm.init_train_state(tx, seed);  step = mm.make_train_step(tx);  state, out = step(state, batch)
 Nothing here materialises an unsharded array: params are born sharded (jit of init with out_shardings),
-the optimizer state takes the params' shardings, and the train step is one jit that states its in/out
-shardings and donates the state.
-
-Non-finite steps (optim.nonfinite): the step itself checks the loss and each parameter group's
-gradients (optim.param_groups) and applies no update when one holds a NaN or Inf; what happened is
-kept in state["numerics"] (a few replicated scalars, saved with the state), which the loop reads only
-where it reads anyway (log and checkpoint steps): check_numerics stops the run before a save.
+the optimizer state takes the params' shardings, and the train step (mm_jax.train.step) is one jit that
+states its in/out shardings and donates the state.
 """
 import contextlib
 import dataclasses
@@ -24,7 +20,7 @@ from jax.sharding import Mesh
 from mm_jax.tasks import TASKS
 from mm_jax.train import optim
 from mm_jax.train import sharding
-from mm_jax.errors import UserError
+from mm_jax.train import step as step_lib
 from mm_jax.models import build_model
 
 
@@ -103,32 +99,7 @@ class ModelOnMesh:
     state_sh = jax.tree.map(lambda x: x.sharding, self.abstract_train_state(tx))
     batch_sh = sharding.batch_sharding(self.mesh)
 
-    policy, max_skips = optim.nonfinite_policy(self.config.optim)
-    groups = self.param_groups
-
-    def step(state, batch):
-      loss, grads = jax.value_and_grad(functools.partial(
-          TASKS[self.model.task].loss, self.model, optim_cfg=self.config.optim))(state["params"], batch)
-      updates, opt = tx.update(grads, state["opt_state"], state["params"])
-      params = optax.apply_updates(state["params"], updates)
-      # A non-finite step keeps params and optimizer state as they were (the schedule's count too),
-      # and so does every step after a stop: nothing non-finite reaches a checkpoint. A select of the
-      # new values: bitwise the unchecked step when all is finite.
-      bad_G = jnp.concatenate([~jnp.isfinite(loss)[None], ~groups.finite(grads)])  # [the loss, groups]
-      ok, num, n = ~jnp.any(bad_G), state["numerics"], state["step"] + 1
-      running = num["halted"] == 0
-      keep = lambda new, old: jnp.where(ok & running, new, old)
-      params, opt = jax.tree.map(keep, params, state["params"]), jax.tree.map(keep, opt, state["opt_state"])
-      record = ~ok & running
-      consecutive = jnp.where(running, jnp.where(ok, 0, num["consecutive"] + 1), num["consecutive"])
-      halt = record & (consecutive > max_skips if policy == "skip" else True)
-      numerics = {"halted": jnp.where(halt, n, num["halted"]),
-                  "bad_step": jnp.where(record, n, num["bad_step"]),
-                  "bad": jnp.where(record, bad_G, num["bad"]),
-                  "skipped": num["skipped"] + (~(ok & running)).astype(jnp.int32),
-                  "consecutive": consecutive}
-      return ({"params": params, "opt_state": opt, "step": n, "numerics": numerics}, {"loss": loss})
-
+    step = step_lib.step_fn(self.model, self.config.optim, tx, self.param_groups)
     return jax.jit(step, in_shardings=(state_sh, batch_sh),
                    out_shardings=(state_sh, sharding.replicated(self.mesh)), donate_argnums=0)
 
@@ -141,35 +112,11 @@ class ModelOnMesh:
                               optim.param_labels(self.abstract_params, self.config.optim.rules))
 
   def _numerics_init(self) -> dict:
-    """halted: the step the run stopped at (0: running); bad_step and bad ([the loss, the groups]):
-    the last non-finite step (0: none) and what was non-finite in it; skipped: steps whose update was
-    not applied; consecutive: non-finite steps in a row up to the last one."""
-    zero = lambda: jnp.zeros((), jnp.int32)  # distinct arrays: the state is donated leaf by leaf
-    return {"halted": zero(), "bad_step": zero(), "skipped": zero(), "consecutive": zero(),
-            "bad": jnp.zeros((1 + len(self.param_groups.names),), bool)}
+    return step_lib.numerics_init(len(self.param_groups.names))
 
   def check_numerics(self, state, ckpt) -> dict[str, int]:
-    """Raises UserError if the run stopped at a non-finite step (after ckpt.wait(): the last checkpoint
-    is complete); else the metrics to log ({"skipped_steps": n} under nonfinite="skip"). One small
-    host read: call it where the loop syncs anyway, and before every save."""
-    num = jax.device_get(state["numerics"])
-    policy, max_skips = optim.nonfinite_policy(self.config.optim)
-    if not num["halted"]:
-      return {"skipped_steps": int(num["skipped"])} if policy == "skip" else {}
-    ckpt.wait()
-    groups, step = self.param_groups.describe(num["bad"][1:]), int(num["bad_step"])
-    what = ("the loss" + (f" and the gradients of {groups}" if groups else "") if num["bad"][0]
-            else f"the gradients of {groups}")
-    last = ckpt.latest_step()
-    saved = (f"the last checkpoint is step {last}, nothing was saved after it" if last is not None
-             else "no checkpoint was saved")
-    lr = f"lower --config.optim.lr (now {self.config.optim.lr:g}) or check the data"
-    if policy == "skip":
-      raise UserError(f"{what} went non-finite at step {step}, {int(num['consecutive'])} steps in a "
-                      f"row (skipping does not recover this run); {saved}; {lr}, or raise "
-                      f"--config.optim.max_consecutive_skips (now {max_skips})")
-    raise UserError(f"{what} went non-finite at step {step}; {saved}; {lr}, or set "
-                    "--config.optim.nonfinite=skip to skip such steps")
+    """step.check_numerics of this run's state: raises UserError if it stopped at a non-finite step."""
+    return step_lib.check_numerics(state, ckpt, self.param_groups, self.config.optim)
 
   def make_train_step(self, tx: optax.GradientTransformation):
     """train_step_jit(tx), run inside the mesh context: step(state, batch) -> (state, {"loss"})."""
