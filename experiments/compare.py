@@ -117,11 +117,8 @@ def _prebuild(root: pathlib.Path) -> None:
 
 
 def _load_config(overrides: dict):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("cfg", REPO / _CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("")
+  from mm_jax.config import files  # pylint: disable=g-import-not-at-top
+  config = files.load(str(REPO / _CONFIG))
   config.update_from_flattened_dict(overrides)
   return config
 

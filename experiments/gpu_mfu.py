@@ -10,7 +10,6 @@ attention included, remat not counted), and MFU against the chip's datasheet bf1
 in the same run. Without a GPU it prints one line saying so and exits 0.
 """
 import argparse
-import importlib.util
 import json
 import math
 import pathlib
@@ -34,10 +33,8 @@ H100_BF16 = 989e12  # NVIDIA H100 SXM datasheet, dense bf16
 
 
 def load_config(variant: str):
-  spec = importlib.util.spec_from_file_location("bench_1b", REPO / "configs" / "bench_1b.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+  from mm_jax.config import files  # pylint: disable=g-import-not-at-top
+  return files.get_config("bench_1b", variant)
 
 
 def synthetic_batch(config, batch: int, vocab: int) -> dict:

@@ -32,11 +32,8 @@ CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs", "shapes_tiny.
 
 
 def config_for(depth: int, scan: bool, remat: str):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("shapes_tiny", CONFIGS)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  from mm_jax.config import files  # pylint: disable=g-import-not-at-top
+  c = files.load(str(CONFIGS))
   c.model.family = "lm"
   c.model.decoder.update(dict(vocab_size=8192, width=512, depth=depth, num_heads=8, num_kv_heads=8,
                               head_dim=64, mlp_dim=2048, scan=scan, remat=remat))

@@ -286,7 +286,7 @@ def run_recipe(recipe: mlc.ConfigDict, workdir: str, pretrain_dir: str | None = 
 def _recipe_names() -> str:
   """NAME (stage -> stage) of every recipe in configs/recipes.py, for --help."""
   return "; ".join(f"{name} ({' -> '.join(s['name'] for s in stages())})"
-                   for name, stages in _module("configs/recipes.py").RECIPES.items())
+                   for name, stages in files.module("configs/recipes.py").RECIPES.items())
 
 
 def main() -> None:

@@ -15,7 +15,6 @@ per point and runs nothing; --summarize writes the summary from the workdirs.
 """
 import copy
 import csv
-import importlib.util
 import io
 import json
 import os
@@ -48,10 +47,7 @@ _SCALARS = (bool, int, float, str)
 
 def declared_sweeps(spec: str) -> dict:
   """{name: points} of the config file's get_sweeps() ({} without one); points not yet expanded."""
-  path = files.path(spec.partition(":")[0])
-  module_spec = importlib.util.spec_from_file_location(f"_sweeps_{os.path.basename(path)[:-3]}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  module = files.module(spec.partition(":")[0])
   return module.get_sweeps() if hasattr(module, "get_sweeps") else {}
 
 

@@ -4,13 +4,13 @@ our side of a comparison: the converted workdir's config, model and params.
 Every parameter HF initialises to a constant (norm weights and biases, linear biases, logit scale and
 bias) is moved off it, so a mapping that dropped or swapped one would show in the logits.
 """
-import importlib.util
 import os
 
 import jax
 import numpy as np
 import torch
 
+from mm_jax.config import files
 from mm_jax.train import sharding
 from mm_jax.convert import convert
 from mm_jax.eval.decode import greedy_decode
@@ -64,10 +64,7 @@ def hf_greedy(model, n: int, **inputs) -> np.ndarray:
 
 def load_config(out: str):
   """get_config() of OUT/config.py, as the CLIs load it."""
-  spec = importlib.util.spec_from_file_location("converted_config", os.path.join(out, "config.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return files.load(os.path.join(out, "config.py"))
 
 
 def ours(out: str, config=None, dtype: str | None = None):

@@ -1,5 +1,9 @@
-"""Lists the model registries: `python -m mm_jax.models`."""
+"""Lists the registries: `python -m mm_jax.models` (families, encoders, connectors, tasks, data sources)."""
 import dataclasses
+import sys
+
+from mm_jax import data
+from mm_jax.tasks import TASKS
 
 from mm_jax.models import CONNECTORS, ENCODERS, FAMILIES, options, stack
 
@@ -26,6 +30,13 @@ def main() -> None:
   print("model.connector (options, with defaults: model.connector_options.<name>.<option>):")
   for name, cls in sorted(CONNECTORS.items()):
     print(f"  {name:14s}{_summary(cls)}\n  {'':14s}options: {_defaults(cls)}")
+  print("model.task (a model's task attribute: mm_jax.tasks.TASKS):")
+  for name in sorted(TASKS):
+    print(f"  {name:14s}{_summary(sys.modules[TASKS[name].loss.__module__])}")
+  print("data.name (mm_jax.data.SOURCES):")
+  for name in sorted(data.SOURCES):
+    print(f"  {name:14s}splits {', '.join(data.SOURCES[name].splits)}; question kinds "
+          f"{', '.join(data.SOURCES[name].kinds)}")
   print("model.encoder / model.decoder layer stacks (models/stack.py):")
   print("  scan          True: one compiled block for the whole stack (params on a 'layers' axis)")
   print(f"  remat         {' | '.join(stack.REMAT)}; 'custom' keeps the tensors in remat_names")
