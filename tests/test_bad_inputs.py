@@ -198,6 +198,7 @@ def outcomes(request, test_config, tmp_path_factory):
   return {name: (runs[name], before[name], _snapshot(workdir)) for name, (workdir, _) in jobs.items()}
 
 
+@pytest.mark.slow  # every case through its command
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_one_line_nonzero_exit_workdir_unchanged(name, outcomes):
   r, before, after = outcomes[name]

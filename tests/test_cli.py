@@ -142,6 +142,8 @@ def test_imported_paligemma_fine_tunes_and_evaluates(test_config, tmp_path):
 _HEAP_PROBE = r"""
 import ctypes, sys
 from mm_jax.cli import keep_freed_memory
+
+pytestmark = pytest.mark.slow  # end to end through the commands
 def rss_mb():
   return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2 ** 20
 kept = keep_freed_memory() if sys.argv[1] == "keep" else False

@@ -21,6 +21,8 @@ from mm_jax.data import shapes
 from mm_jax.data.tokenizer import Tokenizer
 from mm_jax.errors import UserError
 
+pytestmark = pytest.mark.slow  # end to end through the commands
+
 
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):

@@ -24,6 +24,8 @@ from conftest import REPO
 from mm_jax.data import captions, pipeline, records, shapes
 from mm_jax.errors import UserError
 
+pytestmark = pytest.mark.slow  # end to end through the commands
+
 QA = shapes.SOURCE.num_questions
 
 

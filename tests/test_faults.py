@@ -25,6 +25,8 @@ from conftest import REPO, make_run
 from mm_jax.checkpoint import Checkpoints
 from mm_jax.checkpoint.integrity import MANIFEST, WorkdirLock
 
+pytestmark = pytest.mark.slow  # end to end through the commands
+
 STRESS = os.environ.get("MM_JAX_STRESS") == "1"
 KILLS, TERMS = (10, 6) if STRESS else (4, 2)
 STEPS = 60

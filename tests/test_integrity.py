@@ -20,6 +20,8 @@ from mm_jax.data import pipeline
 from mm_jax.errors import UserError
 from mm_jax.checkpoint.integrity import MANIFEST, SaveFailed, WorkdirLock
 
+pytestmark = pytest.mark.slow  # end to end through the commands
+
 
 @pytest.fixture(scope="module")
 def saved(test_config, tokenizer, train_source, tmp_path_factory):

@@ -25,6 +25,8 @@ from mm_jax.checkpoint import Checkpoints
 from mm_jax.data import pipeline
 from mm_jax.errors import UserError
 
+pytestmark = pytest.mark.slow  # end to end through the commands
+
 NUM = 20  # elements: 8-row batches straddle epochs
 
 

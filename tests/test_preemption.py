@@ -16,8 +16,11 @@ from conftest import make_run
 from mm_jax.train import loop as train_lib
 from mm_jax.checkpoint import Checkpoints
 from mm_jax.data import pipeline
+from mm_jax.config import files
 from mm_jax.errors import UserError
 from mm_jax.checkpoint.integrity import WorkdirLock, read_manifest
+
+pytestmark = pytest.mark.slow  # end to end through the commands
 
 
 def _config(test_config, **fields):
@@ -150,7 +153,6 @@ def test_several_processes_stop_at_the_preemption_sync_point(monkeypatch):
     ("checkpoint_checksums", 1, r"checkpoint_checksums=1 must be True or False"),
 ])
 def test_bad_checkpoint_fields_are_one_line_errors(field, value, message):
-  config = mlc.ConfigDict(dict(keep_checkpoints=2))
-  config[field] = value
+  config = files.complete(mlc.ConfigDict({"keep_checkpoints": 2, field: value}))
   with pytest.raises(UserError, match=message):
     train_lib._checkpoint_fields(config)  # pylint: disable=protected-access

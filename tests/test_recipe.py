@@ -21,6 +21,8 @@ from mm_jax.train import optim
 from mm_jax.checkpoint import Checkpoints
 from mm_jax.errors import UserError
 
+pytestmark = pytest.mark.slow  # end to end through the commands
+
 # recipe -> its stages after the pretraining: (name, trainable top-level subtrees, model family)
 EXPECTED = {
     "llava": [("connector", {"connector"}, "unified"),

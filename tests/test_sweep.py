@@ -18,6 +18,8 @@ from mm_jax import sweep
 from mm_jax.checkpoint import Checkpoints
 from mm_jax.errors import UserError
 
+pytestmark = pytest.mark.slow  # end to end through the commands
+
 SPEC = "configs/shapes_tiny.py:test"
 
 
