@@ -35,6 +35,7 @@ def _trained(config, devices, tokenizer, source, workdir, steps=2):
   return mm, tx, state, it
 
 
+@pytest.mark.slow  # trains end to end
 def test_save_restore_is_exact_and_resumes_the_data(test_config, tokenizer, train_source, tmp_path):
   config = copy.deepcopy(test_config)
   mm, tx, state, it = _trained(config, jax.devices()[:1], tokenizer, train_source, tmp_path)

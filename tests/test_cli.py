@@ -12,6 +12,8 @@ import pytest
 from conftest import REPO
 from mm_jax.checkpoint import Checkpoints
 
+pytestmark = pytest.mark.slow  # end to end through the commands
+
 CONFIG = f"{REPO}/configs/shapes_tiny.py:test"
 
 
@@ -143,7 +145,6 @@ _HEAP_PROBE = r"""
 import ctypes, sys
 from mm_jax.cli import keep_freed_memory
 
-pytestmark = pytest.mark.slow  # end to end through the commands
 def rss_mb():
   return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2 ** 20
 kept = keep_freed_memory() if sys.argv[1] == "keep" else False

@@ -102,6 +102,7 @@ def _run(module, workdir, data_dir, *extra):
   return r
 
 
+@pytest.mark.slow  # trains end to end
 def test_train_eval_and_load_the_encoder_into_the_unified_model(test_config, tmp_path):
   data_dir = test_config.data.data_dir
   _run("train", tmp_path, data_dir)

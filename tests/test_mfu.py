@@ -87,6 +87,7 @@ def test_writer_calls_throughput_only_once_steps_per_sec_is_known(tmp_path):
       ["loss", "step"], ["loss", "mfu", "step", "steps_per_sec"]]
 
 
+@pytest.mark.slow  # trains end to end
 def test_train_logs_tokens_per_s_and_mfu_after_the_first_log(test_config, tmp_path):
   config = copy.deepcopy(test_config)  # 4 steps, a log every 2
   config.checkpoint_every = 4  # one save: the run is mostly compiles

@@ -147,6 +147,7 @@ def test_skip_drops_the_update_counts_it_and_stops_after_too_many(test_config, t
     mm.check_numerics(last, _Ckpt())
 
 
+@pytest.mark.slow  # trains end to end
 def test_train_stops_at_a_nan_batch_then_resumes_skipping_it(test_config, tmp_path, monkeypatch):
   """A NaN image at step 3: "stop" exits naming it with the checkpoint of step 2 intact and nothing
   later; the same command with nonfinite=skip resumes from step 2, skips step 3 and logs the count."""

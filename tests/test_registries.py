@@ -83,6 +83,7 @@ def toy(monkeypatch, test_config):
   return config
 
 
+@pytest.mark.slow  # trains end to end
 def test_a_toy_family_trains_is_counted_and_checked(toy, tmp_path):
   metrics = train(toy, str(tmp_path))
   assert metrics["loss"] > 0
@@ -129,6 +130,7 @@ class Mean(nn.Module):
     return 1
 
 
+@pytest.mark.slow  # trains end to end
 def test_a_new_connector_is_one_class_and_one_registry_line(monkeypatch, test_config, tmp_path):
   monkeypatch.setitem(connectors.CONNECTORS, "mean", Mean)
   config = copy.deepcopy(test_config)

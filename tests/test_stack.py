@@ -187,6 +187,7 @@ def scanned_run(test_config, tmp_path_factory):
   return config, workdir
 
 
+@pytest.mark.slow  # trains end to end
 def test_checkpoint_layout_converts_for_eval_and_init_parts(scanned_run, test_config):
   config, workdir = scanned_run
   ckpt = Checkpoints(workdir, read_only=True)
