@@ -56,6 +56,7 @@ def test_save_restore_is_exact_and_resumes_the_data(test_config, tokenizer, trai
   assert float(resumed["loss"]) == float(uninterrupted["loss"])
 
 
+@pytest.mark.slow  # long: decodes, or trains and resumes, several times
 def test_checkpoint_from_8_devices_restores_on_1(test_config, tokenizer, train_source, tmp_path):
   config = copy.deepcopy(test_config)
   config.mesh.update(data=2, fsdp=2, tensor=2)
@@ -99,6 +100,7 @@ def test_changed_optim_rules_are_refused_in_one_line(test_config, tokenizer, tra
   assert "\n" not in str(e.value) and "init.parts" in str(e.value)
 
 
+@pytest.mark.slow  # long: decodes, or trains and resumes, several times
 def test_a_checkpoint_without_the_numerics_state_resumes_with_zeros(test_config, tokenizer, train_source,
                                                                      tmp_path):
   """Checkpoints written before the run kept state["numerics"] still resume."""

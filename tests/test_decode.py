@@ -3,6 +3,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from conftest import load_config
 from mm_jax.eval.decode import greedy_decode
@@ -25,6 +26,7 @@ def _recompute_greedy(model, params, image, prefix, length, max_new):
   return out
 
 
+@pytest.mark.slow  # long: decodes, or trains and resumes, several times
 def test_cached_greedy_matches_recompute_with_ragged_prefixes():
   config = load_config("test")
   model = build_model(config.model, V)

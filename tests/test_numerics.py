@@ -94,6 +94,7 @@ def _run(mm, tx, step, batches, poisoned_steps, start=None):
   return states, state
 
 
+@pytest.mark.slow  # long: decodes, or trains and resumes, several times
 def test_stop_keeps_the_last_finite_state_and_names_the_group(test_config, tokenizer, train_source,
                                                                monkeypatch):
   """Steps 1-2 finite: bitwise the step without the check; step 3 has a NaN gradient in one group:
