@@ -6,7 +6,6 @@ import dataclasses
 import json
 
 import flax.linen as nn
-import jax
 import ml_collections as mlc
 import pytest
 
@@ -93,7 +92,7 @@ def test_a_toy_family_trains_is_counted_and_checked(toy, tmp_path):
   model = models.build_model(toy.model, 128)
   params = validate.abstract_params(toy, model)
   labels = optim.param_labels(params, toy.optim.rules)
-  b, s, t, d, v = toy.global_batch_size, toy.data.image_size, toy.data.text_len, 32, 128
+  b, t, d, v = toy.global_batch_size, toy.data.text_len, 32, 128
   assert params["embed"].shape == (v, d)
   forward = 2 * b * 8 * 8 * 3 * d + 2 * b * t * d * v
   counted = flops.train_flops(toy, params, labels)

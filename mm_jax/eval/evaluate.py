@@ -13,7 +13,7 @@ import json
 import jax
 import ml_collections as mlc
 
-from mm_jax import cli, data
+from mm_jax import data
 from mm_jax.tasks import TASKS
 from mm_jax.train import sharding
 from mm_jax.config import validate

@@ -19,7 +19,6 @@ import importlib.metadata
 import importlib.util
 import math
 import re
-import sys
 import time
 
 import jax

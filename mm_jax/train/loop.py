@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from mm_jax import cli, data
+from mm_jax import data
 from mm_jax.perf import mfu
 from mm_jax.train import optim
 from mm_jax.train import sharding
