@@ -31,6 +31,39 @@ def test_make_attn_mask_causal_and_bidirectional():
   assert full.all()
 
 
+def test_make_attn_mask_packed_examples_keep_their_own_blocks():
+  """Two examples in one row: each keeps its prefix-LM blocks, neither sees the other, even though the
+  second opens with mask_ar 0 (which alone would join the first's last block); padding queries keep
+  the unsegmented mask (no row all masked)."""
+  input_mask = jnp.array([[1, 1, 1, 1, 1, 1, 1, 0]])
+  mask_ar = jnp.array([[0, 0, 1, 0, 0, 1, 1, 1]])
+  segment = jnp.array([[1, 1, 1, 2, 2, 2, 2, 0]])
+  m = np.asarray(layers.make_attn_mask(input_mask, mask_ar, segment))[0].astype(int)
+  expected = np.array([
+      [1, 1, 0, 0, 0, 0, 0, 0],   # example 1: prefix of 2, then causal
+      [1, 1, 0, 0, 0, 0, 0, 0],
+      [1, 1, 1, 0, 0, 0, 0, 0],
+      [0, 0, 0, 1, 1, 0, 0, 0],   # example 2: prefix of 2 (mask_ar 0 0), then causal
+      [0, 0, 0, 1, 1, 0, 0, 0],
+      [0, 0, 0, 1, 1, 1, 0, 0],
+      [0, 0, 0, 1, 1, 1, 1, 0],
+      [1, 1, 1, 1, 1, 1, 1, 0],   # padding query: the unsegmented mask
+  ])
+  np.testing.assert_array_equal(m, expected)
+  alone = np.asarray(layers.make_attn_mask(input_mask[:, 3:7], mask_ar[:, 3:7]))[0]
+  np.testing.assert_array_equal(m[3:7, 3:7], alone)  # as if example 2 had the row to itself
+  one_segment = layers.make_attn_mask(input_mask, mask_ar, input_mask)
+  np.testing.assert_array_equal(one_segment, layers.make_attn_mask(input_mask, mask_ar))
+
+
+def test_scatter_tokens_fills_slots_and_drops_empty_images():
+  seq = jnp.zeros((2, 6, 1))
+  tokens = jnp.arange(1, 2 * 2 * 2 + 1, dtype=jnp.float32).reshape(2, 2, 2, 1)  # B=2, M=2, N=2
+  pos = jnp.array([[1, 4], [0, 6]])  # row 1's second image is empty (pos = L)
+  got = np.asarray(layers.scatter_tokens(seq, tokens, pos))[..., 0]
+  np.testing.assert_array_equal(got, [[0, 1, 2, 0, 3, 4], [5, 6, 0, 0, 0, 0]])
+
+
 def _rope_reference(x, pos, theta):
   """numpy, the HF rotate_half convention."""
   d = x.shape[-1]

@@ -33,7 +33,7 @@ def constrain(x: Array, names: tuple[str | None, ...]) -> Array:
   return nn.with_logical_constraint(x, names)
 
 
-def make_attn_mask(input_mask_BxL: Array, mask_ar_BxL: Array) -> Array:
+def make_attn_mask(input_mask_BxL: Array, mask_ar_BxL: Array, segment_BxL: Array | None = None) -> Array:
   """Prefix-LM / causal / bidirectional attention mask from two per-token masks (big_vision convention).
 
   Token q attends to token k iff k is a real token and cumsum(mask_ar)[k] <= cumsum(mask_ar)[q].
@@ -44,11 +44,21 @@ def make_attn_mask(input_mask_BxL: Array, mask_ar_BxL: Array) -> Array:
     [1 1 1 1 1 1]  plain causal.      [0 0 0 0 0 0]  fully bidirectional.
   Padding: input_mask = 0 (and mask_ar = 1), so no real token attends to it.
 
+  Packing: with segment_BxL (the example of each token, 1, 2, ...; 0 on padding) q also needs
+  segment[q] == segment[k]. The cumsum runs over the whole row, but two tokens of one example compare
+  blocks that differ from a per-example cumsum by the same offset, so each example keeps its own
+  prefix-LM blocks; an example opening with mask_ar 0 would join the last block of the one before, and
+  the segment term is what keeps it out. A padding query (segment 0) keeps the unsegmented mask, so no
+  query row is all masked (its output is never scored).
+
   Returns: bool BxLxL, [b, q, k].
   """
   blocks_BxL = jnp.cumsum(mask_ar_BxL, axis=1)
-  mask_BxLxL = blocks_BxL[:, None, :] <= blocks_BxL[:, :, None]
-  return mask_BxLxL & (input_mask_BxL[:, None, :] > 0)
+  mask_BxLxL = (blocks_BxL[:, None, :] <= blocks_BxL[:, :, None]) & (input_mask_BxL[:, None, :] > 0)
+  if segment_BxL is not None:
+    q_BxLx1 = segment_BxL[:, :, None]
+    mask_BxLxL = mask_BxLxL & ((segment_BxL[:, None, :] == q_BxLx1) | (q_BxLx1 == 0))
+  return mask_BxLxL
 
 
 def insert_tokens(seq_BxTx_: Array, tokens_BxNx_: Array, k: int) -> Array:
@@ -59,6 +69,16 @@ def insert_tokens(seq_BxTx_: Array, tokens_BxNx_: Array, k: int) -> Array:
 def drop_tokens(seq_BxLx_: Array, k: int, n: int) -> Array:
   """seq without its n positions from k (insert_tokens undone): BxL-Nx..."""
   return jnp.concatenate([seq_BxLx_[:, :k], seq_BxLx_[:, k + n:]], axis=1)
+
+
+def scatter_tokens(seq_BxLxD: Array, tokens_BxMxNxD: Array, pos_BxM: Array) -> Array:
+  """seq with tokens[:, m] written over its positions [pos[m], pos[m] + N): each image's tokens into the
+  slots the row holds for them. A slot at or past L (an empty image: pos = L) falls off (mode="drop")."""
+  b, m, n, d = tokens_BxMxNxD.shape
+  at_BxMN = (pos_BxM[:, :, None] + jnp.arange(n)).reshape(b, m * n)
+  rows_Bx1 = jnp.arange(b)[:, None]
+  return seq_BxLxD.at[rows_Bx1, at_BxMN].set(
+      tokens_BxMxNxD.reshape(b, m * n, d).astype(seq_BxLxD.dtype), mode="drop")
 
 
 @dataclasses.dataclass(frozen=True)
