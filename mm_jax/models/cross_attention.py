@@ -8,8 +8,9 @@ Flamingo). Scanned (model.decoder.scan), the super-blocks run as a lax.scan over
 Parameter subtrees: `encoder`, `connector`, `decoder` (exactly the text LLM of `lm`), `cross/block_i`
 (scanned: `cross/blocks`). Cross block, Mllama's, pre-norm: x += tanh(gate) * row * CrossAttn(norm(x))
 and x += tanh(gate) * row * MLP(norm(x)); gates start at 0, so the untrained model is the text LLM.
-Token t sees image i iff image_pos[i] <= t (last_image_only: the last such group); `row` zeroes both
-branches for a token that sees no image (experiments/README.md has the details and HF's difference).
+Token t (a row index) sees image i iff image_pos[i] <= t and, with packed examples (segment), t is of
+the example of image i (last_image_only: the last such group); `row` zeroes both branches for a token
+that sees no image (experiments/README.md has the details and HF's difference).
 """
 import dataclasses
 
@@ -23,7 +24,7 @@ from mm_jax.models import checks, encoders, family, stack
 from mm_jax.models.decoder import Cache, Decoder, DecoderBlock, count_gated_mlp, prefill_masks
 from mm_jax.models.flop_count import Sizes, Tally, attention, counter
 from mm_jax.models.layers import (ACTIVATIONS, DType, Projection, RMSNorm, attend_kv_major, constrain,
-                                  dense, make_attn_mask, partitioned)
+                                  dense, make_attn_mask, partitioned, row_positions)
 
 Array = jax.Array
 KV = dict[str, Array]  # {"k", "v"}: BxKxSxH, S = images x tokens per image (scanned: one, CxBxKxSxH)
@@ -34,9 +35,18 @@ def kv_len(kvs) -> int:
   return kvs["k"].shape[3] if isinstance(kvs, dict) else kvs[0]["k"].shape[2]
 
 
-def visible_images(image_pos_BxI: Array, positions_BxL: Array, last_image_only: bool) -> Array:
-  """BxLxI bool: which images each text token sees (see the module docstring)."""
-  seen_BxLxI = image_pos_BxI[:, None, :] <= positions_BxL[:, :, None]
+def visible_images(image_pos_BxI: Array, rows_BxL: Array, last_image_only: bool,
+                   segment_BxL: Array | None = None) -> Array:
+  """BxLxI bool: which images each token sees (see the module docstring). rows: the tokens' row indices
+  (not RoPE positions, which restart in a packed row). With segment_BxL image i belongs to the example
+  of the first token that sees it, segment[image_pos[i]]; padding (segment 0) sees none; an empty image
+  (image_pos = L) is seen by nobody."""
+  seen_BxLxI = image_pos_BxI[:, None, :] <= rows_BxL[:, :, None]
+  if segment_BxL is not None:
+    at_BxI = jnp.clip(image_pos_BxI, 0, segment_BxL.shape[1] - 1)
+    image_seg_Bx1xI = jnp.take_along_axis(segment_BxL, at_BxI, axis=1)[:, None, :]
+    seg_BxLx1 = segment_BxL[:, :, None]
+    seen_BxLxI = seen_BxLxI & (seg_BxLx1 == image_seg_Bx1xI) & (seg_BxLx1 > 0)
   if last_image_only:  # keep the images at the largest position seen: the last group
     last_BxL = jnp.max(jnp.where(seen_BxLxI, image_pos_BxI[:, None, :], -1), axis=-1)
     seen_BxLxI = seen_BxLxI & (image_pos_BxI[:, None, :] == last_BxL[:, :, None])
@@ -170,7 +180,8 @@ class CrossStack(nn.Module):
 
 class CrossAttentionVLM(nn.Module):
   """Same interface as vlm.UnifiedVLM (trainer, eval, decode.greedy_decode). `image` is BxHxWxC (one
-  image) or BxIxHxWxC; `image_pos_BxI` (optional, default 0) places the images in the text."""
+  image) or BxIxHxWxC; `image_pos_BxI` (optional, default 0) places the images in the text (an empty
+  image slot: image_pos = L); segment and positions pack several examples in a row."""
   encoder: nn.Module
   connector: nn.Module
   decoder: Decoder
@@ -181,8 +192,9 @@ class CrossAttentionVLM(nn.Module):
   task = "vqa"
 
   def num_image_tokens(self, image_shape) -> int:
+    """Tokens of one image in the decoder's sequence: none (BxHxWxC or BxIxHxWxC alike)."""
     del image_shape
-    return 0  # images are not in the decoder's sequence
+    return 0
 
   def image_features(self, image: Array) -> Array:
     """BxHxWxC or BxIxHxWxC -> connector features Bx(I*P)xD, and I."""
@@ -191,9 +203,10 @@ class CrossAttentionVLM(nn.Module):
     f_NxPxD = self.connector(self.encoder(image_BxIxHxWxC.reshape(b * i, *image_BxIxHxWxC.shape[2:])))
     return f_NxPxD.reshape(b, i * f_NxPxD.shape[1], f_NxPxD.shape[2]), i
 
-  def _cross_mask(self, image_pos_BxI: Array, positions_BxL: Array, s: int) -> Array:
+  def _cross_mask(self, image_pos_BxI: Array, rows_BxL: Array, s: int,
+                  segment_BxL: Array | None = None) -> Array:
     """BxLxS over the image tokens (each image's P tokens share its visibility)."""
-    seen_BxLxI = visible_images(image_pos_BxI, positions_BxL, self.last_image_only)
+    seen_BxLxI = visible_images(image_pos_BxI, rows_BxL, self.last_image_only, segment_BxL)
     return jnp.repeat(seen_BxLxI, s // image_pos_BxI.shape[1], axis=2)
 
   def _image(self, image: Array, image_pos_BxI: Array | None):
@@ -242,14 +255,17 @@ class CrossAttentionVLM(nn.Module):
     return self.decoder.logits(x_BxLxD), new_cache
 
   def __call__(self, image: Array, text_BxT: Array, mask_ar_BxT: Array, mask_input_BxT: Array,
-               image_pos_BxI: Array | None = None) -> Array:
-    """Teacher-forced forward -> text logits BxTxV (logit t predicts token t + 1)."""
+               image_pos_BxI: Array | None = None, segment_BxT: Array | None = None,
+               positions_BxT: Array | None = None) -> Array:
+    """Teacher-forced forward -> text logits BxTxV (logit t predicts token t + 1). segment_BxT: the
+    example of each token (packing, layers.make_attn_mask); positions_BxT: RoPE positions (default
+    0 .. T-1); images are placed by row index whatever the positions."""
     kvs, image_pos_BxI = self._image(image, image_pos_BxI)
-    positions_BxT = jnp.broadcast_to(jnp.arange(text_BxT.shape[1]), text_BxT.shape)
+    rows_BxT = row_positions(text_BxT)
     mask_ar_BxT = mask_ar_BxT if self.prefix_attention else jnp.ones_like(mask_input_BxT)
-    xmask_BxTxS = self._cross_mask(image_pos_BxI, positions_BxT, kv_len(kvs))
-    logits_BxTxV, _ = self._run(self.decoder.embed(text_BxT), positions_BxT,
-                                make_attn_mask(mask_input_BxT, mask_ar_BxT), kvs, xmask_BxTxS)
+    xmask_BxTxS = self._cross_mask(image_pos_BxI, rows_BxT, kv_len(kvs), segment_BxT)
+    logits_BxTxV, _ = self._run(self.decoder.embed(text_BxT), row_positions(text_BxT, positions_BxT),
+                                make_attn_mask(mask_input_BxT, mask_ar_BxT, segment_BxT), kvs, xmask_BxTxS)
     return logits_BxTxV
 
   def prefill(self, image: Array, prefix_BxP: Array, prefix_mask_BxP: Array, cache: Cache,
@@ -261,8 +277,7 @@ class CrossAttentionVLM(nn.Module):
     """
     kvs, image_pos_BxI = self._image(image, image_pos_BxI)
     cache_mask_BxS, mask_BxLxS = prefill_masks(prefix_mask_BxP, cache, causal=not self.prefix_attention)
-    b, l = prefix_mask_BxP.shape
-    positions_BxL = jnp.broadcast_to(jnp.arange(l), (b, l))
+    positions_BxL = row_positions(prefix_BxP)
     xmask_BxLxS = self._cross_mask(image_pos_BxI, positions_BxL, kv_len(kvs))
     logits_BxLxV, cache = self._run(self.decoder.embed(prefix_BxP), positions_BxL, mask_BxLxS, kvs,
                                     xmask_BxLxS, cache, 0)
@@ -277,12 +292,15 @@ class CrossAttentionVLM(nn.Module):
                                          cache_mask_BxS[:, None, :], kvs, xmask_Bx1xS, cache["self"], slot)
     return logits_Bx1xV[:, 0], dict(cache, self=self_cache), cache_mask_BxS
 
-  def count_flops(self, t: Tally, sizes: Sizes, batch: int) -> None:
-    """Matmul FLOPs of the teacher-forced forward on `batch` examples of one image (flop_count.py)."""
+  def count_flops(self, t: Tally, sizes: Sizes, batch: int, images_per_row: int | None = None) -> None:
+    """Matmul FLOPs of the teacher-forced forward on `batch` examples (flop_count.py): None, one image
+    each (the hybrid's thumbnail inserted: text_len + N positions); M, the in-row layout: M images per
+    row, whose slots (the hybrid's) are inside text_len."""
     self.decoder.count_embed(t, "decoder", "x")
-    s, n = self._count_images(t, sizes.image_size, batch)
-    self.cross.count_kv(t, "cross", "img", batch, s)
-    l = sizes.text_len + n
+    m = images_per_row or 1
+    s, n = self._count_images(t, sizes.image_size, batch * m)
+    self.cross.count_kv(t, "cross", "img", batch, m * s)
+    l = sizes.text_len + (n if images_per_row is None else 0)
 
     def cross_block(i: int) -> None:  # a super-block starts with its cross block
       if i % self.cross_every == 0:
@@ -290,7 +308,7 @@ class CrossAttentionVLM(nn.Module):
     self.decoder.count_flops(t, "decoder", "x", batch, l, l, before_block=cross_block)
 
   def _count_images(self, t: Tally, size: int, b: int) -> tuple[int, int]:
-    """FLOPs of the image features (stream img): (image tokens per example, tokens in the sequence)."""
+    """FLOPs of the features of b images (stream img): (its tokens per image, in the sequence per image)."""
     patches, e = counter(self.encoder)(t, "encoder", b, size, "img")
     return counter(self.connector)(t, "connector", "img", b, patches, e), 0
 

@@ -6,7 +6,9 @@ through gated cross-attention.
 One encoder and one connector serve both paths (as NVLM-H shares InternViT and its projector); a learned
 per-tile embedding (`tile_embed`, zero at init) says which tile a feature came from. Parameter subtrees:
 `encoder`, `connector`, `decoder`, `cross/block_i`, `tile_embed`. With the gates at 0 it is the unified
-model on the thumbnail. G is model.family_options.hybrid.tiles.
+model on the thumbnail. G is model.family_options.hybrid.tiles. The in-row layout (vlm.py): images
+BxMxHxWxC, each thumbnail over its N slots at image_pos[m], its tiles seen from image_pos[m] on by the
+tokens of its example (cross_attention.visible_images).
 """
 import dataclasses
 
@@ -20,7 +22,9 @@ from mm_jax.models import checks, cross_attention, encoders, family
 from mm_jax.models.cross_attention import CrossAttentionVLM, kv_len
 from mm_jax.models.decoder import prefill_masks
 from mm_jax.models.flop_count import Tally, counter
-from mm_jax.models.layers import drop_tokens, insert_tokens, make_attn_mask, partitioned
+from mm_jax.models.layers import (drop_tokens, insert_tokens, make_attn_mask, partitioned, row_positions,
+                                  scatter_tokens)
+from mm_jax.models.vlm import in_row
 
 Array = jax.Array
 
@@ -39,7 +43,8 @@ def thumbnail(image_BxHxWxC: Array, grid: int) -> Array:
 
 
 class HybridVLM(CrossAttentionVLM):
-  """Same interface as vlm.UnifiedVLM (trainer, eval, decode.greedy_decode); one image BxHxWxC."""
+  """Same interface as vlm.UnifiedVLM (trainer, eval, decode.greedy_decode): one image BxHxWxC inserted
+  at image_position, or the in-row layout (images BxMxHxWxC, image_pos BxM)."""
   image_position: int = 0
   tiles: int = 2  # G: the tile grid's side
 
@@ -53,26 +58,30 @@ class HybridVLM(CrossAttentionVLM):
                       f"{image_shape[-3]}x{image_shape[-2]}")
 
   def num_image_tokens(self, image_shape) -> int:
-    """The thumbnail's tokens in the decoder's sequence."""
+    """The thumbnail's tokens of ONE image in the decoder's sequence (BxHxWxC or BxMxHxWxC alike)."""
     g = self.tiles
     thumb = (*image_shape[:-3], image_shape[-3] // g, image_shape[-2] // g, image_shape[-1])
     return self.connector.num_tokens(self.encoder.num_patches(thumb))
 
-  def _image_paths(self, image_BxHxWxC: Array):
-    """(thumbnail tokens BxNxD, the cross blocks' k/v of the tiles, image_pos Bx1 = 0)."""
-    self._check(image_BxHxWxC.shape)
-    g, b = self.tiles, image_BxHxWxC.shape[0]
-    tiles_BxGxhxwxC = split_tiles(image_BxHxWxC, g)
-    f_NxPxD = self.connector(self.encoder(tiles_BxGxhxwxC.reshape(b * g * g, *tiles_BxGxhxwxC.shape[2:])))
+  def _image_paths(self, image: Array):
+    """BxHxWxC (M = 1) or BxMxHxWxC -> (thumbnail tokens BxMxNxD, the cross blocks' k/v of the tiles,
+    image after image: S = M x G*G x P)."""
+    self._check(image.shape)
+    image_BxMxHxWxC = image[:, None] if image.ndim == 4 else image
+    (b, m), g = image_BxMxHxWxC.shape[:2], self.tiles
+    image_IxHxWxC = image_BxMxHxWxC.reshape(b * m, *image_BxMxHxWxC.shape[2:])
+    tiles_IxGxhxwxC = split_tiles(image_IxHxWxC, g)
+    f_NxPxD = self.connector(self.encoder(tiles_IxGxhxwxC.reshape(b * m * g * g, *tiles_IxGxhxwxC.shape[2:])))
     d = f_NxPxD.shape[-1]
-    tiles_BxGxPxD = f_NxPxD.reshape(b, g * g, -1, d)
-    tiles_BxGxPxD = tiles_BxGxPxD + self.tile_embed[None, :, None].astype(tiles_BxGxPxD.dtype)
-    kvs = self.cross.kv(tiles_BxGxPxD.reshape(b, -1, d).astype(self.decoder.dtype))
-    thumb_BxNxD = self.connector(self.encoder(thumbnail(image_BxHxWxC, g))).astype(self.decoder.dtype)
-    return thumb_BxNxD, kvs, jnp.zeros((b, 1), jnp.int32)
+    tiles_BxMxGxPxD = f_NxPxD.reshape(b, m, g * g, -1, d)
+    tiles_BxMxGxPxD = tiles_BxMxGxPxD + self.tile_embed[None, None, :, None].astype(tiles_BxMxGxPxD.dtype)
+    kvs = self.cross.kv(tiles_BxMxGxPxD.reshape(b, -1, d).astype(self.decoder.dtype))
+    thumb_IxNxD = self.connector(self.encoder(thumbnail(image_IxHxWxC, g))).astype(self.decoder.dtype)
+    return thumb_IxNxD.reshape(b, m, *thumb_IxNxD.shape[1:]), kvs
 
   def _count_images(self, t: Tally, size: int, b: int) -> tuple[int, int]:
-    """FLOPs of _image_paths: the tiles into stream img, the thumbnail into the sequence (stream x)."""
+    """FLOPs of _image_paths on b images: the tiles into stream img, the thumbnails into the sequence
+    (stream x); (tile tokens per image, thumbnail tokens per image)."""
     g = self.tiles
     encoder, connector = counter(self.encoder), counter(self.connector)
     patches, e = encoder(t, "encoder", b * g * g, size // g, "img")
@@ -95,29 +104,60 @@ class HybridVLM(CrossAttentionVLM):
       ar_BxL = jnp.ones_like(input_BxL)
     return x_BxLxD, input_BxL, ar_BxL, jnp.broadcast_to(jnp.arange(x_BxLxD.shape[1]), input_BxL.shape)
 
-  def __call__(self, image_BxHxWxC: Array, text_BxT: Array, mask_ar_BxT: Array,
-               mask_input_BxT: Array) -> Array:
-    """Teacher-forced forward -> text logits BxTxV (the thumbnail's positions dropped)."""
-    thumb_BxNxD, kvs, image_pos_Bx1 = self._image_paths(image_BxHxWxC)
+  def __call__(self, image: Array, text_BxT: Array, mask_ar_BxT: Array, mask_input_BxT: Array,
+               image_pos_BxM: Array | None = None, segment_BxT: Array | None = None,
+               positions_BxT: Array | None = None) -> Array:
+    """Teacher-forced forward -> text logits BxTxV (inserted: the thumbnail's positions dropped; in-row,
+    image_pos given: logits at every position of the row)."""
+    thumb_BxMxNxD, kvs = self._image_paths(image)
+    if in_row(image_pos_BxM, segment_BxT, positions_BxT):
+      x_BxTxD = self._in_row(thumb_BxMxNxD, text_BxT, image_pos_BxM)
+      rows_BxT = row_positions(text_BxT)
+      ar_BxT = mask_ar_BxT if self.prefix_attention else jnp.ones_like(mask_ar_BxT)
+      xmask_BxTxS = self._cross_mask(image_pos_BxM, rows_BxT, kv_len(kvs), segment_BxT)
+      logits_BxTxV, _ = self._run(x_BxTxD, row_positions(text_BxT, positions_BxT),
+                                  make_attn_mask(mask_input_BxT, ar_BxT, segment_BxT), kvs, xmask_BxTxS)
+      return logits_BxTxV
+    thumb_BxNxD = thumb_BxMxNxD[:, 0]
     x_BxLxD, input_BxL, ar_BxL, positions_BxL = self._sequence(thumb_BxNxD, text_BxT, mask_input_BxT,
                                                                mask_ar_BxT)
-    xmask_BxLxS = self._cross_mask(image_pos_Bx1, positions_BxL, kv_len(kvs))
+    xmask_BxLxS = self._cross_mask(self._at_start(text_BxT), positions_BxL, kv_len(kvs))
     logits_BxLxV, _ = self._run(x_BxLxD, positions_BxL, make_attn_mask(input_BxL, ar_BxL), kvs,
                                 xmask_BxLxS)
     return drop_tokens(logits_BxLxV, self.image_position, thumb_BxNxD.shape[1])
 
-  def prefill(self, image_BxHxWxC: Array, prefix_BxP: Array, prefix_mask_BxP: Array, cache):
-    """Thumbnail + (right-padded) prefix into self-attention slots [0, N + P); the tiles' k/v once.
+  @staticmethod
+  def _at_start(text_BxT: Array) -> Array:
+    """image_pos Bx1 = 0 of the inserted layout: every token sees the tiles."""
+    return jnp.zeros((text_BxT.shape[0], 1), jnp.int32)
+
+  def _in_row(self, thumb_BxMxNxD: Array, text_BxT: Array, image_pos_BxM: Array | None) -> Array:
+    """The in-row layout's decoder input: text embeddings, each thumbnail over its slots."""
+    if image_pos_BxM is None:
+      raise ValueError("the in-row layout (segment or positions given) needs image_pos: where each "
+                       "image's slots start in the row")
+    return scatter_tokens(self.decoder.embed(text_BxT).astype(self.decoder.dtype), thumb_BxMxNxD,
+                          image_pos_BxM)
+
+  def prefill(self, image: Array, prefix_BxP: Array, prefix_mask_BxP: Array, cache,
+              image_pos_BxM: Array | None = None):
+    """Thumbnail + (right-padded) prefix into self-attention slots [0, N + P) (in-row, image_pos given:
+    the prefix holds the thumbnails' slots, [0, P)); the tiles' k/v once.
     Returns (logits BxPxV, cache {"self", "cross", "image_pos"}, cache_mask BxS); decode_step is the
     cross-attention model's."""
-    thumb_BxNxD, kvs, image_pos_Bx1 = self._image_paths(image_BxHxWxC)
-    x_BxLxD, input_BxL, _, positions_BxL = self._sequence(thumb_BxNxD, prefix_BxP, prefix_mask_BxP,
-                                                          jnp.zeros_like(prefix_mask_BxP))
+    thumb_BxMxNxD, kvs = self._image_paths(image)
+    if image_pos_BxM is not None:
+      x_BxLxD, input_BxL = self._in_row(thumb_BxMxNxD, prefix_BxP, image_pos_BxM), prefix_mask_BxP
+      positions_BxL, n = row_positions(prefix_BxP), 0
+    else:
+      x_BxLxD, input_BxL, _, positions_BxL = self._sequence(thumb_BxMxNxD[:, 0], prefix_BxP,
+                                                            prefix_mask_BxP, jnp.zeros_like(prefix_mask_BxP))
+      image_pos_BxM, n = self._at_start(prefix_BxP), thumb_BxMxNxD.shape[2]
     cache_mask_BxS, mask_BxLxS = prefill_masks(input_BxL, cache, causal=not self.prefix_attention)
-    xmask_BxLxS = self._cross_mask(image_pos_Bx1, positions_BxL, kv_len(kvs))
+    xmask_BxLxS = self._cross_mask(image_pos_BxM, positions_BxL, kv_len(kvs))
     logits_BxLxV, cache = self._run(x_BxLxD, positions_BxL, mask_BxLxS, kvs, xmask_BxLxS, cache, 0)
-    return (drop_tokens(logits_BxLxV, self.image_position, thumb_BxNxD.shape[1]),
-            {"self": cache, "cross": kvs, "image_pos": image_pos_Bx1}, cache_mask_BxS)
+    return (drop_tokens(logits_BxLxV, self.image_position, n),
+            {"self": cache, "cross": kvs, "image_pos": image_pos_BxM}, cache_mask_BxS)
 
 
 @dataclasses.dataclass(frozen=True)

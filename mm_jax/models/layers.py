@@ -81,6 +81,14 @@ def scatter_tokens(seq_BxLxD: Array, tokens_BxMxNxD: Array, pos_BxM: Array) -> A
       tokens_BxMxNxD.reshape(b, m * n, d).astype(seq_BxLxD.dtype), mode="drop")
 
 
+def row_positions(tokens_BxL: Array, positions_BxL: Array | None = None) -> Array:
+  """positions_BxL if given (RoPE positions restarting per packed example), else the row's indices
+  0 .. L-1 (one example per row)."""
+  if positions_BxL is not None:
+    return positions_BxL
+  return jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape[:2])
+
+
 @dataclasses.dataclass(frozen=True)
 class Rope:
   """RoPE frequencies: theta, and optionally Llama 3's long-context scaling (type "llama3")."""

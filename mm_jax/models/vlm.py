@@ -5,6 +5,11 @@ k = image_position: 0 for PaliGemma (image first), 1 for LLaVA (after BOS). Atte
 layers.make_attn_mask): with prefix_attention (PaliGemma) image + text prefix see each other fully and
 the suffix is causal; without it (LLaVA) everything is causal. With no encoder the model is a text-only
 LM over the same inputs (the image is ignored). Parameter subtrees: `encoder`, `connector`, `decoder`.
+
+Two input layouts (`in_row`): one image BxHxWxC inserted at image_position (the text holds no slot for
+it), or images BxMxHxWxC with image_pos BxM, where the row already holds each image's N slots (image m
+fills [image_pos[m], +N); an empty slot has image_pos = L) and may pack several examples (segment,
+positions: RoPE positions restarting per example).
 """
 import flax.linen as nn
 import jax
@@ -13,9 +18,15 @@ import jax.numpy as jnp
 from mm_jax.models import checks, encoders, family
 from mm_jax.models.decoder import Cache, prefill_masks
 from mm_jax.models.flop_count import Sizes, Tally, counter
-from mm_jax.models.layers import drop_tokens, insert_tokens, make_attn_mask
+from mm_jax.models.layers import (drop_tokens, insert_tokens, make_attn_mask, row_positions,
+                                  scatter_tokens)
 
 Array = jax.Array
+
+
+def in_row(image_pos, segment, positions) -> bool:
+  """Whether a call uses the in-row layout (any of its arguments given) rather than insertion."""
+  return any(a is not None for a in (image_pos, segment, positions))
 
 
 class UnifiedVLM(nn.Module):
@@ -27,7 +38,8 @@ class UnifiedVLM(nn.Module):
   task = "vqa"
 
   def num_image_tokens(self, image_shape) -> int:
-    """Image tokens in the decoder's sequence: the connector's count for the encoder's patches."""
+    """Tokens of ONE image in the decoder's sequence (BxHxWxC or BxMxHxWxC alike): the connector's
+    count for the encoder's patches; the slots the in-row layout holds per image."""
     if self.encoder is None:
       return 0
     return self.connector.num_tokens(self.encoder.num_patches(image_shape))
@@ -35,14 +47,22 @@ class UnifiedVLM(nn.Module):
   def embed_image(self, image_BxHxWxC: Array) -> Array:
     return self.connector(self.encoder(image_BxHxWxC))
 
-  def __call__(self, image_BxHxWxC: Array, text_BxT: Array, mask_ar_BxT: Array,
-               mask_input_BxT: Array) -> Array:
-    """Teacher-forced forward. Returns text logits BxTxV: logit t predicts text token t + 1 (except at
-    t = image_position - 1, whose next element is the image; that is a prefix position, never scored).
-    The head runs on the text positions only: image positions are never scored, and at PaliGemma's
-    size they are 3/4 of the sequence (the vocab projection was ~10 % of the step)."""
-    h_BxLxD = self._hidden(image_BxHxWxC, text_BxT, mask_ar_BxT, mask_input_BxT)
-    n = h_BxLxD.shape[1] - text_BxT.shape[1]
+  def __call__(self, image: Array, text_BxL: Array, mask_ar_BxL: Array, mask_input_BxL: Array,
+               image_pos_BxM: Array | None = None, segment_BxL: Array | None = None,
+               positions_BxL: Array | None = None) -> Array:
+    """Teacher-forced forward.
+
+    Inserted (image BxHxWxC, the rest None): text logits BxTxV, logit t predicts text token t + 1
+    (except at t = image_position - 1, whose next element is the image; a prefix position, never
+    scored). The head runs on the text positions only: at PaliGemma's size the image positions are 3/4
+    of the sequence (the vocab projection was ~10 % of the step).
+    In-row (image_pos given; module docstring): logits BxLxV at every position of the row, image slots
+    included (the loss masks pick what is scored)."""
+    if in_row(image_pos_BxM, segment_BxL, positions_BxL):
+      return self.sequence_logits(image, text_BxL, mask_ar_BxL, mask_input_BxL, image_pos_BxM,
+                                  segment_BxL, positions_BxL)
+    h_BxLxD = self._hidden(image, text_BxL, mask_ar_BxL, mask_input_BxL)
+    n = h_BxLxD.shape[1] - text_BxL.shape[1]
     return self.decoder.logits(drop_tokens(h_BxLxD, self.image_position, n))
 
   def _inputs(self, image_BxHxWxC: Array, text_BxT: Array, mask_input_BxT: Array):
@@ -57,15 +77,38 @@ class UnifiedVLM(nn.Module):
     positions_BxL = jnp.broadcast_to(jnp.arange(x_BxLxD.shape[1]), input_mask_BxL.shape)
     return x_BxLxD, input_mask_BxL, positions_BxL
 
-  def sequence_logits(self, image_BxHxWxC: Array, text_BxT: Array, mask_ar_BxT: Array,
-                      mask_input_BxT: Array) -> Array:
-    """Logits at every position of the decoder's sequence: Bx(N+T)xV."""
-    return self.decoder.logits(self._hidden(image_BxHxWxC, text_BxT, mask_ar_BxT, mask_input_BxT))
+  def _in_row_inputs(self, image: Array, text_BxL: Array, image_pos_BxM: Array | None) -> Array:
+    """The decoder's input BxLxD of the in-row layout: text embeddings, each image's N tokens over its
+    slots (empty images, image_pos = L, fall off the row)."""
+    x_BxLxD = self.decoder.embed(text_BxL)
+    if self.encoder is None:
+      return x_BxLxD
+    if image_pos_BxM is None:
+      raise ValueError("the in-row layout (segment or positions given) needs image_pos: where each "
+                       "image's slots start in the row")
+    image_BxMxHxWxC = image[:, None] if image.ndim == 4 else image
+    b, m = image_BxMxHxWxC.shape[:2]
+    img_NxKxD = self.embed_image(image_BxMxHxWxC.reshape(b * m, *image_BxMxHxWxC.shape[2:]))
+    return scatter_tokens(x_BxLxD, img_NxKxD.reshape(b, m, *img_NxKxD.shape[1:]), image_pos_BxM)
 
-  def _hidden(self, image_BxHxWxC: Array, text_BxT: Array, mask_ar_BxT: Array,
-              mask_input_BxT: Array) -> Array:
+  def sequence_logits(self, image: Array, text_BxT: Array, mask_ar_BxT: Array, mask_input_BxT: Array,
+                      image_pos_BxM: Array | None = None, segment_BxL: Array | None = None,
+                      positions_BxL: Array | None = None) -> Array:
+    """Logits at every position of the decoder's sequence: Bx(N+T)xV inserted, BxLxV in-row."""
+    return self.decoder.logits(self._hidden(image, text_BxT, mask_ar_BxT, mask_input_BxT, image_pos_BxM,
+                                            segment_BxL, positions_BxL))
+
+  def _hidden(self, image: Array, text_BxT: Array, mask_ar_BxT: Array, mask_input_BxT: Array,
+              image_pos_BxM: Array | None = None, segment_BxL: Array | None = None,
+              positions_BxL: Array | None = None) -> Array:
     """The last decoder block's output at every position of the sequence (before the head): BxLxD."""
-    x_BxLxD, input_mask_BxL, positions_BxL = self._inputs(image_BxHxWxC, text_BxT, mask_input_BxT)
+    if in_row(image_pos_BxM, segment_BxL, positions_BxL):
+      x_BxLxD = self._in_row_inputs(image, text_BxT, image_pos_BxM)
+      mask_ar_BxL = mask_ar_BxT if self.prefix_attention else jnp.ones_like(mask_ar_BxT)
+      mask_BxLxL = make_attn_mask(mask_input_BxT, mask_ar_BxL, segment_BxL)
+      h_BxLxD, _ = self.decoder(x_BxLxD, row_positions(text_BxT, positions_BxL), mask_BxLxL, head=False)
+      return h_BxLxD
+    x_BxLxD, input_mask_BxL, positions_BxL = self._inputs(image, text_BxT, mask_input_BxT)
     if self.prefix_attention:  # image tokens: mask_ar 0, they join the prefix block
       n = x_BxLxD.shape[1] - text_BxT.shape[1]
       mask_ar_BxL = insert_tokens(mask_ar_BxT, jnp.zeros((text_BxT.shape[0], n), mask_ar_BxT.dtype),
@@ -76,13 +119,18 @@ class UnifiedVLM(nn.Module):
                               head=False)
     return h_BxLxD
 
-  def prefill(self, image_BxHxWxC: Array, prefix_BxP: Array, prefix_mask_BxP: Array,
-              cache: Cache) -> tuple[Array, Cache, Array]:
-    """Runs image + (right-padded) prefix through the decoder, filling cache slots [0, N + P).
+  def prefill(self, image: Array, prefix_BxP: Array, prefix_mask_BxP: Array, cache: Cache,
+              image_pos_BxM: Array | None = None) -> tuple[Array, Cache, Array]:
+    """Runs image + (right-padded) prefix through the decoder, filling cache slots [0, N + P); in-row
+    (image_pos given: the prefix holds the image slots) slots [0, P).
 
     Returns (logits BxPxV at the prefix positions, cache, cache_mask BxS: the slots holding real tokens).
     """
-    x_BxLxD, input_mask_BxL, positions_BxL = self._inputs(image_BxHxWxC, prefix_BxP, prefix_mask_BxP)
+    if image_pos_BxM is not None:
+      x_BxLxD, input_mask_BxL = self._in_row_inputs(image, prefix_BxP, image_pos_BxM), prefix_mask_BxP
+      positions_BxL = row_positions(prefix_BxP)
+    else:
+      x_BxLxD, input_mask_BxL, positions_BxL = self._inputs(image, prefix_BxP, prefix_mask_BxP)
     # Keys are the real slots of the cache; the prefix is one bidirectional block, or causal.
     cache_mask_BxS, mask_BxLxS = prefill_masks(input_mask_BxL, cache, causal=not self.prefix_attention)
     h_BxLxD, cache = self.decoder(x_BxLxD, positions_BxL, mask_BxLxS, cache, 0, head=False)
@@ -102,15 +150,19 @@ class UnifiedVLM(nn.Module):
                                        cache, slot)
     return logits_Bx1xV[:, 0], cache, cache_mask_BxS
 
-  def count_flops(self, t: Tally, sizes: Sizes, batch: int) -> None:
-    """Matmul FLOPs of the teacher-forced forward on `batch` examples (models/flop_count.py)."""
+  def count_flops(self, t: Tally, sizes: Sizes, batch: int, images_per_row: int | None = None) -> None:
+    """Matmul FLOPs of the teacher-forced forward on `batch` examples (models/flop_count.py). None:
+    one image inserted (the sequence text_len + N, the head on text_len); M: the in-row layout, M
+    images encoded per row, their slots inside text_len, the head on every position."""
     self.decoder.count_embed(t, "decoder", "x")
-    n = 0
+    n, m = 0, images_per_row or 1
     if self.encoder is not None:
-      patches, e = counter(self.encoder)(t, "encoder", batch, sizes.image_size, "img")
-      n = counter(self.connector)(t, "connector", "img", batch, patches, e)
+      patches, e = counter(self.encoder)(t, "encoder", batch * m, sizes.image_size, "img")
+      n = counter(self.connector)(t, "connector", "img", batch * m, patches, e)
       t.ew("x", ["x", "img"])
-    # The head runs on the text positions only (__call__).
+    if images_per_row is not None:
+      n = 0
+    # Inserted, the head runs on the text positions only (__call__).
     self.decoder.count_flops(t, "decoder", "x", batch, sizes.text_len + n, sizes.text_len)
 
 
