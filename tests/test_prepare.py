@@ -250,6 +250,8 @@ def test_bad_flags_and_inputs(tmp_path):
            (dict(format="csv"), "--format=csv is unknown"),
            (dict(image_root=str(tmp_path / "nowhere")), "is not a directory"),
            (dict(inputs=(("train", str(tmp_path / "nope.jsonl")),)), "no such file"),
+           (dict(tokenizer=str(tmp_path / "tok.model")), "--tokenizer: tokenizer .* does not exist"),
+           (dict(tokenizer=str(tmp_path / "empty.jsonl")), "--tokenizer=.* cannot be loaded"),
            (dict(inputs=(("train", str(tmp_path / "empty.jsonl")),)), "empty.jsonl:1 has no records")]
   for kw, message in cases:
     kw = dict(dict(out=str(tmp_path / "out"), inputs=(("train", str(tmp_path / "empty.jsonl")),)), **kw)

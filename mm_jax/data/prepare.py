@@ -101,8 +101,15 @@ def check(opts: Options) -> None:
     raise UserError(f"--bad_records={opts.bad_records} is unknown; use fail or skip")
   if opts.image_root and not epath.Path(opts.image_root).is_dir():
     raise UserError(f"--image_root={opts.image_root} is not a directory; give the images' directory")
-  if opts.tokenizer and not epath.Path(opts.tokenizer).is_file():
-    raise UserError(f"--tokenizer={opts.tokenizer}: no such file; give a SentencePiece .model file")
+  if opts.tokenizer:  # loaded here once: the forked workers inherit it
+    try:
+      shards.load_tokenizer(opts.tokenizer)
+    except UserError as e:
+      raise UserError(f"--tokenizer: {e}") from None
+    except Exception as e:  # e.g. not a tokenizer file
+      raise UserError(f"--tokenizer={opts.tokenizer} cannot be loaded ({type(e).__name__}: "
+                      f"{' '.join(str(e).split())[:120]}); give a .model, a tokenizer.json or their "
+                      "directory") from None
   if epath.Path(opts.out).exists() and not epath.Path(opts.out).is_dir():
     raise UserError(f"--out={opts.out} is a file; give a directory (created if missing)")
 
@@ -317,8 +324,8 @@ if __name__ == "__main__":
                                            "says more pixels is refused (decompression bomb).")
   _ALLOW_OUTSIDE_ROOT = flags.DEFINE_bool("allow_outside_root", False, "Allow image paths that leave "
                                           "--image_root (../, absolute paths, symlinks out).")
-  _TOKENIZER = flags.DEFINE_string("tokenizer", "", "A SentencePiece model: token length "
-                                   "percentiles in the statistics.")
+  _TOKENIZER = flags.DEFINE_string("tokenizer", "", "A SentencePiece .model, a tokenizer.json or "
+                                   "their directory: token length percentiles in the statistics.")
   _SHARD_INDEX = flags.DEFINE_integer("shard_index", 0, "This machine's part, of --num_shards.")
   _NUM_SHARDS = flags.DEFINE_integer("num_shards", 1, "Machines that share the output shards, each "
                                      "a contiguous range.")
