@@ -66,6 +66,14 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
   c.data.vocab_size = 128            # SentencePiece vocabulary trained on the dataset's text
   c.data.tokenizer = ""              # a SentencePiece .model to use instead (an imported model's)
   c.data.blind = False               # replace every image by a constant
+  c.data.path = ""                   # data.name=conversations: a directory `python -m mm_jax.data.prepare` wrote
+  # How a conversation becomes tokens: data/chat.py's TEMPLATES ("plain": [image] bos question answer eos;
+  # "paligemma", "llava", "gemma", "llama3": the models' own); its image processor: data/images.py's.
+  c.data.chat_template = "plain"
+  c.data.image_processor = "plain"
+  c.data.max_images = 1              # image slots per row (empty ones are masked)
+  c.data.max_image_pixels = 50_000_000  # larger images are refused before decoding (decompression bombs)
+  c.data.packing = False             # several examples per row (segment ids; attention stays within each)
   c.data.caption_ratio = 1.0         # captioning elements per image mixed into training (0: off)
   c.data.num_threads = 2             # grain read threads
   # A record that cannot be used (undecodable, a field missing or malformed, text longer than text_len):
@@ -137,6 +145,9 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
   c.eval = mlc.ConfigDict()
   c.eval.batch_size = 256
   c.eval.num_samples = 20            # (question, answer, prediction) samples written to the json
+  # Per-example metrics (mm_jax/eval/metrics.py: exact_match, vqa_accuracy, anls, relaxed_accuracy) and
+  # corpus ones (cider_d); every prediction is written to predictions.jsonl beside the scores.
+  c.eval.metrics = ("exact_match",)
   return c
 
 

@@ -21,7 +21,7 @@ import ml_collections as mlc
 
 from mm_jax.train import optim
 from mm_jax import data
-from mm_jax.data import pipeline
+from mm_jax.data import chat, images, pipeline
 from mm_jax.errors import UserError
 from mm_jax.config import fields
 from mm_jax.models import build_model, family_of, stack
@@ -36,6 +36,7 @@ def check_config(config: mlc.ConfigDict, split: str = "train", *, train: bool = 
   images) once, and traces the model's init abstractly (no compile, nothing allocated)."""
   check_fields(config, train=train)
   tokenizer = pipeline.load_tokenizer(config)
+  chat.check(config.data.chat_template, tokenizer)  # the special tokens the template writes
   model = build_model(config.model, tokenizer.vocab_size)
   _check_text(config, tokenizer, split, model.task, train)
   if train:
@@ -75,6 +76,11 @@ def _check_data(config) -> None:
   fields.integer(config, "data.text_len", 1)
   fields.integer(config, "data.num_threads", 0)
   fields.boolean(config, "data.blind")
+  fields.boolean(config, "data.packing")
+  fields.integer(config, "data.max_images", 1)
+  fields.integer(config, "data.max_image_pixels", 1)
+  fields.choice(config, "data.chat_template", tuple(chat.TEMPLATES))
+  fields.choice(config, "data.image_processor", tuple(images.PROCESSORS))
   vocab = fields.get(config, "data.vocab_size")
   if vocab is not fields.ABSENT and (not fields.is_int(vocab) or vocab <= 4):
     raise UserError(f"data.vocab_size={vocab!r} must be an integer > 4 (ids 0-3 are pad, unk, bos, "
@@ -131,8 +137,10 @@ def check_rules(config, params) -> None:
 def _check_text(config, tokenizer, split: str, task: str, train: bool) -> None:
   """data.text_len against the longest element of the split as the pipeline makes it (the eval split:
   the prefix only), and model.image_position against the shortest prefix. Under
-  data.bad_records='skip' a too-long element is skipped by design: not checked then."""
-  if config.data.bad_records != "fail":
+  data.bad_records='skip' a too-long element is skipped by design: not checked then. Whole
+  conversations, or another chat template than "plain", are checked as the pipeline renders them."""
+  if (config.data.bad_records != "fail" or data.get(config.data.name).conversations
+      or config.data.chat_template != "plain"):
     return
   longest, shortest = None, None  # (tokens, record, what)
   for n_tokens, prefix, r, what in _elements(config, tokenizer, split, task, train):

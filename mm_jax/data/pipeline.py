@@ -24,10 +24,10 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from PIL import Image
 
-from mm_jax.data import get
+from mm_jax.data import get, images
 from mm_jax.data import records as records_lib
+from mm_jax.data import rows as rows_lib
 from mm_jax.data import tokenizer as tokenizer_lib
 from mm_jax.errors import UserError
 
@@ -53,21 +53,63 @@ def load_tokenizer(config) -> tokenizer_lib.Tokenizer:
   return tokenizer_lib.Tokenizer.load(get(config.data.name).tokenizer(config.data))
 
 
-def train_iterator(config, tokenizer: tokenizer_lib.Tokenizer, source, *, process_index: int,
+def row_layout(config, tokenizer) -> rows_lib.Row:
+  """The rows of config's model: its image tokens in the sequence (and how many per image) or not."""
+  from mm_jax import models  # pylint: disable=g-import-not-at-top  # models need data's registries
+  n = models.tokens_per_image(config)
+  return rows_lib.Row(config, tokenizer, in_sequence=n > 0, tokens_per_image=n)
+
+
+def train_iterator(config, tokenizer, source, *, process_index: int,
                    process_count: int) -> grain.DatasetIterator:
   """Returns an endless, checkpointable iterator over this process's training batches, of
-  b = global_batch_size // process_count rows:
+  b = global_batch_size // process_count rows of L tokens (data/rows.py has the layout and L):
 
-    image      float32 [b, S, S, 3]  in [-1, 1] (all zeros if data.blind); S = data.image_size
-    text       int32   [b, T]        [bos] question | answer [eos] | pad ...; T = data.text_len
-    mask_ar    int32   [b, T]        0 on the prefix (full attention), 1 on suffix and padding (causal)
-    mask_loss  int32   [b, T]        1 on the suffix (answer + eos) only
-    mask_input int32   [b, T]        1 on every real token, 0 on padding
+    image      float32 [b, M, S, S, 3]  in [-1, 1] (all zeros if data.blind); M = data.max_images
+    image_pos  int32   [b, M]        where each image sits (L: an empty slot)
+    text       int32   [b, L]        the chat template's tokens, image slots in place, then pad
+    mask_ar    int32   [b, L]        0 on the prefix (full attention), 1 on suffix and padding (causal)
+    mask_loss  int32   [b, L]        1 on the assistant turns' tokens only
+    mask_input int32   [b, L]        1 on every real token, 0 on padding
+    segment    int32   [b, L]        the example of each token (data.packing: several per row), 0 pad
+    positions  int32   [b, L]        RoPE positions, from 0 in every example
     skipped    int32   [b]           only under data.bad_records=skip: 1 where a bad element was replaced
+
+  data.packing: rows of several examples (grain's first-fit packing over this process's share of
+  the shuffled elements); its iterator state resumes with the same process count.
   """
   num = get(config.data.name).num_elements(config.data, len(source))
-  return shuffled_batches(config, num, _TrainExample(config, tokenizer, source),
-                          process_index=process_index, process_count=process_count)
+  row = row_layout(config, tokenizer)
+  make = _TrainExample(config, row, source)
+  if config.data.packing:
+    return packed_batches(config, num, make, row, process_index=process_index,
+                          process_count=process_count)
+  return shuffled_batches(config, num, lambda j: row.pad(make(j)), process_index=process_index,
+                          process_count=process_count)
+
+
+def packed_batches(config, num_elements: int, make_element, row: rows_lib.Row, *, process_index: int,
+                   process_count: int) -> grain.DatasetIterator:
+  """Process p's share of the shuffled elements (every P-th), first-fit packed into rows of
+  row.length, batched by b: endless and checkpointable (grain's packing state)."""
+  b = _local_batch_size(config.global_batch_size, process_count, "global_batch_size")
+  ids = grain.MapDataset.range(num_elements).shuffle(seed=config.seed).repeat(None)
+  make = records_lib.guarded(make_element, num_elements, records_lib.policy(config.data))
+  threads = config.data.num_threads
+  options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(1, 2 * threads))
+  skip = records_lib.policy(config.data) == "skip"
+  ds = ids[process_index::process_count].map(make).to_iter_dataset(options)
+  ds = grain.experimental.FirstFitPackIterDataset(
+      ds, length_struct=dict(row.lengths(), **({"skipped": 1} if skip else {})), num_packing_bins=b,
+      shuffle_bins=False)
+  ds = ds.map(row.packed if not skip else _with_skipped(row.packed)).batch(b, drop_remainder=True)
+  return iter(ds)
+
+
+def _with_skipped(packed):
+  def f(p):
+    return dict(packed(p), skipped=np.int32(p["skipped"].sum() > 0))
+  return f
 
 
 def shuffled_batches(config, num_elements: int, make_element, *, process_index: int,
@@ -133,39 +175,40 @@ class IteratorRestore(ocp.args.CheckpointArgs):
 
 def eval_batches(config, tokenizer: tokenizer_lib.Tokenizer, source, *, process_index: int,
                  process_count: int):
-  """Yields every (image, question) pair of the split once (this process's share), in a fixed order.
+  """Yields every element of the split once (this process's share), in a fixed order, its prompt:
+  the conversation up to its last answer, ending in the chat template's generation prompt.
 
   Every process yields the same number of batches (the last ones padded), so collectives stay in step.
-  The prefix only: image, text ([bos] question | pad), mask_input, prefix_len int32 [b], valid bool [b]
+  image, image_pos, text (the prompt, then pad), mask_input, prefix_len int32 [b], valid bool [b]
   (False on padding rows: [bos] alone, prefix_len 1, so no row is empty, and rows of a bad element
-  under data.bad_records=skip), skipped bool [b], and lists question, answer, kind (of the source's
-  kinds; '' on padding rows).
+  under data.bad_records=skip), skipped bool [b], and lists question (the last user turn's text),
+  answer (the last assistant turn's), kind (of the source's kinds; '' on padding rows), id.
   """
   batch_size = _local_batch_size(config.eval.batch_size, process_count, "eval.batch_size")
   src = get(config.data.name)
+  row = row_layout(config, tokenizer)
   num_pairs = src.num_elements(config.data, len(source), train=False)
   num_batches = math.ceil(num_pairs / (batch_size * process_count))
   mine = list(range(process_index, num_pairs, process_count))
   mine += [None] * (num_batches * batch_size - len(mine))
-  text_len, size = config.data.text_len, config.data.image_size
   skip = records_lib.policy(config.data) == "skip"
   cached = (None, None)  # (record index, record or its BadRecord): the pairs of an image read once
   for start in range(0, len(mine), batch_size):
     rows = []
     for j in mine[start:start + batch_size]:
       if j is None:
-        rows.append(_eval_padding_row(tokenizer, text_len, size))
+        rows.append(_eval_padding_row(tokenizer, row))
         continue
       r, k = src.element(config.data, len(source), j)
       if cached[0] != r:
         cached = (r, _read(source, r))
       try:
-        rows.append(_eval_row(config, src, tokenizer, source, r, k, cached[1]))
+        rows.append(_eval_row(src, row, source, r, k, cached[1]))
       except records_lib.BadRecord as e:
         if not skip:
           raise
         records_lib.note_skipped(e)
-        rows.append(dict(_eval_padding_row(tokenizer, text_len, size), skipped=True))
+        rows.append(dict(_eval_padding_row(tokenizer, row), skipped=True))
     yield _stack_eval(rows)
 
 
@@ -176,43 +219,43 @@ def _read(source, r: int):
     return e
 
 
-def _eval_row(config, src, tokenizer, source, r: int, k: int, record) -> dict:
+def _eval_row(src, row: rows_lib.Row, source, r: int, k: int, record) -> dict:
   if isinstance(record, records_lib.BadRecord):
     raise record
-  question, answer = src.texts(record, k)
-  prefix = _prefix(tokenizer, question)
-  text_len = config.data.text_len
-  if len(prefix) > text_len:
-    raise _too_long(src, source, r, k, question, len(prefix), text_len)
-  return dict(image=_image(record["image"], config), text=_padded(prefix, text_len),
-              mask_input=_mask(len(prefix), text_len), prefix_len=len(prefix), valid=True,
-              question=question, answer=answer, kind=src.kinds[k], skipped=False)
+  try:
+    conv = src.conversation(record, k)
+    ex, answer = row.prompt(conv)
+  except (ValueError, KeyError, UserError) as e:
+    raise _bad(src, source, r, k, e) from None
+  out = row.pad(ex)
+  user = [t for t in conv.turns if t.role == "user"]
+  return dict(image=out["image"], image_pos=out["image_pos"], text=out["text"],
+              mask_input=out["mask_input"], prefix_len=len(ex["text"]), valid=True,
+              question=user[-1].text.strip() if user else "", answer=answer, kind=src.kind(record, k),
+              id=conv.id or f"{source.split}/{r}/{src.kind(record, k) or k}", skipped=False)
 
 
 class _TrainExample:
-  """Element index -> one unbatched training element (a question or, after them, a caption)."""
+  """Element index -> one unbatched, unpadded training example (data/rows.py)."""
 
-  def __init__(self, config, tokenizer, source):
-    self._config, self._tokenizer, self._source = config, tokenizer, source
+  def __init__(self, config, row: rows_lib.Row, source):
+    self._config, self._row, self._source = config, row, source
     self._src = get(config.data.name)
 
   def __call__(self, j: int) -> dict[str, np.ndarray]:
     r, k = self._src.element(self._config.data, len(self._source), int(j))
     record = self._source[r]
-    question, answer = self._src.texts(record, k)
-    prefix = _prefix(self._tokenizer, question)
-    suffix = self._tokenizer.encode(answer) + [self._tokenizer.eos_id]
-    n, text_len = len(prefix) + len(suffix), self._config.data.text_len
-    if n > text_len:
-      raise _too_long(self._src, self._source, r, k, question, n, text_len, answer)
-    is_prefix = np.arange(text_len) < len(prefix)
-    is_real = np.arange(text_len) < n
-    return dict(
-        image=_image(record["image"], self._config),
-        text=_padded(prefix + suffix, text_len),
-        mask_ar=(~is_prefix).astype(np.int32),
-        mask_loss=(is_real & ~is_prefix).astype(np.int32),
-        mask_input=is_real.astype(np.int32))
+    try:
+      return self._row.train(self._src.conversation(record, k))
+    except (ValueError, KeyError, UserError) as e:
+      raise _bad(self._src, self._source, r, k, e) from None
+
+
+def _bad(src, source, r: int, k: int, e: Exception) -> records_lib.BadRecord:
+  """A conversation the row cannot hold (too long, too many images, a bad image or turn)."""
+  if isinstance(e, rows_lib.TooLong):
+    return source.bad(r, src.field(k), str(e), f"set --config.data.{e.field} to at least {e.n}")
+  return source.bad(r, src.field(k), str(e), "fix or drop the record")
 
 
 def _local_batch_size(global_size: int, process_count: int, field: str) -> int:
@@ -222,51 +265,34 @@ def _local_batch_size(global_size: int, process_count: int, field: str) -> int:
   return global_size // process_count
 
 
-def _prefix(tokenizer, question: str) -> list[int]:
-  return [tokenizer.bos_id] + tokenizer.encode(question)
-
-
-def _too_long(src, source, r: int, k: int, question: str, n: int, text_len: int,
-              answer: str | None = None) -> records_lib.BadRecord:
-  what = f"{question!r}" + ("" if answer is None else f" with its answer {answer!r}")
-  return source.bad(r, src.field(k), f"({what}) needs {n} tokens but --config.data.text_len is {text_len}",
-                    f"set it to at least {n}")
-
-
 def _padded(ids: list[int], length: int) -> np.ndarray:
   out = np.full([length], tokenizer_lib.PAD_ID, np.int32)
   out[:len(ids)] = ids
   return out
 
 
-def _mask(n: int, length: int) -> np.ndarray:
-  return (np.arange(length) < n).astype(np.int32)
-
-
 def _image(image: np.ndarray, config) -> np.ndarray:
-  """uint8 [H, W, 3] -> float32 [S, S, 3] in [-1, 1]."""
+  """uint8 [H, W, 3] -> float32 [S, S, 3] in [-1, 1] (the contrastive pairs' images)."""
   size = config.data.image_size
   if config.data.blind:
     return np.zeros([size, size, 3], np.float32)
-  if image.shape[:2] != (size, size):
-    image = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
-  return image.astype(np.float32) / 127.5 - 1.0
+  return images.preprocess("plain", image, size)
 
 
-def _eval_padding_row(tokenizer, text_len: int, size: int) -> dict:
-  return dict(image=np.zeros([size, size, 3], np.float32), text=_padded([tokenizer.bos_id], text_len),
-              mask_input=_mask(1, text_len), prefix_len=1, valid=False, question="", answer="",
-              kind="", skipped=False)
+def _eval_padding_row(tokenizer, row: rows_lib.Row) -> dict:
+  ex = dict(text=np.asarray([tokenizer.bos_id], np.int32), mask_ar=np.zeros([1], np.int32),
+            mask_loss=np.zeros([1], np.int32), image=np.zeros([0, row.size, row.size, 3], np.float32),
+            image_pos=np.zeros([0], np.int32))
+  out = row.pad(ex)
+  return dict(image=out["image"], image_pos=out["image_pos"], text=out["text"],
+              mask_input=out["mask_input"], prefix_len=1, valid=False, question="", answer="", kind="",
+              id="", skipped=False)
 
 
 def _stack_eval(rows: list[dict]) -> dict:
-  return dict(
-      image=np.stack([r["image"] for r in rows]),
-      text=np.stack([r["text"] for r in rows]),
-      mask_input=np.stack([r["mask_input"] for r in rows]),
-      prefix_len=np.array([r["prefix_len"] for r in rows], np.int32),
-      valid=np.array([r["valid"] for r in rows], bool),
-      skipped=np.array([r["skipped"] for r in rows], bool),
-      question=[r["question"] for r in rows],
-      answer=[r["answer"] for r in rows],
-      kind=[r["kind"] for r in rows])
+  out = {k: np.stack([r[k] for r in rows]) for k in ("image", "image_pos", "text", "mask_input")}
+  out.update(prefix_len=np.array([r["prefix_len"] for r in rows], np.int32),
+             valid=np.array([r["valid"] for r in rows], bool),
+             skipped=np.array([r["skipped"] for r in rows], bool),
+             **{k: [r[k] for r in rows] for k in ("question", "answer", "kind", "id")})
+  return out

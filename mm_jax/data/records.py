@@ -67,10 +67,11 @@ class Records:
     self.split = str(source.split)
     self.directory = str(source.dataset_info.data_dir)
     self._features = source.dataset_info.features
-    image = self._features["image"]
-    self._image_shape, self._image_dtype = tuple(image.shape), np.dtype(image.np_dtype)
+    image = self._features["image"] if "image" in self._features.keys() else None
+    self._image_shape = None if image is None else tuple(image.shape)
+    self._image_dtype = None if image is None else np.dtype(image.np_dtype)
     self._texts = {k: getattr(self._features[k], "shape", ()) for k in self._features.keys()
-                   if k != "image"}  # caption: (), questions/answers: (4,)
+                   if k not in ("image", "images")}  # caption: (), questions/answers: (4,)
 
   def __len__(self) -> int:
     return len(self._source)
@@ -124,12 +125,18 @@ class Records:
     return "record", f"cannot be decoded ({_short(error)})"
 
   def _check(self, i: int, record: dict) -> None:
+    if self._image_shape is None:  # encoded images (a conversation's): checked as they are decoded
+      self._check_texts(i, record)
+      return
     image = record.get("image")
     if image is None:
       raise self.bad(i, "image", "is missing")
     if image.shape != self._image_shape or image.dtype != self._image_dtype:
       raise self.bad(i, "image", f"is {image.dtype} {tuple(image.shape)} but the dataset declares "
                      f"{self._image_dtype} {self._image_shape}")
+    self._check_texts(i, record)
+
+  def _check_texts(self, i: int, record: dict) -> None:
     for name, shape in self._texts.items():
       value = record.get(name)
       values = [value] if not shape else list(value) if value is not None else []

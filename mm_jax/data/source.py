@@ -14,6 +14,8 @@ j // num_questions; the caption elements follow. Eval elements are the question 
 import dataclasses
 from typing import Any, Callable, NamedTuple
 
+from mm_jax.data.conversation import Conversation, Image, Turn
+
 
 class RecordTexts(NamedTuple):
   """The texts of a record: elements[k] the (question, answer) of its element k, and its caption."""
@@ -32,6 +34,27 @@ class Source:
   texts: Callable[[Any, int], tuple[str, str]]  # (record, k) -> (question, answer) of its element k
   field: Callable[[int], str]     # k -> the record field element k's text comes from (in BadRecords)
   caption: Callable[[Any], str]   # record -> its caption (the contrastive text)
+  # (record, k) -> element k as a Conversation; None: one user turn (the image, then the question)
+  # and the answer, from texts()
+  to_conversation: Callable[[Any, int], Conversation] | None = None
+  # True: each record is one whole conversation (one element, no caption elements, kinds from
+  # record_kind); its lengths are checked as the pipeline reads it, under data.bad_records
+  conversations: bool = False
+  record_kind: Callable[[Any], str] | None = None
+
+  def conversation(self, record, k: int) -> Conversation:
+    """Element k of a record in the one example schema (data/conversation.py)."""
+    if self.to_conversation is not None:
+      return self.to_conversation(record, k)
+    question, answer = self.texts(record, k)
+    return Conversation(turns=(Turn("user", (Image(0), question)), Turn("assistant", (answer,))),
+                        images=(record["image"],))
+
+  def kind(self, record, k: int) -> str:
+    """The kind element k of a record is scored under ('' for a caption)."""
+    if self.record_kind is not None:
+      return self.record_kind(record)
+    return self.kinds[k] if k < len(self.kinds) else ""
 
   @property
   def num_questions(self) -> int:
@@ -49,7 +72,7 @@ class Source:
     PaliGemma-style task mixing: a caption naming every object is a dense grounding signal beside
     one-word answers; the ratio keeps its many tokens from swamping the answers in the token-mean loss.
     """
-    return round(data_cfg.caption_ratio * num_records)
+    return 0 if self.conversations else round(data_cfg.caption_ratio * num_records)
 
   def num_elements(self, data_cfg, num_records: int, train: bool = True) -> int:
     captions = self.num_captions(data_cfg, num_records) if train else 0

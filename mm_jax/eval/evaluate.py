@@ -6,7 +6,8 @@ unique.
   python -m mm_jax.eval --config=configs/shapes_tiny.py --workdir=workdirs/tiny [--split=test] [--step=N]
 
 Restores the params (no optimizer state) of the newest checkpoint, or of --step, onto the current mesh,
-whatever mesh wrote it. Prints the score and writes <workdir>/eval/<split>.json.
+whatever mesh wrote it. Prints the score and writes <workdir>/eval/<split>.json (and, for VQA models,
+every prediction with its scores to <workdir>/eval/<split>.predictions.jsonl).
 """
 import json
 
@@ -55,10 +56,14 @@ def evaluate(config: mlc.ConfigDict, workdir: str, split: str = "test", step: in
   mm = ModelOnMesh.create(config, tokenizer.vocab_size, mesh)
   step, params = restore_params(workdir, mm, step)
   scores, line = TASKS[mm.model.task].evaluate(config, mm, params, tokenizer, source)
+  predictions = scores.pop("predictions", None)
   result = {"step": step, "split": split, **scores}
   if jax.process_index() == 0:
     out = workdir_path(workdir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
+    if predictions is not None:  # every prediction, one JSON line each, beside the scores
+      (out / f"{split}.predictions.jsonl").write_text(
+          "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
     (out / f"{split}.json").write_text(json.dumps(result, indent=1))
     print(f"step {step} | {split} | {line}", flush=True)
   return result

@@ -29,3 +29,12 @@ def family_of(model_cfg: mlc.ConfigDict) -> Family:
 def build_model(model_cfg: mlc.ConfigDict, tokenizer_vocab: int):
   """The model a config describes; `tokenizer_vocab` is the tokenizer's size."""
   return family_of(model_cfg).build(model_cfg, tokenizer_vocab)
+
+
+def tokens_per_image(config: mlc.ConfigDict) -> int:
+  """The tokens one image of data.image_size puts in the decoder's sequence; 0 for families whose
+  images are cross-attended (cross) or ignored (lm). What the data rows reserve per image."""
+  if not family_of(config.model).image_in_sequence:
+    return 0
+  s = config.data.image_size
+  return build_model(config.model, max(config.data.vocab_size, 8)).num_image_tokens((1, s, s, 3))

@@ -1,10 +1,12 @@
-"""The vqa task: a decoder answers (or captions) after the image and a text prefix.
+"""The vqa task: a decoder answers, captions or chats about images, in conversations.
 
-Trained on data.train_iterator's batches (the source's question elements, then its caption elements) by
-next-token cross-entropy on the suffix tokens (loss_fn, optim.loss_norm); evaluated by greedy
-KV-cached answers to every question of the split, exact match overall and per question kind.
+Trained on data.train_iterator's batches (conversations rendered by their chat template, data/rows.py)
+by next-token cross-entropy on the assistant tokens (loss_fn, optim.loss_norm); evaluated by greedy
+KV-cached answers to the last question of every conversation of the split, scored by eval.metrics
+overall and per kind, every prediction kept.
 """
-import functools
+
+import json
 
 import jax
 import jax.numpy as jnp
@@ -13,28 +15,36 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from mm_jax import data
+from mm_jax import data, models
+from mm_jax.data import chat
+from mm_jax.eval import metrics
 from mm_jax.eval.decode import greedy_decode
-from mm_jax.tasks import Task, choice, forward, image_text_batch, local_rows
+from mm_jax.tasks import Task, choice, forward, local_rows
 from mm_jax.train import sharding
 
 LOSS_NORMS = ("example", "token")
 
 
 def loss_fn(model, params, batch: dict, norm: str = "example") -> jax.Array:
-  """Next-token cross-entropy on the loss-masked (suffix) tokens.
+  """Next-token cross-entropy on the loss-masked (assistant) tokens.
 
-  norm="example": the mean over each example's suffix tokens, then over examples (big_vision's
-  PaliGemma trainer): a one-word answer weighs as much as a 20-token caption. norm="token": the mean
-  over all suffix tokens of the batch (HF transformers), where long targets dominate.
+  norm="example": the mean over each example's target tokens, then over examples (big_vision's
+  PaliGemma trainer): a one-word answer weighs as much as a 20-token caption. Examples are the
+  segments (batch["segment"]), so a packed row of three examples counts three, as unpacked.
+  norm="token": the mean over all target tokens of the batch (HF transformers).
   """
   logits_BxTxV = forward(model, params, batch)[:, :-1].astype(jnp.float32)
   weights_BxT = batch["mask_loss"][:, 1:].astype(jnp.float32)
   ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["text"][:, 1:])
   if norm == "token":
     return jnp.sum(ce_BxT * weights_BxT) / jnp.maximum(jnp.sum(weights_BxT), 1.0)
-  per_example_B = jnp.sum(ce_BxT * weights_BxT, axis=1) / jnp.maximum(jnp.sum(weights_BxT, axis=1), 1.0)
-  return jnp.mean(per_example_B)
+  t = weights_BxT.shape[1] + 1  # segment ids are < the row length
+  per_row = jax.vmap(lambda x, s: jax.ops.segment_sum(x, s, num_segments=t))
+  segment_BxT = batch["segment"][:, 1:]
+  sum_BxK, count_BxK = per_row(ce_BxT * weights_BxT, segment_BxT), per_row(weights_BxT, segment_BxT)
+  is_example_BxK = (count_BxK > 0).astype(jnp.float32)
+  per_example_BxK = sum_BxK / jnp.maximum(count_BxK, 1.0)
+  return jnp.sum(per_example_BxK * is_example_BxK) / jnp.maximum(jnp.sum(is_example_BxK), 1.0)
 
 
 def _loss(model, params, batch: dict, optim_cfg: mlc.ConfigDict) -> jax.Array:
@@ -42,17 +52,24 @@ def _loss(model, params, batch: dict, optim_cfg: mlc.ConfigDict) -> jax.Array:
 
 
 def example_batch(config: mlc.ConfigDict, batch: int = 1) -> dict:
-  """Zeros shaped like a training batch (data.train_iterator's keys)."""
-  t = config.data.text_len
-  out = image_text_batch(config, batch)
-  out.update(mask_ar=jnp.zeros((batch, t), jnp.int32), mask_input=jnp.ones((batch, t), jnp.int32),
-             mask_loss=jnp.zeros((batch, t), jnp.int32))
-  return out
+  """Zeros shaped like a training batch (data.train_iterator's keys; data/rows.py's layout)."""
+  l, m, s = row_length(config), config.data.max_images, config.data.image_size
+  zeros = lambda *shape: jnp.zeros((batch, *shape), jnp.int32)
+  return dict(image=jnp.zeros((batch, m, s, s, 3), jnp.float32), text=zeros(l), mask_ar=zeros(l),
+              mask_input=jnp.ones((batch, l), jnp.int32), mask_loss=zeros(l),
+              image_pos=jnp.full((batch, m), l, jnp.int32), segment=jnp.ones((batch, l), jnp.int32),
+              positions=jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (batch, l)))
+
+
+def row_length(config: mlc.ConfigDict) -> int:
+  """L: data.text_len plus, for families with image tokens in the sequence, max_images x their N."""
+  return config.data.text_len + config.data.max_images * models.tokens_per_image(config)
 
 
 def tokens_per_example(config: mlc.ConfigDict, model) -> int:
   """The decoder's sequence: data.text_len text tokens plus the image tokens that sit in it."""
-  return model.num_image_tokens(example_batch(config)["image"].shape) + config.data.text_len
+  del model
+  return row_length(config)
 
 
 def text_elements(config, src, texts: list, length, train: bool):
@@ -70,44 +87,73 @@ def text_elements(config, src, texts: list, length, train: bool):
 
 
 def evaluate(config, mm, params, tokenizer, source) -> tuple[dict, str]:
-  """Greedy KV-cached answers to every question of the split, exact match overall and per kind.
-  mm: the train.state.ModelOnMesh of the restored params."""
+  """Greedy KV-cached answers to the last question of every conversation of the split, scored by
+  eval.metrics overall and per kind. mm: the train.state.ModelOnMesh of the restored params.
+  The result's "predictions": every (id, kind, question, answer, prediction, scores) row."""
   batch_sh = sharding.batch_sharding(mm.mesh)
   decode = jax.jit(
-      functools.partial(greedy_decode, mm.model, max_new=config.model.max_answer_len),
-      in_shardings=(mm.param_shardings, batch_sh, batch_sh, batch_sh, batch_sh), out_shardings=batch_sh)
-
-  kinds = data.get(config.data.name).kinds
-  counts = np.zeros((len(kinds), 2), np.int64)  # per question kind: [correct, total]
-  samples = []
+      lambda p, image, text, mask, plen, pos: greedy_decode(
+          mm.model, p, image, text, mask, plen, config.model.max_answer_len, image_pos=pos),
+      in_shardings=(mm.param_shardings, *([batch_sh] * 5)), out_shardings=batch_sh)
+  names = tuple(config.eval.metrics)
+  stop = chat.stop_id(config.data.chat_template, tokenizer)  # e.g. <end_of_turn>, not always eos
+  rows = []
   for batch in data.eval_batches(config, tokenizer, source, process_index=jax.process_index(),
                                  process_count=jax.process_count()):
-    arrays = sharding.to_global(
-        {k: batch[k] for k in ("image", "text", "mask_input", "prefix_len")}, mm.mesh)
+    keys = ("image", "text", "mask_input", "prefix_len", "image_pos")
+    arrays = sharding.to_global({k: batch[k] for k in keys}, mm.mesh)
     with mm.context():
-      tokens = decode(params, arrays["image"], arrays["text"], arrays["mask_input"],
-                      arrays["prefix_len"])
+      tokens = decode(params, *(arrays[k] for k in keys))
     local = local_rows(tokens, mm.mesh, batch_sh.spec)
-    for row, valid, q, a, kind in zip(local, batch["valid"], batch["question"], batch["answer"],
-                                      batch["kind"]):
-      if not valid:
-        continue
-      pred = tokenizer.decode(row.tolist()).strip()
-      counts[kinds.index(kind)] += (pred == a, 1)
-      if len(samples) < config.eval.num_samples:
-        samples.append({"question": q, "answer": a, "prediction": pred})
-  if jax.process_count() > 1:  # every process holds the counts of its share
-    counts = np.asarray(multihost_utils.process_allgather(counts)).sum(0)
-  correct, total = counts.sum(0).tolist()
-  result = {"num_examples": total, "vqa_exact_match": correct / max(total, 1),
-            "per_kind": {k: c / n for k, (c, n) in zip(kinds, counts.tolist()) if n},
-            "samples": samples}
+    for row, valid, i, q, a, kind in zip(local, batch["valid"], batch["id"], batch["question"],
+                                         batch["answer"], batch["kind"]):
+      if valid:
+        ids = row.tolist()
+        pred = tokenizer.decode(ids[:ids.index(stop)] if stop in ids else ids).strip()
+        scores = {n: metrics.METRICS[n](pred, [a]) for n in names if n in metrics.METRICS}
+        rows.append(dict(id=i, kind=kind, question=q, answer=a, prediction=pred, **scores))
+  if jax.process_count() > 1:  # every process holds the rows of its share
+    rows = _gather_rows(rows)
+  result = _scores(rows, names)
+  result["samples"] = [{k: r[k] for k in ("question", "answer", "prediction")}
+                       for r in rows[:config.eval.num_samples]]
+  result["predictions"] = rows
   kind_scores = " ".join(f"{k} {v:.3f}" for k, v in result["per_kind"].items())
-  return result, (f"{total} questions | vqa_exact_match {result['vqa_exact_match']:.4f} | "
-                  f"{kind_scores}")
+  line = " | ".join(f"{n} {result[n]:.4f}" for n in _reported(names))
+  return result, f"{result['num_examples']} questions | {line} | {kind_scores}".rstrip(" |")
+
+
+def _reported(names) -> list[str]:
+  return ["vqa_exact_match" if n == "exact_match" else n for n in names]
+
+
+def _scores(rows: list[dict], names) -> dict:
+  """The mean of each per-example metric, overall and (the first metric) per kind; corpus metrics."""
+  out = {"num_examples": len(rows)}
+  for n, key in zip(names, _reported(names)):
+    if n in metrics.METRICS:
+      out[key] = float(np.mean([r[n] for r in rows])) if rows else 0.0
+    else:
+      preds = {j: r["prediction"] for j, r in enumerate(rows)}
+      out[key] = float(metrics.corpus_metrics[n](preds, {j: [r["answer"]] for j, r in enumerate(rows)}))
+  first = next((n for n in names if n in metrics.METRICS), None)
+  kinds = sorted({r["kind"] for r in rows if r["kind"]}, key=lambda k: [r["kind"] for r in rows].index(k))
+  out["per_kind"] = {k: float(np.mean([r[first] for r in rows if r["kind"] == k]))
+                     for k in kinds} if first else {}
+  return out
+
+
+def _gather_rows(rows: list[dict]) -> list[dict]:
+  """Every process's prediction rows, in process order (they are small: JSON through the hosts)."""
+  blob = np.frombuffer(json.dumps(rows).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.int64(blob.size)))
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:blob.size] = blob
+  parts = np.asarray(multihost_utils.process_allgather(padded))
+  return [r for p, n in zip(parts, sizes) for r in json.loads(bytes(p[:int(n)]).decode())]
 
 
 TASK = Task(
-    inputs=("image", "text", "mask_ar", "mask_input"), loss=_loss, check=choice("loss_norm", LOSS_NORMS),
+    inputs=("image", "text", "mask_ar", "mask_input", "image_pos", "segment", "positions"), loss=_loss, check=choice("loss_norm", LOSS_NORMS),
     example_batch=example_batch, train_iterator=data.train_iterator, evaluate=evaluate,
     tokens_per_example=tokens_per_example, text_elements=text_elements)
