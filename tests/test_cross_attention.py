@@ -134,6 +134,33 @@ def test_greedy_decode_unchanged_with_ragged_prefixes(setup):
     seq[np.arange(B), np.asarray(lengths) + t] = nxt
 
 
+def test_in_row_greedy_decode(setup):
+  """greedy_decode with image_pos: at 0 the old call's tokens; an image first seen by a new token (row
+  0: from row 5, row 1: from row 3) gives the tokens of re-running the full forward with that image_pos,
+  and they differ from those without the image."""
+  model, _, _, params, images, _, ones = setup
+  params = _set_gates(params, 0.9)  # cross outputs scaled up: the image decides tokens
+  params["cross"] = jax.tree_util.tree_map_with_path(
+      lambda p, x: x * 10 if p[1].key in ("o", "down") else x, params["cross"])
+  image, lengths, max_new = images[:, :1], jnp.array([5, 2]), 3
+  prefix = jax.random.randint(jax.random.key(3), (B, 5), 4, V)
+  mask = (jnp.arange(5)[None] < lengths[:, None]).astype(jnp.int32)
+  decode = jax.jit(lambda *a, **kw: greedy_decode(model, params, *a, max_new=max_new, **kw))
+  np.testing.assert_array_equal(decode(image, prefix, mask, lengths, image_pos=jnp.zeros((B, 1), jnp.int32)),
+                                decode(image[:, 0], prefix, mask, lengths))
+  pos = jnp.array([[5], [3]])
+  got = np.asarray(decode(image, prefix, mask, lengths, image_pos=pos))
+  full = jax.jit(lambda t: model.apply({"params": params}, image, t, ones, ones, pos))
+  seq = np.zeros((B, T), np.int32)
+  seq[:, :5] = np.where(np.asarray(mask) > 0, np.asarray(prefix), 0)
+  for t in range(max_new):
+    nxt = np.argmax(np.asarray(full(jnp.asarray(seq)))[np.arange(B), np.asarray(lengths) + t - 1], -1)
+    np.testing.assert_array_equal(got[:, t], nxt)
+    seq[np.arange(B), np.asarray(lengths) + t] = nxt
+  unseen = np.asarray(decode(image, prefix, mask, lengths, image_pos=jnp.full((B, 1), T)))
+  assert (got[:, 0] == unseen[:, 0]).all() and (got != unseen).any(axis=1).all()
+
+
 def test_train_step_with_frozen_llm_keeps_the_text_llm(monkeypatch):
   config = _config()
   config.mesh.update(dict(data=2, fsdp=2, tensor=2))  # cross params sharded over fsdp and tensor too

@@ -26,6 +26,7 @@ def test_fuyu_family_params_tokens_and_a_train_step():
   assert params["connector"]["proj"]["kernel"].shape == (8 * 8 * 3, 32)
   s = config.data.image_size
   assert mm.model.num_image_tokens((1, s, s, 3)) == (s // 8) ** 2
+  assert mm.model.num_image_tokens((1, 3, s, s, 3)) == (s // 8) ** 2  # per image of a multi-image row
   batch = random_vqa_batch(config, V)
   state, losses = train_losses(mm, tx, batch)
   assert losses[-1] < losses[0]

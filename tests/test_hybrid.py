@@ -90,6 +90,27 @@ def test_kv_cache_decoding_gives_full_forward_logits(setup):
   assert got.shape == (B, 3)
 
 
+def test_in_row_one_image_equals_the_inserted_layout(setup):
+  """The thumbnail over its slots at image_position 0 (image_pos 0: every token sees the tiles) gives the
+  inserted layout's logits and greedy tokens, gates open."""
+  model, params, image, text, ones = setup
+  params = _set_gates(params, 0.6)
+  params["tile_embed"] = jax.random.normal(jax.random.key(4), params["tile_embed"].shape)
+  n, zeros = model.num_image_tokens(image.shape), jnp.zeros((B, 1), jnp.int32)
+  mask_ar = jnp.ones_like(ones).at[:, :4].set(0)
+  slots = lambda x, v: jnp.concatenate([jnp.full((B, n), v, x.dtype), x], axis=1)
+  run = jax.jit(lambda *a: model.apply({"params": params}, *a))
+  want = run(image, text, mask_ar, ones)
+  got = run(image[:, None], slots(text, 0), slots(mask_ar, 0), slots(ones, 1), zeros)
+  np.testing.assert_allclose(got[:, n:], want, atol=1e-5)
+  decode = jax.jit(lambda *a, **kw: greedy_decode(model, params, *a, max_new=3, **kw))
+  lengths = jnp.array([4, 2])
+  mask = (jnp.arange(4)[None] < lengths[:, None]).astype(jnp.int32)
+  np.testing.assert_array_equal(
+      decode(image[:, None], slots(text[:, :4], 0), slots(mask, 1), lengths + n, image_pos=zeros),
+      decode(image, text[:, :4], mask, lengths))
+
+
 def test_train_step_on_a_sharded_mesh():
   config = _config()
   config.mesh.update(dict(data=2, fsdp=2, tensor=2))

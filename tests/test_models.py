@@ -209,3 +209,32 @@ def test_unknown_model_field_is_named():
   config.model.encoder.widht = 3  # a typo'd field in a config file
   with pytest.raises(UserError, match="model.encoder.widht is not a field of ViT"):
     build_model(config.model, V)
+
+
+def _in_row(image, text, mask_ar, mask_input, k: int):
+  """The in-row layout of one image inserted at k: N slots (ids 0, mask_ar 0, real) before text k."""
+  b = text.shape[0]
+  slots = lambda x, v: jnp.concatenate([x[:, :k], jnp.full((b, N), v, x.dtype), x[:, k:]], axis=1)
+  return (image[:, None], slots(text, 0), slots(mask_ar, 0), slots(mask_input, 1),
+          jnp.full((b, 1), k, jnp.int32))
+
+
+@pytest.mark.parametrize("llava", [False, True])
+def test_in_row_one_image_equals_the_inserted_layout(model_and_params, llava):
+  """One image over its slots at image_position (the in-row layout, no segment or positions given)
+  gives the inserted layout's logits at every position; right padding included."""
+  model, _, params, (image, text, mask_ar, mask_input) = model_and_params
+  if llava:
+    model = build_model(_llava_style().model, V)
+    params = nn.meta.unbox(model.init(jax.random.key(0), image, text, mask_ar, mask_input))["params"]
+  mask_input = mask_input.at[1, -2:].set(0)
+  k = model.image_position
+  want = model.apply({"params": params}, image, text, mask_ar, mask_input, method=model.sequence_logits)
+  got = model.apply({"params": params}, *_in_row(image, text, mask_ar, mask_input, k))
+  chex.assert_shape(got, (B, N + T, V))
+  real = np.asarray(_in_row(image, text, mask_ar, mask_input, k)[3]) > 0
+  np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-5)
+  # segment (one example: 1 on real tokens) and positions 0 .. L-1 given explicitly: the same.
+  row = _in_row(image, text, mask_ar, mask_input, k)
+  again = model.apply({"params": params}, *row, row[3], jnp.broadcast_to(jnp.arange(N + T), (B, N + T)))
+  np.testing.assert_allclose(np.asarray(again)[real], np.asarray(want)[real], atol=1e-5)
