@@ -80,3 +80,43 @@ def test_greedy_16_tokens(converted):
   got = jax.jit(lambda *a: greedy_decode(model, params, *a, max_new=16))(
       hf_tiny.nhwc(px), prefix.astype(np.int32), np.ones((b, p), np.int32), np.full((b,), p, np.int32))
   assert np.asarray(got).tolist() == want.tolist()
+
+
+def _two_images(text, gap: int = 3):
+  """BOS, image 1's N slots, `gap` text tokens, image 2's N slots, the rest (ids IMG at the slots, as
+  HF's placeholders); and image_pos Bx2."""
+  b = len(text)
+  img = np.full((b, N), IMG)
+  ids = np.concatenate([text[:, :1], img, text[:, 1:1 + gap], img, text[:, 1 + gap:]], 1)
+  return ids, np.tile(np.array([[1, 1 + N + gap]], np.int32), (b, 1))
+
+
+def test_two_images_in_a_row(converted):
+  """Two images per row: HF scatters each image's features over its placeholders in order; ours
+  scatters them at image_pos. Logits (right padding in row 1) and 16 greedy tokens."""
+  hf, out = converted
+  px, text = hf_tiny.pixels(4, seed=1), _text(t=8)
+  b = len(text)
+  ids, image_pos = _two_images(text)
+  mask = np.ones(ids.shape, np.int64)
+  mask[1, -2:] = 0
+  ids = np.where(mask > 0, ids, 0)
+  with torch.no_grad():  # pixel_values: the images in row order, row 0's two first
+    want = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(px),
+              attention_mask=torch.tensor(mask)).logits.numpy()
+  model, params = hf_tiny.ours(out)
+  image = hf_tiny.nhwc(px).reshape(b, 2, *hf_tiny.nhwc(px).shape[1:])
+  ones = np.ones(ids.shape, np.int32)
+  got = jax.jit(lambda p, *a: model.apply({"params": p}, *a))(
+      params, image, ids.astype(np.int32), ones, mask.astype(np.int32), image_pos, mask.astype(np.int32))
+  diff = hf_tiny.max_diff(np.asarray(got)[mask > 0], want[mask > 0])
+  print(f"llava two images max|diff| {diff:.2e}")
+  assert diff <= 1e-4
+  prefix, _ = _two_images(_text(t=5), gap=2)
+  want_tokens = hf_tiny.hf_greedy(hf, 16, input_ids=torch.tensor(prefix), pixel_values=torch.tensor(px),
+                                  attention_mask=torch.ones(prefix.shape, dtype=torch.long))
+  p = prefix.shape[1]
+  got_tokens = jax.jit(lambda *a, **kw: greedy_decode(model, params, *a, max_new=16, **kw))(
+      image, prefix.astype(np.int32), np.ones((b, p), np.int32), np.full((b,), p, np.int32),
+      image_pos=np.tile(np.array([[1, 1 + N + 2]], np.int32), (b, 1)))
+  assert np.asarray(got_tokens).tolist() == want_tokens.tolist()
