@@ -101,7 +101,7 @@ def main(argv=None) -> int:
   # Relative data_dirs are the repository's (data/ by default), wherever the command runs.
   config.data.data_dir = str(REPO / (args.data_dir or config.data.data_dir))
   t0 = time.perf_counter()
-  tokenizer, source = data.prepare(config, "train")
+  tokenizer, source = data.open_split(config, "train")
   lines = [{"bench": "input", "what": "prepare", "seconds": round(time.perf_counter() - t0, 2),
             "data_dir": config.data.data_dir, "train_images": len(source)}]
   pipe = pipeline_timer(config, tokenizer, source, args.batches)

@@ -112,7 +112,7 @@ def _prebuild(root: pathlib.Path) -> None:
   from mm_jax import data  # pylint: disable=g-import-not-at-top
   config = _load_config({})
   for split in ("train", "validation", "test"):
-    data.prepare(config, split)
+    data.open_split(config, split)
   root.mkdir(parents=True, exist_ok=True)
 
 

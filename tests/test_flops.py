@@ -41,7 +41,7 @@ def _hand_count(b=8):
   qkvo = 2 * l * d * 32 + 2 * 2 * l * d * 16 + 2 * l * 32 * d               # 4 heads x 8, 2 kv heads
   attn = 2 * (2 * 4 * l * l * 8)
   mlp = 3 * 2 * l * d * 64
-  head = 2 * 20 * d * V  # text positions only: the image's are never scored
+  head = 2 * l * d * V  # every position of the row (image slots inside it): the loss masks pick
   return {"patch": b * patch, "encoder_blocks": b * enc, "connector": b * conn,
           "dense": b * 2 * (qkvo + mlp), "attn": b * 2 * attn, "head": b * head}
 

@@ -260,13 +260,6 @@ def test_bad_flags_and_inputs(tmp_path):
   assert not os.path.exists(tmp_path / "out")
 
 
-def test_importing_the_module_keeps_the_package_function(monkeypatch):
-  import mm_jax.data  # pylint: disable=g-import-not-at-top
-  assert mm_jax.data.prepare is prepare  # the import rebound it: calls still reach the function
-  monkeypatch.setattr(prepare, "_PACKAGE_PREPARE", lambda config, split: (config, split))
-  assert mm_jax.data.prepare("config", "train") == ("config", "train")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", BAD_CASES + ("empty file",))
 def test_the_command_stops_at_a_bad_record_with_one_line(tmp_path, name):

@@ -2,7 +2,7 @@
 tokenizers, and the grain pipelines over them (pipeline: question answering, captions: pairs).
 
   src = data.get(config.data.name)                # unknown names: a UserError naming the known ones
-  tokenizer, split = data.prepare(config, "train")
+  tokenizer, split = data.open_split(config, "train")
 
 A new source: one module whose SOURCE is a source.Source, and its line in SOURCES.
 """
@@ -29,6 +29,6 @@ from mm_jax.data.records import BadRecord, SkipMeter  # isort: skip
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 
-def prepare(config, split: str):
+def open_split(config, split: str):
   """(tokenizer, random-access source of `split`); builds the dataset into data.data_dir if needed."""
   return load_tokenizer(config), open_source(config, split)

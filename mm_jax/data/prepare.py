@@ -31,7 +31,6 @@ import os
 import re
 import sys
 import time
-import types
 
 from etils import epath
 import tensorflow_datasets as tfds
@@ -42,21 +41,6 @@ from mm_jax.errors import UserError
 
 PROG = "mm_jax.data.prepare"
 POLICIES = ("fail", "skip")
-_PACKAGE_PREPARE = vars(sys.modules["mm_jax.data"]).get("prepare")  # data.prepare(config, split)
-
-
-class _CallableModule(types.ModuleType):
-  """Importing this module rebinds mm_jax.data.prepare, the package's function (config, split), to
-  it: the module forwards calls to that function, so `data.prepare(config, split)` keeps working."""
-
-  def __call__(self, *args, **kwargs):
-    return _PACKAGE_PREPARE(*args, **kwargs)
-
-
-if __name__ == PROG and callable(_PACKAGE_PREPARE):
-  sys.modules[__name__].__class__ = _CallableModule
-
-
 @dataclasses.dataclass(frozen=True)
 class Options:
   inputs: tuple = ()            # (split, path) in order

@@ -19,6 +19,7 @@ import ml_collections as mlc
 from mm_jax.models import build_model, stack
 from mm_jax.models.flop_count import Sizes, Tally, counter
 from mm_jax.models.stack import path_str
+from mm_jax.tasks import TASKS
 
 
 def _vocab(config, abstract_params) -> int:
@@ -47,12 +48,14 @@ def _trainable_fn(labels, forward_only: bool):
 
 
 def _tally(config, abstract_params, labels, batch_size, model) -> Tally:
-  count = counter(model or build_model(config.model, _vocab(config, abstract_params)))
+  model = model or build_model(config.model, _vocab(config, abstract_params))
+  count = counter(model)
   forward_only = labels is None
   labels = jax.tree.map(lambda _: "frozen", abstract_params) if forward_only else labels
   t = Tally(_trainable_fn(labels, forward_only))
-  count(t, Sizes(config.data.image_size, config.data.text_len),
-        config.global_batch_size if batch_size is None else batch_size)
+  layout = TASKS[model.task].flop_layout  # the task's rows: e.g. image slots inside the sequence
+  sizes, kw = layout(config) if layout else (Sizes(config.data.image_size, config.data.text_len), {})
+  count(t, sizes, config.global_batch_size if batch_size is None else batch_size, **kw)
   return t
 
 

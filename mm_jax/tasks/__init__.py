@@ -29,6 +29,8 @@ class Task:
   tokens_per_example: Callable  # (config, model) -> the tokens of one example's sequence(s)
   text_elements: Callable   # (config, data source, texts, length, train) -> (tokens, prefix tokens or
                             # None, record, what) of every element the pipeline makes of a split
+  # config -> (flop_count.Sizes, count_flops keywords) of a training row; None: (image_size, text_len)
+  flop_layout: Callable | None = None
 
 
 def choice(field: str, known) -> Callable[[mlc.ConfigDict], None]:

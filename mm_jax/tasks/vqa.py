@@ -19,6 +19,7 @@ from mm_jax import data, models
 from mm_jax.data import chat
 from mm_jax.eval import metrics
 from mm_jax.eval.decode import greedy_decode
+from mm_jax.models.flop_count import Sizes
 from mm_jax.tasks import Task, choice, forward, local_rows
 from mm_jax.train import sharding
 
@@ -70,6 +71,11 @@ def tokens_per_example(config: mlc.ConfigDict, model) -> int:
   """The decoder's sequence: data.text_len text tokens plus the image tokens that sit in it."""
   del model
   return row_length(config)
+
+
+def flop_layout(config: mlc.ConfigDict):
+  """A training row for the FLOP count: L tokens (image slots inside), max_images images encoded."""
+  return Sizes(config.data.image_size, row_length(config)), {"images_per_row": config.data.max_images}
 
 
 def text_elements(config, src, texts: list, length, train: bool):
@@ -156,4 +162,4 @@ def _gather_rows(rows: list[dict]) -> list[dict]:
 TASK = Task(
     inputs=("image", "text", "mask_ar", "mask_input", "image_pos", "segment", "positions"), loss=_loss, check=choice("loss_norm", LOSS_NORMS),
     example_batch=example_batch, train_iterator=data.train_iterator, evaluate=evaluate,
-    tokens_per_example=tokens_per_example, text_elements=text_elements)
+    tokens_per_example=tokens_per_example, text_elements=text_elements, flop_layout=flop_layout)

@@ -177,7 +177,7 @@ def _check(config: mlc.ConfigDict, workdir: str, stack: contextlib.ExitStack) ->
   validate.check_config(config)  # fields, rules against the param tree, text_len against the data
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.global_batch_size, mesh)
-  tokenizer, source = data.prepare(config, "train")
+  tokenizer, source = data.open_split(config, "train")
   mm = ModelOnMesh.create(config, tokenizer.vocab_size, mesh)
   TASKS[mm.model.task].check(config)  # the task's loss fields (optim.loss_norm, optim.loss)
   labels = optim.param_labels(mm.abstract_params, config.optim.rules)
