@@ -67,6 +67,8 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
   c.data.tokenizer = ""              # a SentencePiece .model to use instead (an imported model's)
   c.data.blind = False               # replace every image by a constant
   c.data.path = ""                   # data.name=conversations: a directory `python -m mm_jax.data.prepare` wrote
+  # data.name=tfds: a dataset TFDS prepared (array_record) in data_dir, by name, and its field names
+  c.data.tfds = mlc.ConfigDict(dict(name="", image="image", question="question", answer="answer", kind=""))
   # How a conversation becomes tokens: data/chat.py's TEMPLATES ("plain": [image] bos question answer eos;
   # "paligemma", "llava", "gemma", "llama3": the models' own); its image processor: data/images.py's.
   c.data.chat_template = "plain"

@@ -22,6 +22,7 @@ import ml_collections as mlc
 from mm_jax.train import optim
 from mm_jax import data
 from mm_jax.data import chat, images, pipeline
+from mm_jax.eval import metrics
 from mm_jax.errors import UserError
 from mm_jax.config import fields
 from mm_jax.models import build_model, family_of, stack
@@ -97,6 +98,12 @@ def _check_model(config) -> None:
 def _check_eval(config) -> None:
   fields.integer(config, "eval.batch_size", 1)  # its split over the mesh: sharding.check_batch in eval
   fields.integer(config, "eval.num_samples", 0)
+  known = (*metrics.METRICS, *metrics.corpus_metrics)
+  names = fields.get(config, "eval.metrics")
+  for name in () if names is fields.ABSENT else names:
+    if name not in known:
+      raise UserError(f"eval.metrics has {name!r}, which is unknown; use some of {', '.join(known)} "
+                      "(--config.eval.metrics=...)")
 
 
 # --- against the parameter tree ---

@@ -182,7 +182,8 @@ def eval_batches(config, tokenizer: tokenizer_lib.Tokenizer, source, *, process_
   image, image_pos, text (the prompt, then pad), mask_input, prefix_len int32 [b], valid bool [b]
   (False on padding rows: [bos] alone, prefix_len 1, so no row is empty, and rows of a bad element
   under data.bad_records=skip), skipped bool [b], and lists question (the last user turn's text),
-  answer (the last assistant turn's), kind (of the source's kinds; '' on padding rows), id.
+  answer (the last assistant turn's), answers (every reference: the source's, else [answer]), kind
+  (of the source's kinds; '' on padding rows), id.
   """
   batch_size = _local_batch_size(config.eval.batch_size, process_count, "eval.batch_size")
   src = get(config.data.name)
@@ -232,6 +233,7 @@ def _eval_row(src, row: rows_lib.Row, source, r: int, k: int, record) -> dict:
   return dict(image=out["image"], image_pos=out["image_pos"], text=out["text"],
               mask_input=out["mask_input"], prefix_len=len(ex["text"]), valid=True,
               question=user[-1].text.strip() if user else "", answer=answer, kind=src.kind(record, k),
+              answers=src.references(record, k) if src.references else [answer],
               id=conv.id or f"{source.split}/{r}/{src.kind(record, k) or k}", skipped=False)
 
 
@@ -286,7 +288,7 @@ def _eval_padding_row(tokenizer, row: rows_lib.Row) -> dict:
   out = row.pad(ex)
   return dict(image=out["image"], image_pos=out["image_pos"], text=out["text"],
               mask_input=out["mask_input"], prefix_len=1, valid=False, question="", answer="", kind="",
-              id="", skipped=False)
+              answers=[], id="", skipped=False)
 
 
 def _stack_eval(rows: list[dict]) -> dict:
@@ -294,5 +296,5 @@ def _stack_eval(rows: list[dict]) -> dict:
   out.update(prefix_len=np.array([r["prefix_len"] for r in rows], np.int32),
              valid=np.array([r["valid"] for r in rows], bool),
              skipped=np.array([r["skipped"] for r in rows], bool),
-             **{k: [r[k] for r in rows] for k in ("question", "answer", "kind", "id")})
+             **{k: [r[k] for r in rows] for k in ("question", "answer", "answers", "kind", "id")})
   return out

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
+import tensorflow_datasets as tfds
 
 from mm_jax.errors import UserError
 
@@ -70,8 +71,8 @@ class Records:
     image = self._features["image"] if "image" in self._features.keys() else None
     self._image_shape = None if image is None else tuple(image.shape)
     self._image_dtype = None if image is None else np.dtype(image.np_dtype)
-    self._texts = {k: getattr(self._features[k], "shape", ()) for k in self._features.keys()
-                   if k not in ("image", "images")}  # caption: (), questions/answers: (4,)
+    self._texts = {k: getattr(f, "shape", ()) for k, f in self._features.items()
+                   if _is_text(f)}  # caption: (), questions/answers: (4,), a sequence: (None,)
 
   def __len__(self) -> int:
     return len(self._source)
@@ -140,7 +141,7 @@ class Records:
     for name, shape in self._texts.items():
       value = record.get(name)
       values = [value] if not shape else list(value) if value is not None else []
-      if value is None or (shape and len(values) != shape[0]):
+      if value is None or (shape and shape[0] is not None and len(values) != shape[0]):
         raise self.bad(i, name, "is missing" if value is None else
                        f"has {len(values)} entries, not {shape[0]}")
       for v in values:
@@ -148,6 +149,12 @@ class Records:
           v.decode("utf-8")
         except (AttributeError, UnicodeDecodeError) as e:
           raise self.bad(i, name, f"is not UTF-8 text ({_short(e)})") from None
+
+
+def _is_text(feature) -> bool:
+  """A Text feature, or a Sequence of them."""
+  inner = getattr(feature, "feature", feature)
+  return isinstance(inner, tfds.features.Text)
 
 
 _log_lock = threading.Lock()

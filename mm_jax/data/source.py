@@ -41,6 +41,8 @@ class Source:
   # record_kind); its lengths are checked as the pipeline reads it, under data.bad_records
   conversations: bool = False
   record_kind: Callable[[Any], str] | None = None
+  # (record, k) -> every reference answer of element k (e.g. VQAv2's ten); None: the answer alone
+  references: Callable[[Any, int], list[str]] | None = None
 
   def conversation(self, record, k: int) -> Conversation:
     """Element k of a record in the one example schema (data/conversation.py)."""

@@ -111,13 +111,14 @@ def evaluate(config, mm, params, tokenizer, source) -> tuple[dict, str]:
     with mm.context():
       tokens = decode(params, *(arrays[k] for k in keys))
     local = local_rows(tokens, mm.mesh, batch_sh.spec)
-    for row, valid, i, q, a, kind in zip(local, batch["valid"], batch["id"], batch["question"],
-                                         batch["answer"], batch["kind"]):
+    for row, valid, i, q, a, refs, kind in zip(local, batch["valid"], batch["id"], batch["question"],
+                                               batch["answer"], batch["answers"], batch["kind"]):
       if valid:
         ids = row.tolist()
         pred = tokenizer.decode(ids[:ids.index(stop)] if stop in ids else ids).strip()
-        scores = {n: metrics.METRICS[n](pred, [a]) for n in names if n in metrics.METRICS}
-        rows.append(dict(id=i, kind=kind, question=q, answer=a, prediction=pred, **scores))
+        scores = {n: metrics.METRICS[n](pred, refs) for n in names if n in metrics.METRICS}
+        rows.append(dict(id=i, kind=kind, question=q, answer=a, prediction=pred, **scores,
+                         **({"answers": refs} if refs != [a] else {})))
   if jax.process_count() > 1:  # every process holds the rows of its share
     rows = _gather_rows(rows)
   result = _scores(rows, names)
@@ -141,7 +142,8 @@ def _scores(rows: list[dict], names) -> dict:
       out[key] = float(np.mean([r[n] for r in rows])) if rows else 0.0
     else:
       preds = {j: r["prediction"] for j, r in enumerate(rows)}
-      out[key] = float(metrics.corpus_metrics[n](preds, {j: [r["answer"]] for j, r in enumerate(rows)}))
+      refs = {j: r.get("answers", [r["answer"]]) for j, r in enumerate(rows)}
+      out[key] = float(metrics.corpus_metrics[n](preds, refs))
   first = next((n for n in names if n in metrics.METRICS), None)
   kinds = sorted({r["kind"] for r in rows if r["kind"]}, key=lambda k: [r["kind"] for r in rows].index(k))
   out["per_kind"] = {k: float(np.mean([r[first] for r in rows if r["kind"] == k]))
