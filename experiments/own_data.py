@@ -31,6 +31,12 @@ RUNS = {
     "multi_cross": ("llava", "multi_image", MULTI + ["--config.model.family=cross"]),
     "multi_cross_blind": ("llava", "multi_image",
                           MULTI + ["--config.model.family=cross", "--config.data.blind=True"]),
+    # the multi-image task mixed with the single-image questions (tested on the multi-image task)
+    "mix_unified": ("llava", "qa+multi_image", MULTI),
+    "mix_unified_blind": ("llava", "qa+multi_image", MULTI + ["--config.data.blind=True"]),
+    "mix_cross": ("llava", "qa+multi_image", MULTI + ["--config.model.family=cross"]),
+    "mix_cross_blind": ("llava", "qa+multi_image",
+                        MULTI + ["--config.model.family=cross", "--config.data.blind=True"]),
 }
 
 
@@ -49,12 +55,21 @@ def _tokenizer(work: str) -> str:
   return _run([PY, "-c", code]).strip().splitlines()[-1]
 
 
-def _prepared(work: str, fmt: str, task: str) -> str:
-  export, out = os.path.join(work, f"export_{fmt}_{task}"), os.path.join(work, f"prepared_{fmt}_{task}")
-  if not os.path.exists(os.path.join(out, "dataset_info.json")):
+def _exported(work: str, fmt: str, task: str) -> str:
+  export = os.path.join(work, f"export_{fmt}_{task}")
+  if not os.path.exists(os.path.join(export, "test." + ("json" if fmt == "llava" else "jsonl"))):
     _run([PY, "-m", "mm_jax.data.export", f"--out={export}", f"--format={fmt}", f"--task={task}"])
-    ext = "json" if fmt == "llava" else "jsonl"
-    inputs = [f"--input={s}={os.path.join(export, f'{s}.{ext}')}" for s in ("train", "validation", "test")]
+  return export
+
+
+def _prepared(work: str, fmt: str, task: str) -> str:
+  """task "a+b": training on both exports (mixed), validation and test from b alone."""
+  out = os.path.join(work, f"prepared_{fmt}_{task}")
+  if not os.path.exists(os.path.join(out, "dataset_info.json")):
+    tasks, ext = task.split("+"), "json" if fmt == "llava" else "jsonl"
+    exports = [_exported(work, fmt, t) for t in tasks]
+    inputs = [f"--input=train={os.path.join(e, f'train.{ext}')}" for e in exports]
+    inputs += [f"--input={s}={os.path.join(exports[-1], f'{s}.{ext}')}" for s in ("validation", "test")]
     _run([PY, "-m", "mm_jax.data.prepare", *inputs, f"--out={out}"])
   return out
 

@@ -72,3 +72,44 @@ def test_imported_eval_prompts_equal_the_native_ones(test_config, tokenizer, pre
     np.testing.assert_array_equal(got[k], native[k], err_msg=k)
   assert got["question"] == native["question"] and got["answer"] == native["answer"]
   assert got["kind"] == native["kind"] and got["id"] == native["id"]
+
+
+# --- bad conversations through the real train command ---
+
+def _write_messages(tmp, lengths: list[int]) -> str:
+  """A messages JSONL, one PNG per conversation; conversation i's answer has lengths[i] words."""
+  import json  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  (tmp / "images").mkdir()
+  with open(tmp / "train.jsonl", "w") as f:
+    for i, n in enumerate(lengths):
+      Image.new("RGB", (32, 32), (10 * i, 0, 0)).save(tmp / "images" / f"{i}.png")
+      f.write(json.dumps({"id": f"c{i}", "images": [f"images/{i}.png"], "messages": [
+          {"role": "user", "content": "<image>what is there?"},
+          {"role": "assistant", "content": " ".join(["red circle"] * n)}]}) + "\n")
+  return str(tmp / "train.jsonl")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["fail", "skip"])
+def test_a_conversation_over_the_budget_follows_the_policy(test_config, tmp_path, policy):
+  path = _write_messages(tmp_path, [1, 1, 40, 1, 1, 1, 1, 1])  # record 2: far over text_len
+  out = str(tmp_path / "prepared")
+  subprocess.run([sys.executable, "-m", "mm_jax.data.prepare", f"--input=train={path}", f"--out={out}",
+                  "--workers=1"], check=True, capture_output=True, cwd=files.REPO)
+  tok = data.get("shapes").tokenizer(test_config.data)
+  run = subprocess.run(
+      [sys.executable, "-m", "mm_jax.train", f"--config={files.REPO}/configs/shapes_tiny.py:test",
+       f"--workdir={tmp_path / 'w'}", "--config.data.name=conversations", f"--config.data.path={out}",
+       f"--config.data.tokenizer={tok}", f"--config.data.bad_records={policy}", "--config.total_steps=2",
+       "--config.global_batch_size=8", "--config.log_every=1", "--config.checkpoint_every=2"],
+      capture_output=True, text=True, cwd=files.REPO)
+  if policy == "fail":
+    assert run.returncode != 0
+    last = run.stderr.strip().splitlines()[-1]
+    assert "train record 2" in last and "text_len" in last and "bad_records=skip" in last, last
+    assert not (tmp_path / "w" / "checkpoints").exists() or not any((tmp_path / "w" / "checkpoints").iterdir())
+  else:
+    assert run.returncode == 0, run.stderr[-2000:]
+    metrics = (tmp_path / "w" / "metrics.jsonl").read_text()
+    assert '"data_skipped": 1' in metrics or '"data_skipped": 2' in metrics, metrics
