@@ -54,12 +54,16 @@ def _eval_keys(batches):
 
 def test_batch_shapes_dtypes_and_mask_layout(test_config, tokenizer, train_source):
   batch = next(_iter(test_config, tokenizer, train_source))
-  b, s, t = 8, 32, 20
-  chex.assert_shape(batch["image"], (b, s, s, 3))
-  for key in ("text", "mask_ar", "mask_loss", "mask_input"):
+  b, s, m, n_img = 8, 32, 1, 16  # unified: N = 16 image slots per image, max_images 1
+  t = 20 + m * n_img  # L = text_len + max_images x N
+  chex.assert_shape(batch["image"], (b, m, s, s, 3))
+  for key in ("text", "mask_ar", "mask_loss", "mask_input", "segment", "positions"):
     chex.assert_shape(batch[key], (b, t))
     assert batch[key].dtype == np.int32, key
-  assert set(batch) == {"image", "text", "mask_ar", "mask_loss", "mask_input"}
+  chex.assert_shape(batch["image_pos"], (b, m))
+  assert batch["image_pos"].dtype == np.int32
+  assert set(batch) == {"image", "image_pos", "text", "mask_ar", "mask_loss", "mask_input", "segment",
+                        "positions"}
   assert batch["image"].dtype == np.float32
   assert batch["image"].min() >= -1 and batch["image"].max() <= 1 and batch["image"].std() > 0.1
   pairs = {(q.decode(), a.decode()) for i in range(len(train_source))
@@ -67,11 +71,17 @@ def test_batch_shapes_dtypes_and_mask_layout(test_config, tokenizer, train_sourc
   for i in range(b):
     text, ar, loss, inp = (batch[k][i] for k in ("text", "mask_ar", "mask_loss", "mask_input"))
     n_prefix, n = int((ar == 0).sum()), int(inp.sum())
-    assert text[0] == tokenizer.bos_id and text[n - 1] == tokenizer.eos_id
-    np.testing.assert_array_equal(ar, np.arange(t) >= n_prefix)  # 0 exactly on the prefix.
-    np.testing.assert_array_equal(inp, np.arange(t) < n)
+    # plain template: the image's N slots at 0, then bos question answer eos.
+    np.testing.assert_array_equal(batch["image_pos"][i], [0])
+    assert (text[:n_img] == tokenizer.pad_id).all()
+    assert text[n_img] == tokenizer.bos_id and text[n - 1] == tokenizer.eos_id
+    np.testing.assert_array_equal(ar, np.arange(t) >= n_prefix)  # 0 exactly on image slots + bos + question.
+    assert n_prefix > n_img + 1
+    np.testing.assert_array_equal(inp, np.arange(t) < n)  # 1 on the image slots and the real text.
     np.testing.assert_array_equal(loss, (np.arange(t) >= n_prefix) & (np.arange(t) < n))
-    assert (text[n:] == tokenizer.pad_id).all() and (text[:n] != tokenizer.pad_id).all()
+    assert (text[n:] == tokenizer.pad_id).all() and (text[n_img:n] != tokenizer.pad_id).all()
+    np.testing.assert_array_equal(batch["segment"][i], inp)  # one example per row
+    np.testing.assert_array_equal(batch["positions"][i], np.arange(t))
     assert _split_text(tokenizer, {"text": text, "mask_ar": ar, "mask_loss": loss}) in pairs
 
 
@@ -139,7 +149,7 @@ def test_uneven_batch_over_processes_is_a_user_error(test_config, tokenizer, tra
 def test_text_too_long_is_a_user_error(test_config, tokenizer, train_source):
   config = copy.deepcopy(test_config)
   config.data.text_len = 5
-  with pytest.raises(UserError, match=r"record \d+ .* needs \d+ tokens but --config.data.text_len is 5"):
+  with pytest.raises(UserError, match=r"record \d+ .* needs \d+ text tokens but --config.data.text_len allows 5"):
     next(_iter(config, tokenizer, train_source))
   with pytest.raises(UserError, match="--config.data.text_len"):
     next(pipeline.eval_batches(config, tokenizer, train_source, process_index=0, process_count=1))
@@ -158,20 +168,25 @@ def test_eval_covers_every_pair_once_with_padding(test_config, tokenizer, count)
                                          process_count=count))
     num_batches.add(len(batches))
     b = 24 // count
+    n_img, t = 16, 20 + 16  # L = text_len + max_images x N
     for batch in batches:
-      chex.assert_shape(batch["image"], (b, 32, 32, 3))
-      chex.assert_shape([batch["text"], batch["mask_input"]], (b, 20))
+      chex.assert_shape(batch["image"], (b, 1, 32, 32, 3))
+      chex.assert_shape(batch["image_pos"], (b, 1))
+      chex.assert_shape([batch["text"], batch["mask_input"]], (b, t))
       assert batch["prefix_len"].dtype == np.int32 and batch["valid"].dtype == bool
       assert len(batch["question"]) == len(batch["answer"]) == len(batch["kind"]) == b
       for i in range(b):
-        n = batch["prefix_len"][i]
-        np.testing.assert_array_equal(batch["mask_input"][i], np.arange(20) < n)
-        assert batch["text"][i][0] == tokenizer.bos_id and (batch["text"][i][n:] == tokenizer.pad_id).all()
+        n = batch["prefix_len"][i]  # the prompt's length, image slots included
+        np.testing.assert_array_equal(batch["mask_input"][i], np.arange(t) < n)
+        assert (batch["text"][i][n:] == tokenizer.pad_id).all()
         if batch["valid"][i]:
+          assert batch["image_pos"][i][0] == 0 and (batch["text"][i][:n_img] == tokenizer.pad_id).all()
+          assert batch["text"][i][n_img] == tokenizer.bos_id
           assert tokenizer.decode(batch["text"][i]) == batch["question"][i]
         else:
+          assert batch["text"][i][0] == tokenizer.bos_id
           assert batch["answer"][i] == batch["question"][i] == "" and n == 1
-          assert (batch["image"][i] == 0).all()
+          assert (batch["image"][i] == 0).all() and batch["image_pos"][i][0] == t  # an empty slot
     keys += _eval_keys(batches)
     assert not batches[-1]["valid"].all() and batches[0]["valid"].all()
   assert num_batches == {3}  # Every process yields the same number of batches.
@@ -184,7 +199,7 @@ def test_blind_images_are_constant(test_config, tokenizer, train_source):
   config = copy.deepcopy(test_config)
   config.data.blind = True
   batch = next(_iter(config, tokenizer, train_source))
-  assert (batch["image"] == 0).all() and batch["image"].shape == (8, 32, 32, 3)
+  assert (batch["image"] == 0).all() and batch["image"].shape == (8, 1, 32, 32, 3)
   ev = next(pipeline.eval_batches(config, tokenizer, train_source, process_index=0, process_count=1))
   assert (ev["image"] == 0).all()
   seen = next(_iter(test_config, tokenizer, train_source))
@@ -204,7 +219,8 @@ def test_full_size_images_are_not_resized(test_config, tokenizer, train_source):
 def test_unknown_data_name_is_one_line_naming_the_known_ones(test_config):
   config = copy.deepcopy(test_config)
   config.data.name = "coco"
-  msg = "data.name='coco' is unknown; use one of shapes (--config.data.name=...)"
+  assert "shapes" in data.SOURCES
+  msg = f"data.name='coco' is unknown; use one of {', '.join(data.SOURCES)} (--config.data.name=...)"
   for call in (lambda: data.get("coco"), lambda: pipeline.open_source(config, "train")):
     with pytest.raises(UserError) as e:
       call()
