@@ -64,6 +64,22 @@ def random_vqa_batch(config, vocab_size):
           "mask_ar": suffix, "mask_input": jnp.ones((n, t), jnp.int32), "mask_loss": suffix}
 
 
+def random_vqa_rows(config, vocab_size, batch=None):
+  """A random VQA batch in the rows layout (data/rows.py; tasks.vqa.example_batch's keys and shapes) of
+  `batch` rows (default: the config's global size): one image per row at image_pos 0 (for families with
+  image tokens in the sequence its slots are 0..N-1), the other image slots empty (image_pos = L); the
+  first half of each row is the prefix, the second half the scored suffix."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from mm_jax.tasks import vqa  # pylint: disable=g-import-not-at-top
+  b = vqa.example_batch(config, batch or config.global_batch_size)
+  n, l = b["text"].shape
+  suffix = jnp.zeros((n, l), jnp.int32).at[:, l // 2:].set(1)
+  return dict(b, image=jax.random.normal(jax.random.key(1), b["image"].shape),
+              text=jax.random.randint(jax.random.key(2), (n, l), 4, vocab_size),
+              mask_ar=suffix, mask_loss=suffix, image_pos=b["image_pos"].at[:, 0].set(0))
+
+
 def train_losses(mm, tx, batch, steps=3):
   """(state, losses) after `steps` train steps of `mm` on one batch from seed 0."""
   state, step, losses = mm.init_train_state(tx, seed=0), mm.make_train_step(tx), []

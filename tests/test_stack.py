@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_config, make_run, random_vqa_batch
+from conftest import load_config, make_run, random_vqa_batch, random_vqa_rows
 from mm_jax import models
 from mm_jax.eval import evaluate as eval_lib
 from mm_jax.train import loop as train
@@ -21,7 +21,7 @@ from mm_jax.checkpoint import Checkpoints, OtherLayout, layout, relayout
 from mm_jax.eval.decode import greedy_decode
 from mm_jax.errors import UserError
 from mm_jax.models.stack import path_str
-from mm_jax.tasks import forward
+from mm_jax.tasks import TASKS, forward
 
 V = 40
 FAMILIES = {
@@ -66,8 +66,18 @@ def to_layout(params, scanned: bool):
 
 
 def _inputs(config, batch=2):
+  """The old call form (4-D image, text_len tokens, no image_pos): what greedy_decode takes here."""
   b = random_vqa_batch(config, V)
   return {k: v[:batch] for k, v in b.items()}
+
+
+def _rows(config, batch=2):
+  """A training batch in the rows layout (the vqa task's inputs, image slots in the row)."""
+  return random_vqa_rows(config, V, batch)
+
+
+def _args(batch):
+  return [batch[k] for k in TASKS["vqa"].inputs]
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -75,15 +85,13 @@ def test_scanned_equals_unrolled_forward_and_grads(family):
   config = _config(family)
   if family == "hybrid":
     config.data.image_size = 32  # tiles of 16 with patch 8
-  batch = _inputs(config)
+  batch = _rows(config)
   model = models.build_model(config.model, V)
-  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), *(batch[k] for k in
-                                                                   ("image", "text", "mask_ar", "mask_input"))))["params"]
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), *_args(batch)))["params"]
   scanned = models.build_model(_config(family, scan=True).model, V)
   sparams = to_layout(params, scanned=True)
   # The scanned init builds the same tree shapes.
-  abstract = jax.eval_shape(scanned.init, jax.random.key(0), *(batch[k] for k in
-                                                              ("image", "text", "mask_ar", "mask_input")))
+  abstract = jax.eval_shape(scanned.init, jax.random.key(0), *_args(batch))
   shapes = lambda t: jax.tree.map(lambda x: x.shape, nn.meta.unbox(t))
   assert shapes(abstract["params"]) == shapes(sparams)
   assert "blocks" in sparams["decoder"] and "block_0" not in sparams["decoder"]
@@ -117,10 +125,9 @@ def test_scanned_cached_decoding_equals_unrolled(family):
 
 @pytest.fixture(scope="module")
 def remat_base():
-  batch = _inputs(_config())
-  args = [batch[k] for k in ("image", "text", "mask_ar", "mask_input")]
+  batch = _rows(_config())
   base = models.build_model(_config(scan=True).model, V)
-  params = nn.meta.unbox(jax.jit(base.init)(jax.random.key(0), *args))["params"]
+  params = nn.meta.unbox(jax.jit(base.init)(jax.random.key(0), *_args(batch)))["params"]
   f = lambda m: (lambda p: jnp.mean(forward(m, p, batch) ** 2))
   return f, params, jax.jit(jax.value_and_grad(f(base)))(params), f(base)
 
