@@ -167,3 +167,23 @@ def test_num_image_tokens_is_per_image_and_flops_take_images_per_row():
   assert two["decoder"] == old["decoder"]
   old, one = parts(hybrid, Sizes(S, 10)), parts(hybrid, Sizes(S, 14), 1)
   assert one["decoder"] == old["decoder"] and one["cross"] == old["cross"]
+
+
+def test_packed_row_on_a_sharded_mesh():
+  """The in-row forward and its gradient on a data x fsdp x tensor mesh: the single-device logits."""
+  from conftest import make_run  # pylint: disable=g-import-not-at-top
+  from mm_jax.train import sharding  # pylint: disable=g-import-not-at-top
+  config = load_config("test")
+  config.mesh.update(dict(data=2, fsdp=2, tensor=2))
+  mm, _ = make_run(config, jax.devices(), V)
+  params = mm.init_params(0)
+  inputs, _ = _rows(mm.model.num_image_tokens((1, 3, S, S, 3)))
+  batch = (sharding.batch_sharding(mm.mesh),) * len(inputs)
+  forward = lambda p, *a: mm.model.apply({"params": p}, *a)
+  with mm.context():
+    got = jax.jit(forward, in_shardings=(mm.param_shardings, *batch))(params, *inputs)
+    grads = jax.jit(jax.grad(lambda p, *a: jnp.sum(forward(p, *a) ** 2)),
+                    in_shardings=(mm.param_shardings, *batch))(params, *inputs)
+  want = jax.jit(forward)(jax.device_get(params), *inputs)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))

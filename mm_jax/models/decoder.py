@@ -127,8 +127,12 @@ class Decoder(nn.Module):
 
   def embed(self, tokens_BxL: Array) -> Array:
     """Text token embeddings; Gemma scales them by sqrt(width), rounded to the compute dtype as in HF
-    (image features are not scaled)."""
-    x_BxLxD = self.embedder(tokens_BxL)
+    (image features are not scaled). The table (nn.Embed's lookup, in the compute dtype) is gathered
+    along its fsdp-sharded embed axis first, as FSDP gathers any weight before use: looked up sharded,
+    the embeddings came out batch-replicated and the partitioner rematerialized them whole to shard
+    them over the batch."""
+    table_VxD = constrain(self.embedder.embedding.astype(self.dtype), ("vocab", None))
+    x_BxLxD = constrain(jnp.take(table_VxD, tokens_BxL, axis=0), ("act_batch", "act_len", "act_embed"))
     if self.embed_scale:
       x_BxLxD = x_BxLxD * jnp.asarray(self.width ** 0.5, self.dtype)
     return x_BxLxD

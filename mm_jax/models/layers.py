@@ -73,12 +73,16 @@ def drop_tokens(seq_BxLx_: Array, k: int, n: int) -> Array:
 
 def scatter_tokens(seq_BxLxD: Array, tokens_BxMxNxD: Array, pos_BxM: Array) -> Array:
   """seq with tokens[:, m] written over its positions [pos[m], pos[m] + N): each image's tokens into the
-  slots the row holds for them. A slot at or past L (an empty image: pos = L) falls off (mode="drop")."""
+  slots the row holds for them. A slot at or past L (an empty image: pos = L) falls off (mode="drop").
+  Both laid out as activations first: the partitioner otherwise took the embedding lookup's layout
+  (batch replicated) for the scatter and gathered the image tokens of the whole batch."""
   b, m, n, d = tokens_BxMxNxD.shape
+  names = ("act_batch", "act_len", "act_embed")
+  seq_BxLxD = constrain(seq_BxLxD, names)
+  tokens_BxMNxD = constrain(tokens_BxMxNxD.reshape(b, m * n, d).astype(seq_BxLxD.dtype), names)
   at_BxMN = (pos_BxM[:, :, None] + jnp.arange(n)).reshape(b, m * n)
   rows_Bx1 = jnp.arange(b)[:, None]
-  return seq_BxLxD.at[rows_Bx1, at_BxMN].set(
-      tokens_BxMxNxD.reshape(b, m * n, d).astype(seq_BxLxD.dtype), mode="drop")
+  return constrain(seq_BxLxD.at[rows_Bx1, at_BxMN].set(tokens_BxMNxD, mode="drop"), names)
 
 
 def row_positions(tokens_BxL: Array, positions_BxL: Array | None = None) -> Array:
