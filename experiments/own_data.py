@@ -21,7 +21,7 @@ PY = sys.executable
 CONFIG = "configs/shapes_tiny.py"
 
 # run -> (export format or None for the native path, export task, extra --config flags)
-MULTI = ["--config.data.max_images=2", "--config.data.text_len=40", "--config.model.max_answer_len=10"]
+MULTI = ["--config.data.max_images=2", "--config.data.text_len=52", "--config.model.max_answer_len=10"]
 RUNS = {
     "native": (None, None, []),
     "llava": ("llava", "qa", []),

@@ -11,7 +11,7 @@ JSON list) or DIR/<split>.jsonl (messages): shapes_tasks.conversations, ids "<sp
   messages  {"id", "kind", "messages": [{"role": "user", "content": "<image><question>"},
                {"role": "assistant", "content": "<answer>"}], "images": ["images/train/17.png"]}
             --messages_parts: each content a list, [{"type": "image"}, {"type": "text", "text": ...}]
-multi_image: llava's "image" is a list, "<image><image>\n<question>". Nothing is written before the
+multi_image: llava's "image" is a list, "<question> first: <image>\n second: <image>\n". Nothing is written before the
 flags are checked and every conversation is made.
 """
 import json
@@ -37,10 +37,9 @@ def image_path(split: str, index: int) -> str:
 def llava_record(conv: Conversation) -> dict:
   """LLaVA's layout; conv.images are the image paths."""
   turns = []
-  for t in conv.turns:
-    num = sum(isinstance(p, Image) for p in t.parts)
-    turns.append({"from": _LLAVA_ROLES[t.role],
-                  "value": (PLACEHOLDER * num + "\n" if num else "") + t.text})
+  for t in conv.turns:  # each placeholder where its image is, with the newline the import drops after it
+    value = "".join(PLACEHOLDER + "\n" if isinstance(p, Image) else p for p in t.parts)
+    turns.append({"from": _LLAVA_ROLES[t.role], "value": value})
   image = [conv.images[i] for i in conv.image_order()]
   return {"id": conv.id, "kind": shapes_tasks.kind(conv),
           "image": image[0] if len(image) == 1 else image, "conversations": turns}

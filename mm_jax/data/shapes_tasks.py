@@ -9,7 +9,8 @@ TASKS:
                (kind QUESTION_KINDS[k]), then in train the caption elements (kind "caption").
   multi_turn   two of a record's questions, the image in the first user turn. Scored: the last assistant
                turn only (the first question and its reference answer are history); kind: its question's.
-  multi_image  two scenes of one split, "which of the two images has more <color> shapes?" -> "first" |
+  multi_image  two scenes of one split, "which of the two images has more <color> shapes? first: <image>
+               second: <image>" -> "first" |
                "second", never a tie; colours and answers balanced (multi_image_plan): the text alone
                gives 1/2.
 A pure function of dataset_seed and the split sizes (and, for qa, caption_ratio).
@@ -165,7 +166,9 @@ def _multi_image(split, items, seed, image) -> Iterator[Conversation]:
     j = int(partners[rng.integers(partners.size)])
     more, less = (i, j) if counts[i, c] > counts[j, c] else (j, i)
     pair = (more, less) if answer == ANSWERS[0] else (less, more)
-    turns = (Turn("user", (Image(0), Image(1), multi_image_question(colors[c]))),
+    # The question first, each image after its label: a cross-attention model tells the images apart
+    # only by the tokens between them (its image keys carry no image index), which then know the colour.
+    turns = (Turn("user", (multi_image_question(colors[c]) + " first: ", Image(0), " second: ", Image(1))),
              Turn("assistant", (answer,)))
     yield Conversation(turns=turns, images=tuple(image(split, s) for s in pair),
                        id=f"{split}/{i}/{MULTI_IMAGE_KIND}")

@@ -37,4 +37,5 @@ def tokens_per_image(config: mlc.ConfigDict) -> int:
   if not family_of(config.model).image_in_sequence:
     return 0
   s = config.data.image_size
-  return build_model(config.model, max(config.data.vocab_size, 8)).num_image_tokens((1, s, s, 3))
+  vocab = config.model.decoder.vocab_size or config.data.vocab_size  # any the builder accepts: unused
+  return build_model(config.model, vocab).num_image_tokens((1, s, s, 3))
