@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_config, make_run
+from conftest import load_config, make_run, random_vqa_rows
 from mm_jax import models
 from mm_jax.eval.decode import greedy_decode
 from mm_jax.models.cross_attention import cross_attention, visible_images
@@ -168,12 +168,9 @@ def test_train_step_with_frozen_llm_keeps_the_text_llm(monkeypatch):
   mm, tx = make_run(config, jax.devices(), V)
   state = mm.init_train_state(tx, seed=0)
   before = jax.device_get(state["params"])
-  n, t, s = config.global_batch_size, config.data.text_len, config.data.image_size
-  text = jax.random.randint(jax.random.key(2), (n, t), 4, V)
-  batch = {"image": jax.random.normal(jax.random.key(1), (n, s, s, 3)), "text": text,
-           "mask_ar": jnp.zeros((n, t), jnp.int32).at[:, t // 2:].set(1),
-           "mask_input": jnp.ones((n, t), jnp.int32),
-           "mask_loss": jnp.zeros((n, t), jnp.int32).at[:, t // 2:].set(1)}
+  batch = random_vqa_rows(config, V)  # the task's rows layout: one image per row, seen from token 0
+  text = batch["text"]
+  n, t = text.shape
   step = mm.make_train_step(tx)
   for _ in range(2):  # the warmup gives step 0 a learning rate of 0
     state, _ = step(state, batch)
@@ -184,10 +181,11 @@ def test_train_step_with_frozen_llm_keeps_the_text_llm(monkeypatch):
   # and after the step, bitwise.
   lm = _lm(config)
   ones = jnp.ones((n, t), jnp.int32)
-  no_image = jnp.full((n, 1), t)
+  no_image = jnp.full(batch["image_pos"].shape, t)
   want = lm.apply({"params": {"decoder": before["decoder"]}}, batch["image"], text, batch["mask_ar"], ones)
   for p in (before, after):
     got = mm.model.apply({"params": p}, batch["image"], text, batch["mask_ar"], ones, no_image)
     np.testing.assert_array_equal(got, want)
-  with_image = mm.model.apply({"params": after}, batch["image"], text, batch["mask_ar"], ones)
+  with_image = mm.model.apply({"params": after}, batch["image"], text, batch["mask_ar"], ones,
+                              batch["image_pos"])
   assert np.abs(np.asarray(with_image - want)).max() > 1e-6

@@ -2,7 +2,7 @@
 import jax
 import numpy as np
 
-from conftest import load_config, make_run, random_vqa_batch, train_losses
+from conftest import load_config, make_run, random_vqa_rows, train_losses
 from mm_jax.models.vit import RawPatches
 
 V = 40
@@ -27,10 +27,11 @@ def test_fuyu_family_params_tokens_and_a_train_step():
   s = config.data.image_size
   assert mm.model.num_image_tokens((1, s, s, 3)) == (s // 8) ** 2
   assert mm.model.num_image_tokens((1, 3, s, s, 3)) == (s // 8) ** 2  # per image of a multi-image row
-  batch = random_vqa_batch(config, V)
+  batch = random_vqa_rows(config, V)
   state, losses = train_losses(mm, tx, batch)
   assert losses[-1] < losses[0]
   # The image reaches the logits.
   p = jax.device_get(state["params"])
-  run = lambda im: mm.model.apply({"params": p}, im, batch["text"], batch["mask_ar"], batch["mask_input"])
+  rest = [batch[k] for k in ("text", "mask_ar", "mask_input", "image_pos", "segment", "positions")]
+  run = lambda im: mm.model.apply({"params": p}, im, *rest)
   assert np.abs(np.asarray(run(batch["image"]) - run(-batch["image"]))).max() > 1e-6

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_config, make_run, random_vqa_batch, train_losses
+from conftest import load_config, make_run, random_vqa_rows, train_losses
 from mm_jax.errors import UserError
 from mm_jax import models
 from mm_jax.eval.decode import greedy_decode
@@ -115,6 +115,6 @@ def test_train_step_on_a_sharded_mesh():
   config = _config()
   config.mesh.update(dict(data=2, fsdp=2, tensor=2))
   mm, tx = make_run(config, jax.devices(), V)
-  state, losses = train_losses(mm, tx, random_vqa_batch(config, V))
+  state, losses = train_losses(mm, tx, random_vqa_rows(config, V))
   assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
   assert float(jax.device_get(state["params"]["cross"]["block_0"]["attn_gate"])) != 0.0
