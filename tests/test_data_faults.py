@@ -150,7 +150,7 @@ def test_skip_replaces_bad_elements_deterministically(bad, tokenizer, test_confi
   # The clean data's batches: every row not replaced is the same element, array for array.
   clean = _it(_skip(test_config), tokenizer, pipeline.open_source(_skip(test_config), "train"))
   for batch, want in zip(batches, [next(clean) for _ in range(per_epoch)]):
-    assert batch["image"].shape == (8, 32, 32, 3) and batch["skipped"].dtype == np.int32
+    assert batch["image"].shape == (8, 1, 32, 32, 3) and batch["skipped"].dtype == np.int32
     kept = batch["skipped"] == 0
     for k in ("image", "text", "mask_ar", "mask_loss", "mask_input"):
       np.testing.assert_array_equal(batch[k][kept], want[k][kept])
@@ -202,8 +202,9 @@ def test_text_longer_than_text_len_follows_the_policy(test_config, tokenizer, tr
   text_len = int(np.sort(needed)[-20]) - 1  # at least 20 elements too long, most fine
   config = copy.deepcopy(test_config)
   config.data.text_len = text_len
-  with pytest.raises(records.BadRecord, match=rf"^train record \d+ field 'questions\[\d\]' \(.*\) "
-                     rf"needs \d+ tokens but --config.data.text_len is {text_len}; set it to at least"):
+  with pytest.raises(records.BadRecord, match=rf"^train record \d+ field 'questions\[\d\]' needs \d+ text "
+                     rf"tokens but --config.data.text_len allows {text_len}; set --config.data.text_len "
+                     "to at least"):
     it = _it(config, tokenizer, train_source)
     for _ in range(64 * QA // 8):
       next(it)

@@ -44,7 +44,9 @@ def test_one_process_sequence_is_the_recorded_one(test_config, tokenizer, train_
   first = np.concatenate([old[k]["id"] for k in range(3)])[:NUM]
   assert sorted(first.tolist()) == list(range(NUM)) and first.tolist() != list(range(NUM))
   # Real elements: the old pipeline's batches, array for array.
-  make = pipeline._TrainExample(test_config, tokenizer, train_source)  # pylint: disable=protected-access
+  row = pipeline.row_layout(test_config, tokenizer)
+  example = pipeline._TrainExample(test_config, row, train_source)  # pylint: disable=protected-access
+  make = lambda j: row.pad(example(j))
   num = len(train_source) * data.get(test_config.data.name).num_questions
   old = grain.MapDataset.range(num)[0::1].shuffle(seed=test_config.seed).repeat(None).map(make)
   old = old.batch(8, drop_remainder=True)

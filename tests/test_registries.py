@@ -40,8 +40,11 @@ class Toy(nn.Module):
     return 0  # the image is added to the text embeddings, not put in the sequence
 
   @nn.compact
-  def __call__(self, image_BxHxWxC, text_BxT, mask_ar_BxT, mask_input_BxT):
-    del mask_ar_BxT, mask_input_BxT
+  def __call__(self, image_BxHxWxC, text_BxT, mask_ar_BxT, mask_input_BxT, image_pos=None, segment=None,
+               positions=None):
+    del mask_ar_BxT, mask_input_BxT, image_pos, segment, positions  # one image, added to every token
+    if image_BxHxWxC.ndim == 5:  # the rows layout: image slot 0
+      image_BxHxWxC = image_BxHxWxC[:, 0]
     p, (b, h, w, c) = self.patch, image_BxHxWxC.shape
     patches_BxNxF = image_BxHxWxC.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
     img_BxD = dense(self.width, (None, "embed"), "image_proj")(patches_BxNxF.reshape(b, -1, p * p * c)
@@ -51,7 +54,7 @@ class Toy(nn.Module):
     x_BxTxD = table_VxD[text_BxT] + img_BxD[:, None]
     return dense(self.vocab_size, ("embed", "vocab"), "head")(x_BxTxD)
 
-  def count_flops(self, t: Tally, sizes: Sizes, batch: int) -> None:
+  def count_flops(self, t: Tally, sizes: Sizes, batch: int, images_per_row: int | None = None) -> None:
     t.source("img")
     t.dense("encoder", "image_proj", "img", "img", batch, self.patch ** 2 * 3, self.width)
     t.ew("x", ["img"], ["embed"])
