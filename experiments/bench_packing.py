@@ -1,31 +1,37 @@
 r"""Packing, measured: real (non-padding) tokens per second of training with data.packing False and
 True, and the test exact match of both trained on the same number of examples.
 
-  python experiments/bench_packing.py --parts=speed --steps=150 --rounds=3
-  python experiments/bench_packing.py --parts=accuracy --acc_steps=600 --seeds=0,1
+  python experiments/bench_packing.py --parts=speed --steps=150 --warmup=50 --rounds=3 \
+      --variants=unpacked,packed,unpacked_1slot                                   # ~35 min, 2 cores
+  python experiments/bench_packing.py --parts=accuracy --acc_steps=1000 --seeds=0,1  # ~90 min
 
-The data (built once under --work): conversations of one shapes scene each, "<image>N" -> "1 <caption>
-2 <caption> ... N <caption>" (the caption numbered and repeated N times), N chosen per example so that
-its text (bos, question, answer, eos) is a length drawn uniformly from [--min_len, --text_len] (scenes
-are redrawn until one fits within one token); written as messages JSONL + PNGs and imported with
-`python -m mm_jax.data.prepare`; a SentencePiece tokenizer trained on its text. The model is the tiny
-default (configs/shapes_tiny.py) with data.name=conversations, data.text_len=--text_len and
-data.max_images=--max_images in both variants, so both rows have L = text_len + max_images x 16.
+The data (built once under --work): conversations of one shapes scene each, "<image>say it N times" ->
+"1 <caption> 2 <caption> ... N <caption>" (the caption numbered and repeated N times; the question in 1-5
+tokens: "N", "N times", ... "please say it N times"), the scene, question and N chosen so that the text
+(bos, question, answer, eos) has exactly a length drawn uniformly from [--min_len, --text_len]; written
+as messages JSONL + PNGs and imported with `python -m mm_jax.data.prepare`; a SentencePiece tokenizer
+trained on its text. The model is the tiny default (configs/shapes_tiny.py) with
+data.name=conversations, data.text_len=--text_len, data.max_images=--max_images in both variants, so
+both rows have L = text_len + max_images x 16 (checked with mm_jax.tasks.vqa.row_length).
 
 speed: `python -m mm_jax.train` for --warmup + --steps steps, logging at --warmup and at the end, so the
 last steps_per_sec times exactly the --steps steps after warmup (compile and the first steps
-excluded); the variants alternate over --rounds rounds, each run a fresh process. Real tokens are
-counted here from the same iterator (same config, same seed: the batches the timed steps consumed):
-the sum of mask_input (text and image slots of the examples) over those batches; tokens/s = that sum x
-steps_per_sec / steps. One JSON line per run and a summary line (medians, the ratio, the density and
-examples per row).
+excluded); the --variants alternate over --rounds rounds (the order reversed every other round), each
+run a fresh process. unpacked_1slot: unpacked rows of the same L with one image slot (text_len +
+(max_images - 1) x 16), the fastest unpacked layout of that row length. Real tokens are counted here
+from the same iterator (same config, same seed: the batches the timed steps consumed): the sum of
+mask_input (the examples' text and image slots) over those batches; tokens/s = that sum x
+steps_per_sec / steps. One JSON line per run and a summary line (medians, the ratios per round, the
+density and examples per row).
 
-accuracy: both variants trained on the same number of examples (--acc_steps unpacked steps; packed:
-acc_steps / examples per row steps, its warmup scaled alike), then `python -m mm_jax.eval` on the test
-split (exact match, and ANLS). --seeds: the seeds of each variant (the spread of a variant over seeds
-is the noise). One JSON line per run and a summary.
+accuracy: both variants trained on the same number of examples: --acc_steps unpacked steps; packed: the
+fewest steps whose batches hold as many examples, its warmup scaled alike; --acc_control adds unpacked
+rows at the packed run's steps and warmup with a batch of batch x examples per row (as many examples
+per optimizer step as packed). Then `python -m mm_jax.eval` on the test split (exact match, and ANLS).
+Each of --seeds runs every variant (the spread over seeds is the noise). A finished run of the same
+overrides is reused (its JSON line written again, "reused": true). One JSON line per run, a summary.
 
-Every JSON line is printed and appended to experiments/bench_packing.jsonl.
+Every JSON line is printed and appended to experiments/bench_packing.jsonl (--out).
 """
 import argparse
 import json
@@ -219,6 +225,13 @@ def _steps_for(o: dict, examples: int) -> int:
   return steps
 
 
+def _read_json(path: str):
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
 def _last_metrics(workdir: str) -> dict:
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return json.loads(f.read().splitlines()[-1])
@@ -287,25 +300,30 @@ def speed(args, prepared: str, tok: str, stats: dict) -> None:
 def accuracy(args, prepared: str, tok: str, stats: dict) -> None:
   # the packed run's steps: the fewest whose batches hold the unpacked run's examples
   target = args.acc_steps * args.batch
-  steps = {False: args.acc_steps, True: _steps_for(overrides(args, prepared, tok, "packed", 1), target)}
-  epr = target / (steps[True] * args.batch)
-  warm = {False: args.acc_warmup, True: max(1, round(args.acc_warmup / epr))}
-  results = {False: [], True: []}
+  packed_steps = _steps_for(overrides(args, prepared, tok, "packed", 1), target)
+  epr = target / (packed_steps * args.batch)
+  packed_warm = max(1, round(args.acc_warmup / epr))
+  # run -> (variant, steps, warmup steps, batch); "unpacked_big_batch" (--acc_control): unpacked rows,
+  # the packed run's steps and warmup, batch x examples per row: as many examples per step as packed
+  runs = {"unpacked": ("unpacked", args.acc_steps, args.acc_warmup, args.batch),
+          "packed": ("packed", packed_steps, packed_warm, args.batch)}
+  if args.acc_control:
+    runs["unpacked_big_batch"] = ("unpacked", packed_steps, packed_warm, round(args.batch * epr))
+  results = {name: [] for name in runs}
   for seed in args.seeds:
-    for packing in (False, True):
-      o = overrides(args, prepared, tok, "packed" if packing else "unpacked", steps[packing], seed=seed,
-                    warmup_steps=warm[packing],
-                    log_every=min(50, steps[packing]))
-      workdir = os.path.join(args.work, f"acc_{'packed' if packing else 'unpacked'}_s{seed}_"
-                             f"{args.acc_steps}")
+    for name, (variant, steps, warm, batch) in runs.items():
+      o = overrides(args, prepared, tok, variant, steps, seed=seed, warmup_steps=warm,
+                    log_every=min(50, steps))
+      o["global_batch_size"] = batch
+      workdir = os.path.join(args.work, f"acc_{name}_s{seed}_{args.acc_steps}")
       done = os.path.join(workdir, "bench_run.json")  # a finished run of these overrides: reused
-      if os.path.exists(done) and json.load(open(done))["overrides"] == o:
-        with open(done) as f:
-          scores, wall, eval_s = (json.load(f)[k] for k in ("scores", "train_s", "eval_s"))
+      prior = _read_json(done)
+      if prior and prior["overrides"] == o:  # (its JSON line is written again, "reused": true)
+        scores, wall, eval_s = (prior[k] for k in ("scores", "train_s", "eval_s"))
       else:
         wall = train(o, workdir)
-        if _last_metrics(workdir)["step"] != steps[packing]:
-          raise SystemExit(f"{workdir}: training stopped before step {steps[packing]}")
+        if _last_metrics(workdir)["step"] != steps:
+          raise SystemExit(f"{workdir}: training stopped before step {steps}")
         start = time.time()
         _run([PY, "-m", "mm_jax.eval", f"--config={CONFIG}", f"--workdir={workdir}", *_flags(o),
               "--config.eval.metrics=('exact_match','anls')"])
@@ -315,20 +333,20 @@ def accuracy(args, prepared: str, tok: str, stats: dict) -> None:
         scores = {k: scores[k] for k in ("vqa_exact_match", "anls", "num_examples")}
         with open(done, "w") as f:
           json.dump({"overrides": o, "scores": scores, "train_s": wall, "eval_s": eval_s}, f)
-      trained = count_batches(o, 0, steps[packing])["examples"]
-      res = {"bench": "packing_accuracy", "packing": packing, "seed": seed, "steps": steps[packing],
-             "warmup_steps": warm[packing], "examples_trained": trained,
+      trained = count_batches(o, 0, steps)["examples"]
+      res = {"bench": "packing_accuracy", "run": name, "packing": o["data.packing"], "seed": seed,
+             "steps": steps, "warmup_steps": warm, "batch": batch, "examples_trained": trained,
              "final_loss": _last_metrics(workdir)["loss"],
              "vqa_exact_match": scores["vqa_exact_match"], "anls": scores["anls"],
              "num_examples": scores["num_examples"], "train_s": round(wall, 1),
-             "eval_s": round(eval_s, 1)}
-      results[packing].append(res)
+             "eval_s": round(eval_s, 1), "reused": bool(prior and prior["overrides"] == o)}
+      results[name].append(res)
       _emit(res)
-  summary = {"bench": "packing_accuracy_summary", "acc_steps_unpacked": steps[False],
-             "acc_steps_packed": steps[True], "examples_per_row": epr, "data": stats}
-  for p, name in ((False, "unpacked"), (True, "packed")):
-    summary[name] = {k: [r[k] for r in results[p]] for k in ("seed", "vqa_exact_match", "anls",
-                                                             "examples_trained")}
+  summary = {"bench": "packing_accuracy_summary", "acc_steps_unpacked": args.acc_steps,
+             "acc_steps_packed": packed_steps, "examples_per_row": epr, "data": stats}
+  for name, rs in results.items():
+    summary[name] = {k: [r[k] for r in rs] for k in ("seed", "steps", "batch", "vqa_exact_match",
+                                                     "anls", "examples_trained")}
   _emit(summary)
 
 
@@ -345,6 +363,8 @@ def main():
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--acc_steps", type=int, default=600, help="unpacked steps of the accuracy runs")
   parser.add_argument("--acc_warmup", type=int, default=100, help="unpacked warmup steps (lr)")
+  parser.add_argument("--acc_control", action=argparse.BooleanOptionalAction, default=True,
+                      help="also unpacked at the packed run's steps with a batch of as many examples")
   parser.add_argument("--seeds", default="0,1", help="seeds of each variant in the accuracy part")
   parser.add_argument("--num_train", type=int, default=8000)
   parser.add_argument("--num_validation", type=int, default=200)
