@@ -107,8 +107,8 @@ def packed_batches(config, num_elements: int, make_element, row: rows_lib.Row, *
 
 
 def _with_skipped(packed):
-  def f(p):
-    return dict(packed(p), skipped=np.int32(p["skipped"].sum() > 0))
+  def f(p):  # a row's count of replaced examples: SkipMeter sums them to the bad elements met
+    return dict(packed(p), skipped=np.int32(p["skipped"].sum()))
   return f
 
 
@@ -228,13 +228,13 @@ def _eval_row(src, row: rows_lib.Row, source, r: int, k: int, record) -> dict:
     ex, answer = row.prompt(conv)
   except (ValueError, KeyError, UserError) as e:
     raise _bad(src, source, r, k, e) from None
-  out = row.pad(ex)
+  out, kind = row.pad(ex), src.kind(record, k)
   user = [t for t in conv.turns if t.role == "user"]
   return dict(image=out["image"], image_pos=out["image_pos"], text=out["text"],
               mask_input=out["mask_input"], prefix_len=len(ex["text"]), valid=True,
-              question=user[-1].text.strip() if user else "", answer=answer, kind=src.kind(record, k),
+              question=user[-1].text.strip() if user else "", answer=answer, kind=kind,
               answers=src.references(record, k) if src.references else [answer],
-              id=conv.id or f"{source.split}/{r}/{src.kind(record, k) or k}", skipped=False)
+              id=conv.id or f"{source.split}/{r}/{kind or k}", skipped=False)
 
 
 class _TrainExample:

@@ -23,6 +23,11 @@ from mm_jax.data import tokenizer as tokenizer_lib
 from mm_jax.data.conversation import Conversation
 
 
+def row_length(data_cfg, tokens_per_image: int) -> int:
+  """L: data.text_len text tokens plus max_images x the image tokens one image puts in the sequence."""
+  return data_cfg.text_len + data_cfg.max_images * tokens_per_image
+
+
 class TooLong(ValueError):
   """An example that does not fit the row: needs `n` of `budget` (text tokens or image slots)."""
 
@@ -41,7 +46,7 @@ class Row:
     self.max_images, self.size, self.blind = d.max_images, d.image_size, d.blind
     self.processor, self.max_pixels = d.image_processor, d.max_image_pixels
     self.text_len = d.text_len
-    self.length = d.text_len + (d.max_images * tokens_per_image if in_sequence else 0)
+    self.length = row_length(d, tokens_per_image if in_sequence else 0)
 
   # --- one example, unpadded ---
 

@@ -17,6 +17,7 @@ from jax.experimental import multihost_utils
 
 from mm_jax import data, models
 from mm_jax.data import chat
+from mm_jax.data import rows as rows_lib
 from mm_jax.eval import metrics
 from mm_jax.eval.decode import greedy_decode
 from mm_jax.models.flop_count import Sizes
@@ -64,7 +65,7 @@ def example_batch(config: mlc.ConfigDict, batch: int = 1) -> dict:
 
 def row_length(config: mlc.ConfigDict) -> int:
   """L: data.text_len plus, for families with image tokens in the sequence, max_images x their N."""
-  return config.data.text_len + config.data.max_images * models.tokens_per_image(config)
+  return rows_lib.row_length(config.data, models.tokens_per_image(config))
 
 
 def tokens_per_example(config: mlc.ConfigDict, model) -> int:
