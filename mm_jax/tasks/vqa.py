@@ -19,7 +19,7 @@ from mm_jax import data, models
 from mm_jax.data import chat
 from mm_jax.data import rows as rows_lib
 from mm_jax.eval import metrics
-from mm_jax.eval.decode import greedy_decode
+from mm_jax.eval import decode as decoding
 from mm_jax.models.flop_count import Sizes
 from mm_jax.tasks import Task, choice, forward, local_rows
 from mm_jax.train import sharding
@@ -98,12 +98,13 @@ def evaluate(config, mm, params, tokenizer, source) -> tuple[dict, str]:
   eval.metrics overall and per kind. mm: the train.state.ModelOnMesh of the restored params.
   The result's "predictions": every (id, kind, question, answer, prediction, scores) row."""
   batch_sh = sharding.batch_sharding(mm.mesh)
-  decode = jax.jit(
-      lambda p, image, text, mask, plen, pos: greedy_decode(
-          mm.model, p, image, text, mask, plen, config.model.max_answer_len, image_pos=pos),
-      in_shardings=(mm.param_shardings, *([batch_sh] * 5)), out_shardings=batch_sh)
   names = tuple(config.eval.metrics)
   stop = chat.stop_id(config.data.chat_template, tokenizer)  # e.g. <end_of_turn>, not always eos
+  decode = jax.jit(
+      lambda p, image, text, mask, plen, pos: decoding.decode(
+          mm.model, p, image, text, mask, plen, config.model.max_answer_len, image_pos=pos,
+          stop_ids=() if stop is None else (stop,)),
+      in_shardings=(mm.param_shardings, *([batch_sh] * 5)), out_shardings=batch_sh)
   rows = []
   for batch in data.eval_batches(config, tokenizer, source, process_index=jax.process_index(),
                                  process_count=jax.process_count()):
