@@ -14,6 +14,7 @@ keeps the newest `keep` permanent checkpoints, every one at a multiple of `keep_
 temporary one; nothing is deleted before a newer checkpoint has committed with its manifest.
 """
 import json
+import logging as std_logging
 import os
 import time
 
@@ -29,6 +30,17 @@ from mm_jax.errors import UserError
 from mm_jax.models import stack
 from mm_jax.checkpoint.integrity import MANIFEST, SaveFailed, manifest_problem, read_manifest, short_error, write_manifest
 from mm_jax.models.stack import path_str
+
+
+class _ReadOnlyNotices(std_logging.Filter):
+  """Drops orbax's two warnings on every read-only manager (eval, predict): reading is the intent."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(("CheckpointManagerOptions.read_only=True",
+                                               "Given directory is read only"))
+
+
+std_logging.getLogger("absl").addFilter(_ReadOnlyNotices())
 
 
 def workdir_path(workdir: str) -> epath.Path:

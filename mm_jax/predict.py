@@ -1,0 +1,180 @@
+r"""Ask a trained model about your own images, from its workdir.
+
+  python -m mm_jax.predict --workdir=W --image=cat.png [--image=dog.jpg] --prompt="which is bigger?"
+  python -m mm_jax.predict --workdir=W --input=questions.jsonl [--json]
+      [--step=N] [--temperature=0.7 --top_k=40 --top_p=0.9 --seed=0] [--max_new=32]
+
+The newest checkpoint (or --step) on the current devices, with the config it was trained with (stored
+in the checkpoint), its tokenizer, chat template and image processor. Each image takes one `<image>` in
+the prompt; a prompt without them gets the images first. --input: one JSON object per line,
+{"prompt": str, "image": path | [paths], "id": optional}, image paths relative to the file's folder.
+Prints each answer (with --json: one JSON line with id, prompt, images, prediction). Greedy unless
+--temperature > 0; the same --seed gives the same answers. Every image is read and checked before the
+model is loaded.
+"""
+import json
+import os
+
+import jax
+import ml_collections as mlc
+import numpy as np
+from absl import flags
+from jax.experimental import multihost_utils
+
+from mm_jax import cli, data
+from mm_jax.checkpoint import Checkpoints
+from mm_jax.config import files
+from mm_jax.data import chat, images, pipeline
+from mm_jax.data.conversation import Conversation, Image, Turn
+from mm_jax.errors import UserError
+from mm_jax.eval import decode as decoding
+from mm_jax.eval.evaluate import restore_params
+from mm_jax.eval.sample import Sampling
+from mm_jax.train import sharding
+from mm_jax.train.state import ModelOnMesh
+
+PLACEHOLDER = "<image>"
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
+_IMAGE = flags.DEFINE_multi_string("image", [], "An image file (PNG, JPEG, ...); repeat for several.")
+_PROMPT = flags.DEFINE_string("prompt", None, "The question; <image> marks where each image goes.")
+_INPUT = flags.DEFINE_string("input", None, "A JSONL file of {prompt, image} lines, instead.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON line per answer.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy; above 0: sample.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample among the most likely tokens of this total mass.")
+_SEED = flags.DEFINE_integer("seed", 0, "The sampling seed.")
+_MAX_NEW = flags.DEFINE_integer("max_new", None, "Most tokens per answer (default: model.max_answer_len).")
+
+
+def questions() -> list[dict]:
+  """[{id, prompt, images: [paths]}] from --prompt/--image or --input."""
+  if bool(_INPUT.value) == (_PROMPT.value is not None):
+    raise UserError("give --prompt (with --image=PATH for each image) or --input=FILE.jsonl, not both")
+  if _PROMPT.value is not None:
+    return [dict(id="0", prompt=_PROMPT.value, images=list(_IMAGE.value))]
+  if not os.path.isfile(_INPUT.value):
+    raise UserError(f"--input={_INPUT.value} does not exist; give a JSONL file of "
+                    '{"prompt": ..., "image": path | [paths]} lines')
+  root, out = os.path.dirname(os.path.abspath(_INPUT.value)), []
+  with open(_INPUT.value, encoding="utf-8") as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        d = json.loads(line)
+        prompt, paths = d["prompt"], d.get("image", [])
+      except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"--input={_INPUT.value} line {n}: not a JSON object with a \"prompt\" "
+                        f"({type(e).__name__}); write one {{\"prompt\", \"image\"}} object per line") from None
+      paths = [paths] if isinstance(paths, str) else list(paths)
+      out.append(dict(id=str(d.get("id", n)), prompt=prompt, images=[os.path.join(root, p) for p in paths],
+                      where=f"--input={_INPUT.value} line {n}"))
+  if not out:
+    raise UserError(f"--input={_INPUT.value} holds no questions; write one JSON object per line")
+  return out
+
+
+def conversation(q: dict, max_pixels: int) -> Conversation:
+  """The question as a conversation (user turn, then the assistant's turn to fill), images checked."""
+  where = q.get("where", "--image")
+  blobs = []
+  for path in q["images"]:
+    if not os.path.isfile(path):
+      raise UserError(f"{where}: image file {path} does not exist; give the path of a PNG or JPEG file")
+    with open(path, "rb") as f:
+      blob = f.read()
+    try:
+      images.decode(blob, max_pixels)
+    except images.ImageError as e:
+      raise UserError(f"{where}: {path}: {e}") from None
+    blobs.append(blob)
+  pieces = q["prompt"].split(PLACEHOLDER)
+  if len(pieces) == 1:
+    parts = [*map(Image, range(len(blobs))), q["prompt"]]
+  elif len(pieces) - 1 == len(blobs):
+    parts = [pieces[0]] + [x for i, text in enumerate(pieces[1:]) for x in (Image(i), text)]
+  else:
+    raise UserError(f"{where}: the prompt has {len(pieces) - 1} {PLACEHOLDER} but {len(blobs)} images "
+                    f"are given; give one --image per {PLACEHOLDER}, or no {PLACEHOLDER} at all")
+  return Conversation(turns=(Turn("user", tuple(p for p in parts if p != "")), Turn("assistant", ("",))),
+                      images=tuple(blobs), id=q["id"])
+
+
+def trained_config(workdir: str, step: int | None) -> tuple[mlc.ConfigDict, int]:
+  """The config stored with the checkpoint, completed with base's newer fields."""
+  ckpt = Checkpoints(workdir, read_only=True)
+  steps = ckpt.all_steps()
+  if not steps:
+    raise UserError(f"no checkpoint in {ckpt.directory}; train first: python -m mm_jax.train "
+                    f"--config=... --workdir={workdir}")
+  if step is not None and step not in steps:
+    raise UserError(f"no checkpoint at step {step} in {ckpt.directory}; available: {steps}")
+  step = steps[-1] if step is None else step
+  config = files.complete(mlc.ConfigDict(ckpt.meta(step)["config"]))
+  ckpt.close()
+  return config, step
+
+
+def predict(workdir: str, qs: list[dict], step: int | None, sampling: Sampling, seed: int,
+            max_new: int | None) -> list[dict]:
+  config, step = trained_config(workdir, step)
+  if config.model.family == "siglip":
+    raise UserError(f"{workdir} holds a siglip model, which outputs no text; predict needs a model of "
+                    "a family that answers (unified, cross, hybrid, fuyu, lm)")
+  convs = [conversation(q, config.data.max_image_pixels) for q in qs]
+  tokenizer = data.load_tokenizer(config)
+  row = pipeline.row_layout(config, tokenizer)
+  examples = []
+  for q, conv in zip(qs, convs):
+    try:
+      ex, _ = row.prompt(conv)
+    except ValueError as e:
+      raise UserError(f"{q.get('where', '--prompt')}: {e}") from None
+    examples.append(ex)
+  mesh = sharding.make_mesh(config.mesh)
+  mm = ModelOnMesh.create(config, tokenizer.vocab_size, mesh)
+  _, params = restore_params(workdir, mm, step)
+  stop = chat.stop_id(config.data.chat_template, tokenizer)
+  max_new = max_new or config.model.max_answer_len
+  batch_sh = sharding.batch_sharding(mesh)
+  run = jax.jit(lambda p, image, text, mask, plen, pos, key: decoding.decode(
+      mm.model, p, image, text, mask, plen, max_new, image_pos=pos, sampling=sampling, key=key,
+      stop_ids=() if stop is None else (stop,)),
+      in_shardings=(mm.param_shardings, *([batch_sh] * 5), None), out_shardings=batch_sh)
+  b = config.eval.batch_size
+  answers = []
+  for start in range(0, len(examples), b):
+    chunk = examples[start:start + b]
+    padded = [row.pad(ex) for ex in chunk] + [row.pad(chunk[0])] * (b - len(chunk))
+    lens = [len(ex["text"]) for ex in chunk] + [len(chunk[0]["text"])] * (b - len(chunk))
+    batch = {k: np.stack([r[k] for r in padded]) for k in ("image", "text", "mask_input", "image_pos")}
+    batch["prefix_len"] = np.asarray(lens, np.int32)
+    arrays = sharding.to_global(batch, mesh)
+    key = jax.random.fold_in(jax.random.key(seed), start)
+    with mm.context():
+      tokens = run(params, *(arrays[k] for k in ("image", "text", "mask_input", "prefix_len", "image_pos")),
+                   key)
+    for ids in np.asarray(multihost_utils.process_allgather(tokens, tiled=True))[:len(chunk)]:
+      ids = ids.tolist()
+      answers.append(tokenizer.decode(ids[:ids.index(stop)] if stop in ids else ids).strip())
+  return [dict(id=q["id"], prompt=q["prompt"], images=q["images"], prediction=a, step=step)
+          for q, a in zip(qs, answers)]
+
+
+def main() -> None:
+  if not _WORKDIR.value:
+    raise UserError("--workdir is required: the training run's workdir")
+  try:
+    sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
+  except ValueError as e:
+    raise UserError(f"{e}; fix --temperature, --top_k or --top_p") from None
+  qs = questions()
+  for r in predict(_WORKDIR.value, qs, _STEP.value, sampling, _SEED.value, _MAX_NEW.value):
+    if jax.process_index() == 0:
+      print(json.dumps(r, ensure_ascii=False) if _JSON.value else r["prediction"], flush=True)
+
+
+if __name__ == "__main__":
+  cli.run("mm_jax.predict", main)
