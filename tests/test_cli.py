@@ -59,6 +59,18 @@ def test_train_then_eval_writes_results(trained_workdir, test_config):
   events = event_accumulator.EventAccumulator(str(trained_workdir / "tensorboard"))
   events.Reload()
   assert [s.step for s in events.Scalars("loss")] == [2, 4]
+  table = events.Tensors("parameters/text_summary")[0].tensor_proto.string_val[0].decode()
+  assert "trainable" in table and "total" in table
+  # the eval's summaries: its scores, eval.num_summaries images and their question/answer/prediction
+  evals = event_accumulator.EventAccumulator(str(trained_workdir / "tensorboard" / "eval"),
+                                             size_guidance={"images": 0, "tensors": 0})
+  evals.Reload()
+  assert evals.Scalars("test/vqa_exact_match")[0].value == result["vqa_exact_match"]
+  images = sorted(t for t in evals.Tags()["images"] if t.startswith("test/sample_"))
+  assert len(images) == 4
+  assert evals.Images(images[0])[0].width == 32 and evals.Images(images[0])[0].height == 32
+  text = evals.Tensors("test/samples/text_summary")[0].tensor_proto.string_val[0].decode()
+  assert text.count("\n") == 4 + 1 and result["samples"][0]["question"] in text
 
 
 BAD_INPUTS = {

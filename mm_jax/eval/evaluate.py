@@ -7,7 +7,8 @@ unique.
 
 Restores the params (no optimizer state) of the newest checkpoint, or of --step, onto the current mesh,
 whatever mesh wrote it. Prints the score and writes <workdir>/eval/<split>.json (and, for VQA models,
-every prediction with its scores to <workdir>/eval/<split>.predictions.jsonl).
+every prediction with its scores to <workdir>/eval/<split>.predictions.jsonl), and to TensorBoard
+(<workdir>/tensorboard/eval) the scores and eval.num_summaries samples: images, question, prediction.
 """
 import json
 
@@ -22,6 +23,7 @@ from mm_jax.checkpoint import Checkpoints, OtherLayout, workdir_path
 from mm_jax.config import files
 from mm_jax.errors import UserError
 from mm_jax.checkpoint.parts import restore_params_by_name
+from mm_jax.train.metrics import write_samples
 from mm_jax.train.state import ModelOnMesh
 
 
@@ -57,8 +59,10 @@ def evaluate(config: mlc.ConfigDict, workdir: str, split: str = "test", step: in
   step, params = restore_params(workdir, mm, step)
   scores, line = TASKS[mm.model.task].evaluate(config, mm, params, tokenizer, source)
   predictions = scores.pop("predictions", None)
+  summaries = scores.pop("summaries", [])
   result = {"step": step, "split": split, **scores}
   if jax.process_index() == 0:
+    write_samples(workdir_path(workdir) / "tensorboard" / "eval", split, step, scores, summaries)
     out = workdir_path(workdir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     if predictions is not None:  # every prediction, one JSON line each, beside the scores

@@ -105,7 +105,7 @@ def evaluate(config, mm, params, tokenizer, source) -> tuple[dict, str]:
           mm.model, p, image, text, mask, plen, config.model.max_answer_len, image_pos=pos,
           stop_ids=() if stop is None else (stop,)),
       in_shardings=(mm.param_shardings, *([batch_sh] * 5)), out_shardings=batch_sh)
-  rows = []
+  rows, pictures = [], {}  # pictures: id -> the images of the first eval.num_summaries rows (process 0's)
   for batch in data.eval_batches(config, tokenizer, source, process_index=jax.process_index(),
                                  process_count=jax.process_count()):
     keys = ("image", "text", "mask_input", "prefix_len", "image_pos")
@@ -113,8 +113,11 @@ def evaluate(config, mm, params, tokenizer, source) -> tuple[dict, str]:
     with mm.context():
       tokens = decode(params, *(arrays[k] for k in keys))
     local = local_rows(tokens, mm.mesh, batch_sh.spec)
-    for row, valid, i, q, a, refs, kind in zip(local, batch["valid"], batch["id"], batch["question"],
-                                               batch["answer"], batch["answers"], batch["kind"]):
+    for j, (row, valid, i, q, a, refs, kind) in enumerate(zip(
+        local, batch["valid"], batch["id"], batch["question"], batch["answer"], batch["answers"],
+        batch["kind"])):
+      if valid and len(pictures) < config.eval.num_summaries and jax.process_index() == 0:
+        pictures[i] = _picture(batch["image"][j], batch["image_pos"][j], batch["text"].shape[1])
       if valid:
         ids = row.tolist()
         pred = tokenizer.decode(ids[:ids.index(stop)] if stop in ids else ids).strip()
@@ -127,9 +130,20 @@ def evaluate(config, mm, params, tokenizer, source) -> tuple[dict, str]:
   result["samples"] = [{k: r[k] for k in ("question", "answer", "prediction")}
                        for r in rows[:config.eval.num_samples]]
   result["predictions"] = rows
+  result["summaries"] = [dict(r, image=pictures[r["id"]]) for r in rows if r["id"] in pictures]
   kind_scores = " ".join(f"{k} {v:.3f}" for k, v in result["per_kind"].items())
   line = " | ".join(f"{n} {result[n]:.4f}" for n in _reported(names))
   return result, f"{result['num_examples']} questions | {line} | {kind_scores}".rstrip(" |")
+
+
+def _picture(image_MxSxSx3: np.ndarray, image_pos_M: np.ndarray, length: int) -> np.ndarray:
+  """A row's images side by side, uint8, each stretched to 0..255 (processors normalise differently)."""
+  used = [x for x, pos in zip(image_MxSxSx3, image_pos_M) if pos < length] or [image_MxSxSx3[0] * 0]
+  out = []
+  for x in used:
+    lo, hi = float(x.min()), float(x.max())
+    out.append(((x - lo) / (hi - lo or 1.0) * 255).round().astype(np.uint8))
+  return np.concatenate(out, axis=1)
 
 
 def _reported(names) -> list[str]:

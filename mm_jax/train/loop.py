@@ -232,6 +232,7 @@ def _loop(config, workdir, run: _Run, ckpt, data_iter, state, stack, preemption)
   lr_at = optim.schedule(config.optim, config.total_steps)
   writer = MetricWriter(workdir_path(workdir), config.total_steps, _throughput(config, mm, run.labels))
   stack.callback(writer.close)
+  writer.text("parameters", parameter_table(mm.abstract_params, run.labels), int(state["step"]))
   metrics, skips = {}, data.SkipMeter(config)  # data.bad_records=skip: replaced rows, per log interval
   step = int(state["step"])
   while step < config.total_steps:

@@ -26,6 +26,30 @@ def _import_tensorboardx():
   return tensorboardX
 
 
+def summary_writer(directory: epath.Path):
+  """A tensorboardX SummaryWriter into `directory` (process 0 only)."""
+  return _import_tensorboardx().SummaryWriter(str(directory))
+
+
+def write_samples(directory: epath.Path, tag: str, step: int, scores: dict, samples: list[dict]) -> None:
+  """An evaluation in TensorBoard: its scalar scores, and each sample's image(s) with its question,
+  answer and prediction (an image summary and a text table)."""
+  tb = summary_writer(directory)
+  for k, v in scores.items():
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+      tb.add_scalar(f"{tag}/{k}", v, step)
+  for k, v in scores.get("per_kind", {}).items():
+    tb.add_scalar(f"{tag}/per_kind/{k}", v, step)
+  cell = lambda x: str(x).replace("|", "\\|").replace("\n", " ")
+  table = ["| id | question | answer | prediction |", "| --- | --- | --- | --- |"]
+  for i, r in enumerate(samples):
+    tb.add_image(f"{tag}/sample_{i}", r["image"], step, dataformats="HWC")
+    table.append(f"| {cell(r['id'])} | {cell(r['question'])} | {cell(r['answer'])} | {cell(r['prediction'])} |")
+  if samples:
+    tb.add_text(f"{tag}/samples", "\n".join(table), step)
+  tb.close()
+
+
 class MetricWriter:
   """throughput: steps/s -> more metrics (mfu.Throughput: tokens_per_s, mfu), called by process 0 only
   (the only writer) at each log step that knows its steps/s."""
@@ -66,6 +90,11 @@ class MetricWriter:
       self._tb.add_scalar(k, v, step)
     self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
     self._jsonl.flush()
+
+  def text(self, tag: str, text: str, step: int = 0) -> None:
+    """A text summary (e.g. the parameter table, as a code block so its columns stay aligned)."""
+    if self._primary:
+      self._tb.add_text(tag, "\n".join("    " + line for line in text.splitlines()), step)
 
   def close(self) -> None:
     if self._primary:
