@@ -1,11 +1,15 @@
-r"""Peak host memory of `python -m mm_jax.convert` against the size of the checkpoint it reads.
+r"""Peak host memory of `python -m mm_jax.convert` against the size of the checkpoint it reads, and of
+`python -m mm_jax.export` writing it back (--export).
 
-  python experiments/convert_memory.py [--layers=4] [--dtype=float32]
+  python experiments/convert_memory.py [--layers=4] [--dtype=float32] [--export]
 
 Writes a random Llama-style HF checkpoint (float32, hidden 2048, vocab 32000, untied head: ~1.25 GB with
 4 layers) as two safetensors shards + model.safetensors.index.json in a temp dir, converts it in a
 subprocess (one CPU device) and prints one JSON line: checkpoint_bytes, peak_rss_bytes (the child's
-ru_maxrss), ratio. Everything it wrote is deleted afterwards.
+ru_maxrss), ratio; with --export also export_peak_rss_bytes and export_ratio: the peak of a separate
+export process (measured by a wrapper process around it) over the same checkpoint size, and whether
+the exported files hold bitwise the same tensors (exported_equal). Everything it wrote is deleted
+afterwards.
 """
 import argparse
 import json
@@ -56,6 +60,7 @@ def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("--layers", type=int, default=4)
   parser.add_argument("--dtype", default="float32")
+  parser.add_argument("--export", action="store_true")
   args = parser.parse_args()
   tmp = tempfile.mkdtemp(prefix="convert_memory_", dir="/tmp")
   try:
@@ -69,10 +74,55 @@ def main() -> None:
     if r.returncode:
       sys.exit(r.stderr[-3000:])
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
-    print(json.dumps({"checkpoint_bytes": size, "peak_rss_bytes": peak, "ratio": round(peak / size, 3),
-                      "dtype": args.dtype, "convert_seconds": round(seconds, 1)}))
+    result = {"checkpoint_bytes": size, "peak_rss_bytes": peak, "ratio": round(peak / size, 3),
+              "dtype": args.dtype, "convert_seconds": round(seconds, 1)}
+    if args.export:
+      result.update(_export(out, os.path.join(tmp, "exported"), env, size))
+    print(json.dumps(result))
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+_WRAPPER = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); sys.exit(r.returncode)")
+
+
+def _export(out: str, exported: str, env: dict, size: int) -> dict:
+  """Exports `out` in a grandchild whose peak RSS its parent (the wrapper) reports."""
+  start = time.time()
+  r = subprocess.run([sys.executable, "-c", _WRAPPER, sys.executable, "-m", "mm_jax.export",
+                      f"--workdir={out}", f"--out={exported}"], cwd=REPO, env=env, capture_output=True,
+                     text=True)
+  if r.returncode:
+    sys.exit(r.stderr[-3000:])
+  peak = int(r.stdout.strip().splitlines()[-1])
+  written = sum(os.path.getsize(os.path.join(exported, f)) for f in os.listdir(exported)
+                if f.endswith(".safetensors"))
+  return {"export_peak_rss_bytes": peak, "export_ratio": round(peak / size, 3),
+          "exported_bytes": written, "export_seconds": round(time.time() - start, 1),
+          "exported_equal": _same_tensors(os.path.join(os.path.dirname(out), "hf"), exported)}
+
+
+def _same_tensors(a: str, b: str) -> bool:
+  """Whether two safetensors directories hold the same names and bitwise the same tensors."""
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  def index(d):
+    out = {}
+    for f in sorted(os.listdir(d)):
+      if f.endswith(".safetensors"):
+        with safe_open(os.path.join(d, f), framework="numpy") as h:
+          out.update({n: os.path.join(d, f) for n in h.keys()})
+    return out
+  ia, ib = index(a), index(b)
+  if set(ia) != set(ib):
+    return False
+  for n in ia:
+    with safe_open(ia[n], framework="numpy") as x, safe_open(ib[n], framework="numpy") as y:
+      if not np.array_equal(x.get_tensor(n), y.get_tensor(n)):
+        return False
+  return True
 
 
 if __name__ == "__main__":

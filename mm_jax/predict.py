@@ -16,19 +16,16 @@ import json
 import os
 
 import jax
-import ml_collections as mlc
 import numpy as np
 from absl import flags
 from jax.experimental import multihost_utils
 
 from mm_jax import cli, data
-from mm_jax.checkpoint import Checkpoints
-from mm_jax.config import files
 from mm_jax.data import chat, images, pipeline
 from mm_jax.data.conversation import Conversation, Image, Turn
 from mm_jax.errors import UserError
 from mm_jax.eval import decode as decoding
-from mm_jax.eval.evaluate import restore_params
+from mm_jax.eval.evaluate import restore_params, stored_config
 from mm_jax.eval.sample import Sampling
 from mm_jax.train import sharding
 from mm_jax.train.state import ModelOnMesh
@@ -102,24 +99,9 @@ def conversation(q: dict, max_pixels: int) -> Conversation:
                       images=tuple(blobs), id=q["id"])
 
 
-def trained_config(workdir: str, step: int | None) -> tuple[mlc.ConfigDict, int]:
-  """The config stored with the checkpoint, completed with base's newer fields."""
-  ckpt = Checkpoints(workdir, read_only=True)
-  steps = ckpt.all_steps()
-  if not steps:
-    raise UserError(f"no checkpoint in {ckpt.directory}; train first: python -m mm_jax.train "
-                    f"--config=... --workdir={workdir}")
-  if step is not None and step not in steps:
-    raise UserError(f"no checkpoint at step {step} in {ckpt.directory}; available: {steps}")
-  step = steps[-1] if step is None else step
-  config = files.complete(mlc.ConfigDict(ckpt.meta(step)["config"]))
-  ckpt.close()
-  return config, step
-
-
 def predict(workdir: str, qs: list[dict], step: int | None, sampling: Sampling, seed: int,
             max_new: int | None) -> list[dict]:
-  config, step = trained_config(workdir, step)
+  config, step = stored_config(workdir, step)
   if config.model.family == "siglip":
     raise UserError(f"{workdir} holds a siglip model, which outputs no text; predict needs a model of "
                     "a family that answers (unified, cross, hybrid, fuyu, lm)")
@@ -143,7 +125,8 @@ def predict(workdir: str, qs: list[dict], step: int | None, sampling: Sampling, 
       mm.model, p, image, text, mask, plen, max_new, image_pos=pos, sampling=sampling, key=key,
       stop_ids=() if stop is None else (stop,)),
       in_shardings=(mm.param_shardings, *([batch_sh] * 5), None), out_shardings=batch_sh)
-  b = config.eval.batch_size
+  dp = sharding.data_parallel_size(mesh)  # rows per batch: the questions, rounded up to the mesh's split
+  b = min(config.eval.batch_size, -(-len(examples) // dp) * dp)
   answers = []
   for start in range(0, len(examples), b):
     chunk = examples[start:start + b]
@@ -151,7 +134,9 @@ def predict(workdir: str, qs: list[dict], step: int | None, sampling: Sampling, 
     lens = [len(ex["text"]) for ex in chunk] + [len(chunk[0]["text"])] * (b - len(chunk))
     batch = {k: np.stack([r[k] for r in padded]) for k in ("image", "text", "mask_input", "image_pos")}
     batch["prefix_len"] = np.asarray(lens, np.int32)
-    arrays = sharding.to_global(batch, mesh)
+    share = b // jax.process_count()  # every process built the whole batch and feeds its own block
+    mine = slice(jax.process_index() * share, (jax.process_index() + 1) * share)
+    arrays = sharding.to_global({k: v[mine] for k, v in batch.items()}, mesh)
     key = jax.random.fold_in(jax.random.key(seed), start)
     with mm.context():
       tokens = run(params, *(arrays[k] for k in ("image", "text", "mask_input", "prefix_len", "image_pos")),

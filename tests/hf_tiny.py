@@ -14,7 +14,7 @@ from mm_jax.config import files
 from mm_jax.train import sharding
 from mm_jax.convert import convert
 from mm_jax.eval.decode import greedy_decode
-from mm_jax.eval.evaluate import restore_params
+from mm_jax.eval.evaluate import restore_params, stored_config
 from mm_jax.train.state import ModelOnMesh
 
 SIGLIP_VISION = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
@@ -63,7 +63,9 @@ def hf_greedy(model, n: int, **inputs) -> np.ndarray:
 
 
 def load_config(out: str):
-  """get_config() of OUT/config.py, as the CLIs load it."""
+  """get_config() of OUT/config.py, as the CLIs load it; for a trained workdir, its checkpoint's."""
+  if not os.path.isfile(os.path.join(out, "config.py")):
+    return stored_config(out, None)[0]
   return files.load(os.path.join(out, "config.py"))
 
 
@@ -84,12 +86,18 @@ def max_diff(a, b) -> float:
 
 
 def check_lm(hf_model, tmp_path, vocab: int) -> dict:
-  """Converts a CausalLM and compares logits (a right-padded batch), 16 greedy tokens and bfloat16.
+  """Converts a CausalLM and compares (compare_lm) the import with it."""
+  config = convert(save(hf_model, tmp_path / "hf"), str(tmp_path / "out"))
+  assert load_config(str(tmp_path / "out")) == config
+  return compare_lm(hf_model, str(tmp_path / "out"), vocab)
+
+
+def compare_lm(hf_model, out: str, vocab: int) -> dict:
+  """A CausalLM against the workdir `out`: logits (a right-padded batch), 16 greedy tokens, bfloat16.
 
   Returns {"max_diff", "bf16_rel", "greedy": (ours, HF)} (the callers assert: failures name the family).
   """
-  config = convert(save(hf_model, tmp_path / "hf"), str(tmp_path / "out"))
-  assert load_config(str(tmp_path / "out")) == config
+  config = load_config(out)
   b, t, p = 2, 12, 8
   ids = np.random.default_rng(1).integers(3, vocab, (b, t))
   mask = np.ones((b, t), np.int64)
@@ -100,9 +108,9 @@ def check_lm(hf_model, tmp_path, vocab: int) -> dict:
   text = np.where(mask > 0, ids, 0).astype(np.int32)
 
   def logits(dtype=None):
-    model, params = ours(str(tmp_path / "out"), dtype=dtype)
-    out = jax.jit(model.apply)({"params": params}, image, text, np.ones_like(text), mask.astype(np.int32))
-    return model, params, np.asarray(out, np.float32)[mask > 0]
+    model, params = ours(out, dtype=dtype)
+    y = jax.jit(model.apply)({"params": params}, image, text, np.ones_like(text), mask.astype(np.int32))
+    return model, params, np.asarray(y, np.float32)[mask > 0]
 
   model, params, got = logits()
   _, _, got_bf16 = logits("bfloat16")

@@ -6,7 +6,8 @@ import hf_tiny
 V = 256
 
 
-def test_llama3_rope_gqa_untied(tmp_path):
+def build():
+  """The tiny random Llama (also the export round trip's, tests/test_export_hf.py)."""
   # Llama 3 RoPE scaling with a short original context, so all three frequency bands occur
   # (wavelengths 2pi .. 2pi * 5e5 across head_dim 32: above 64 divided, 16..64 blended, below kept).
   config = transformers.LlamaConfig(
@@ -14,7 +15,11 @@ def test_llama3_rope_gqa_untied(tmp_path):
       num_key_value_heads=2, head_dim=32, tie_word_embeddings=False, rms_norm_eps=1e-5,
       rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
                        "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
-  r = hf_tiny.check_lm(hf_tiny.build(transformers.LlamaForCausalLM, config), tmp_path, V)
+  return hf_tiny.build(transformers.LlamaForCausalLM, config)
+
+
+def test_llama3_rope_gqa_untied(tmp_path):
+  r = hf_tiny.check_lm(build(), tmp_path, V)
   print(r)
   assert r["max_diff"] <= 1e-4
   assert r["bf16_rel"] <= 2e-2

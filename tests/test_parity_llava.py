@@ -14,9 +14,8 @@ V, IMG, BOS = 256, 250, 1
 N = hf_tiny.N_PATCHES
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("llava")
+def build():
+  """The tiny random LLaVA (also the export round trip's, tests/test_export_hf.py)."""
   # Features from layer -2 of 3 (before the post-LN): the converter keeps 2 layers and skips the rest.
   config = transformers.LlavaConfig(
       vision_config=dict(hf_tiny.SIGLIP_VISION, vision_use_head=False),
@@ -25,7 +24,13 @@ def converted(tmp_path_factory):
                        tie_word_embeddings=False),
       image_token_index=IMG, image_seq_length=N, vision_feature_layer=-2,
       vision_feature_select_strategy="full")
-  hf = hf_tiny.build(transformers.LlavaForConditionalGeneration, config)
+  return hf_tiny.build(transformers.LlavaForConditionalGeneration, config)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("llava")
+  hf = build()
   cfg = convert(hf_tiny.save(hf, tmp / "hf"), str(tmp / "out"))
   assert cfg.model.encoder.depth == 2 and not cfg.model.encoder.final_norm
   return hf, str(tmp / "out")

@@ -14,15 +14,20 @@ V, IMG, BOS = 256, 255, 2
 N = hf_tiny.N_PATCHES
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("paligemma")
+def build():
+  """The tiny random PaliGemma (also the export round trip's, tests/test_export_hf.py)."""
   config = transformers.PaliGemmaConfig(
       vision_config=dict(hf_tiny.SIGLIP_VISION, vision_use_head=False),
       text_config=dict(model_type="gemma", vocab_size=V, hidden_size=64, intermediate_size=128,
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=24),
       image_token_index=IMG, vocab_size=V, projection_dim=64, hidden_size=64)
-  hf = hf_tiny.build(transformers.PaliGemmaForConditionalGeneration, config)
+  return hf_tiny.build(transformers.PaliGemmaForConditionalGeneration, config)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("paligemma")
+  hf = build()
   convert(hf_tiny.save(hf, tmp / "hf"), str(tmp / "out"))
   return hf, str(tmp / "out")
 

@@ -8,7 +8,8 @@ Architectures (config.json's architectures[0]; hf_config.py says what each becom
 LlamaForCausalLM, PaliGemmaForConditionalGeneration, LlavaForConditionalGeneration, SiglipModel and
 SiglipVisionModel (the encoder alone: a starting point for training, not a model to evaluate).
 Writes OUT/checkpoints/0 (params only), OUT/config.py (the derived config, with init.parts reading the
-params by name) and OUT/tokenizer.model (a copy of DIR's tokenizer.model or spiece.model).
+params by name), OUT/tokenizer.model (a copy of DIR's tokenizer.model or spiece.model) and OUT/hf/
+(config.json, the tokenizer and processor files, the tensor names: what mm_jax.export writes back).
 Nothing is written until every tensor's name and shape is checked against the model, from the
 safetensors headers alone; an OUT that already holds a checkpoint is refused. Then tensors are
 streamed one at a time, so the host holds the params plus one tensor in flight.
@@ -20,7 +21,7 @@ import ml_collections as mlc
 
 from mm_jax.train import sharding
 from mm_jax.checkpoint import workdir_path
-from mm_jax.convert import hf_config, names, writer
+from mm_jax.convert import export, hf_config, names, writer
 from mm_jax.convert.reader import HFCheckpoint
 from mm_jax.errors import UserError
 from mm_jax.train.state import ModelOnMesh
@@ -84,6 +85,7 @@ def convert(hf_dir: str, out: str, dtype: str = "float32") -> mlc.ConfigDict:
 
   params = writer.stream(ckpt, layout, entries, abstract)
   writer.write(out, hf_dir, arch, config, params, tokenizer_file(hf_dir))
+  export.keep_for_export(out, ckpt, layout, entries, skipped)  # what mm_jax.export writes back
   print(f"Converted {arch} from {hf_dir}: {len(entries)} tensors -> {out} "
         f"(python -m mm_jax.eval --config={out}/config.py --workdir={out})", flush=True)
   return config

@@ -45,6 +45,22 @@ def restore_params(workdir: str, mm: ModelOnMesh, step: int | None):
   return step, params
 
 
+def stored_config(workdir: str, step: int | None) -> tuple[mlc.ConfigDict, int]:
+  """(the config stored with the newest checkpoint, or --step's, completed with base's newer fields;
+  its step): what predict and export run a workdir's model with."""
+  ckpt = Checkpoints(workdir, read_only=True)
+  steps = ckpt.all_steps()
+  if not steps:
+    raise UserError(f"no checkpoint in {ckpt.directory}; train first: python -m mm_jax.train "
+                    f"--config=... --workdir={workdir}")
+  if step is not None and step not in steps:
+    raise UserError(f"no checkpoint at step {step} in {ckpt.directory}; available: {steps}")
+  step = steps[-1] if step is None else step
+  config = files.complete(mlc.ConfigDict(ckpt.meta(step)["config"]))
+  ckpt.close()
+  return config, step
+
+
 def evaluate(config: mlc.ConfigDict, workdir: str, split: str = "test", step: int | None = None) -> dict:
   """Runs the evaluator of the model's task (Task.evaluate); writes <workdir>/eval/<split>.json."""
   config = files.complete(config)  # a config written before a field gets base's default
