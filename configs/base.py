@@ -148,6 +148,8 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
   c.eval.batch_size = 256
   c.eval.num_samples = 20            # (question, answer, prediction) samples written to the json
   c.eval.num_summaries = 4           # of them, with their images, to TensorBoard (<workdir>/tensorboard)
+  c.eval.every_steps = 0             # > 0: training evaluates eval.split every so many steps (and last)
+  c.eval.split = "validation"
   # Per-example metrics (mm_jax/eval/metrics.py: exact_match, vqa_accuracy, anls, relaxed_accuracy) and
   # corpus ones (cider_d); every prediction is written to predictions.jsonl beside the scores.
   c.eval.metrics = ("exact_match",)

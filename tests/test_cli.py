@@ -73,6 +73,25 @@ def test_train_then_eval_writes_results(trained_workdir, test_config):
   assert text.count("\n") == 4 + 1 and result["samples"][0]["question"] in text
 
 
+def test_training_evaluates_every_n_steps_into_tensorboard(test_config, tmp_path):
+  """eval.every_steps: the validation scores in the log and metrics.jsonl, and each eval's samples
+  (images and text) in TensorBoard, at steps 2 and 4; a split the data lacks is refused first."""
+  d = test_config.data.data_dir
+  r = _run(_cmd("train", tmp_path / "run", d, "--config.eval.every_steps=2", "--config.eval.batch_size=8"))
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert r.stdout.count("validation_vqa_exact_match") == 2
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  evals = event_accumulator.EventAccumulator(str(tmp_path / "run" / "tensorboard" / "eval"),
+                                             size_guidance={"images": 0, "tensors": 0})
+  evals.Reload()
+  assert [e.step for e in evals.Scalars("validation/vqa_exact_match")] == [2, 4]
+  assert [e.step for e in evals.Images("validation/sample_0")] == [2, 4]
+  assert [e.step for e in evals.Tensors("validation/samples/text_summary")] == [2, 4]
+  r = _run(_cmd("train", tmp_path / "other", d, "--config.eval.every_steps=2", "--config.eval.split=dev"))
+  assert r.returncode == 1 and "eval.split='dev' is not a split" in _last_line(r.stderr)
+  assert not (tmp_path / "other").exists()
+
+
 BAD_INPUTS = {
     "unknown config key": (
         "train", ["--config.optim.lrr=0.1"], "optim.lrr"),

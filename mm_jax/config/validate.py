@@ -99,6 +99,7 @@ def _check_eval(config) -> None:
   fields.integer(config, "eval.batch_size", 1)  # its split over the mesh: sharding.check_batch in eval
   fields.integer(config, "eval.num_samples", 0)
   fields.integer(config, "eval.num_summaries", 0)
+  fields.integer(config, "eval.every_steps", 0)
   known = (*metrics.METRICS, *metrics.corpus_metrics)
   names = fields.get(config, "eval.metrics")
   for name in () if names is fields.ABSENT else names:

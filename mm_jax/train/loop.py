@@ -34,7 +34,7 @@ from mm_jax.checkpoint import Checkpoints, signature, workdir_path
 from mm_jax.config import files
 from mm_jax.errors import UserError
 from mm_jax.checkpoint.integrity import WorkdirLock
-from mm_jax.train.metrics import MetricWriter, parameter_table
+from mm_jax.train.metrics import MetricWriter, parameter_table, write_samples
 from mm_jax.checkpoint.parts import load_parts, map_parts
 from mm_jax.tasks import TASKS
 from mm_jax.train.state import ModelOnMesh
@@ -178,6 +178,13 @@ def _check(config: mlc.ConfigDict, workdir: str, stack: contextlib.ExitStack) ->
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.global_batch_size, mesh)
   tokenizer, source = data.open_split(config, "train")
+  if config.eval.every_steps:  # evaluating during training: its split and batch checked now
+    splits = data.get(config.data.name).splits
+    if config.eval.split not in splits:
+      raise UserError(f"eval.split={config.eval.split!r} is not a split of {config.data.name}; use "
+                      f"--config.eval.split= one of {', '.join(splits)}")
+    validate.check_config(config, config.eval.split, train=False)
+    sharding.check_batch(config.eval.batch_size, mesh, field="eval.batch_size")
   mm = ModelOnMesh.create(config, tokenizer.vocab_size, mesh)
   TASKS[mm.model.task].check(config)  # the task's loss fields (optim.loss_norm, optim.loss)
   labels = optim.param_labels(mm.abstract_params, config.optim.rules)
@@ -225,6 +232,22 @@ def _start(config: mlc.ConfigDict, workdir: str, stack: contextlib.ExitStack, ru
   return ckpt, data_iter, state
 
 
+def _evaluate(config, workdir, mm, params, step: int, writer: MetricWriter) -> None:
+  """The task's evaluator on eval.split during training: its scores logged as <split>_<name>, and its
+  samples (images, question, prediction) written to TensorBoard beside mm_jax.eval's."""
+  split, start = config.eval.split, time.time()
+  tokenizer, source = data.open_split(config, split)
+  scores, _ = TASKS[mm.model.task].evaluate(config, mm, params, tokenizer, source)
+  scores.pop("predictions", None)
+  summaries = scores.pop("summaries", [])
+  if jax.process_index() == 0:
+    write_samples(workdir_path(workdir) / "tensorboard" / "eval", split, step, scores, summaries)
+  writer.write(step, {f"{split}_{k}": v for k, v in scores.items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "num_examples"},
+               timed=False)
+  writer.pause(time.time() - start)
+
+
 def _loop(config, workdir, run: _Run, ckpt, data_iter, state, stack, preemption) -> dict:
   """The steps, logs and saves. Only log and checkpoint steps read values back to the host."""
   mm, mesh = run.mm, run.mm.mesh
@@ -245,6 +268,8 @@ def _loop(config, workdir, run: _Run, ckpt, data_iter, state, stack, preemption)
     if log or last:
       metrics = {"loss": float(out["loss"]), "lr": float(lr_at(step - 1)), **skips.pop(), **numerics}
       writer.write(step, metrics)
+    if config.eval.every_steps and (step % config.eval.every_steps == 0 or last):
+      _evaluate(config, workdir, mm, state["params"], step, writer)
     if save or last:
       ckpt.save(step, state, data_iter, config)
     elif _temporary_due(config, ckpt, step):

@@ -64,11 +64,13 @@ class MetricWriter:
       self._tb = _import_tensorboardx().SummaryWriter(str(workdir / "tensorboard"))
       self._jsonl = (workdir / "metrics.jsonl").open("a")
 
-  def write(self, step: int, metrics: dict[str, float]) -> None:
+  def write(self, step: int, metrics: dict[str, float], timed: bool = True) -> None:
     """Logs metrics of `step` (host floats) with steps/s (and the throughput's metrics) and ETA, measured
-    since the first call."""
+    since the first call; timed=False (an evaluation's scores): the metrics alone."""
     now = time.time()
-    if self._t0 is None:
+    if not timed:
+      pass
+    elif self._t0 is None:
       self._t0, self._step0 = now, step
     elif step > self._step0:
       metrics = dict(metrics, steps_per_sec=(step - self._step0) / (now - self._t0))
@@ -90,6 +92,11 @@ class MetricWriter:
       self._tb.add_scalar(k, v, step)
     self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
     self._jsonl.flush()
+
+  def pause(self, seconds: float) -> None:
+    """Leaves `seconds` (an evaluation) out of steps/s."""
+    if self._t0 is not None:
+      self._t0 += seconds
 
   def text(self, tag: str, text: str, step: int = 0) -> None:
     """A text summary (e.g. the parameter table, as a code block so its columns stay aligned)."""
