@@ -77,6 +77,7 @@ def _setup(b=3, p=6, scale=1.0):
   return model, params, image, prefix, mask, lengths
 
 
+@pytest.mark.slow  # four decodes of the test model
 def test_seeded_sampling_reproduces_and_top_k_1_is_greedy():
   model, params, image, prefix, mask, lengths = _setup(scale=3.0)
   run = jax.jit(lambda key, s: decode(model, params, image, prefix, mask, lengths, 8, sampling=s, key=key),
