@@ -49,6 +49,7 @@ def trained_workdir(test_config, tmp_path_factory):
 def test_train_then_eval_writes_results(trained_workdir, test_config):
   r = _run(_cmd("eval", trained_workdir, test_config.data.data_dir))
   assert r.returncode == 0, r.stderr[-3000:]
+  assert r.stderr.strip() == "", r.stderr[-3000:]  # results only: no library notices
   import json  # pylint: disable=g-import-not-at-top
   result = json.loads((trained_workdir / "eval" / "test.json").read_text())
   assert result["step"] == 4 and result["split"] == "test" and result["num_examples"] == 16 * 4
