@@ -49,6 +49,10 @@ RUNS = {
     "mix_cross_ps_blind": ("llava", "qa+multi_image",
                            MULTI + ["--config.model.family=cross", "--config.model.connector=pixel_shuffle",
                                     "--config.data.blind=True"]),
+    # the unified family with the pixel-shuffle connector (4x fewer image tokens per image)
+    "mix_unified_ps": ("llava", "qa+multi_image", MULTI + ["--config.model.connector=pixel_shuffle"]),
+    "mix_unified_ps_blind": ("llava", "qa+multi_image",
+                             MULTI + ["--config.model.connector=pixel_shuffle", "--config.data.blind=True"]),
     # the default at other seeds (init, data order): the spread of the native score
     **{f"native_seed{s}": (None, None, [f"--config.seed={s}"]) for s in (1, 2, 3)},
 }
