@@ -54,6 +54,7 @@ def _losses_and_grads(config, devices, params, batch):
   return np.asarray(losses), jax.tree.map(np.asarray, grads), mm
 
 
+@pytest.mark.slow  # 12-16 s: the full suite runs it, the fast tier leaves it out
 def test_sharded_losses_and_grads_equal_one_device():
   config = load_siglip_config("test")
   config.model.family_options.siglip.logit_bias_init = 0.0  # negatives then weigh log 2 each: a per-shard loss would show

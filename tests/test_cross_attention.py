@@ -161,6 +161,7 @@ def test_in_row_greedy_decode(setup):
   assert (got[:, 0] == unseen[:, 0]).all() and (got != unseen).any(axis=1).all()
 
 
+@pytest.mark.slow  # 12-16 s: the full suite runs it, the fast tier leaves it out
 def test_train_step_with_frozen_llm_keeps_the_text_llm(monkeypatch):
   config = _config()
   config.mesh.update(dict(data=2, fsdp=2, tensor=2))  # cross params sharded over fsdp and tensor too

@@ -111,6 +111,7 @@ def test_in_row_one_image_equals_the_inserted_layout(setup):
       decode(image, text[:, :4], mask, lengths))
 
 
+@pytest.mark.slow  # 12-16 s: the full suite runs it, the fast tier leaves it out
 def test_train_step_on_a_sharded_mesh():
   config = _config()
   config.mesh.update(dict(data=2, fsdp=2, tensor=2))

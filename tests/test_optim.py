@@ -65,6 +65,7 @@ def test_lr_factors_first_match_and_errors():
     optim.lr_factors(labels, (("encoder/.*", "fast"),))
 
 
+@pytest.mark.slow  # 12-16 s: the full suite runs it, the fast tier leaves it out
 def test_lr_scales_scale_the_update_of_their_group_only(test_config, tokenizer, train_source):
   """One step at factor 0.25 on the encoder: its update is a quarter of the unscaled run's, the rest
   of the model moves exactly as without scales (one global clip, the same Adam state)."""
