@@ -100,8 +100,8 @@ def export(workdir: str, out: str, step: int | None = None, max_shard_bytes: int
   _, entries, _ = names.mapping(arch, hf, config.model)
   abstract = writer.flat_params(mm.abstract_params)
   dtype = np.dtype(jax.tree.leaves(abstract)[0].dtype)
-  hf_export.hf_tensors(entries, abstract, recorded, dtype)  # shapes and names checked before any write
-  tensors = hf_export.hf_tensors(entries, _params(workdir, step, mm, abstract), recorded, dtype)
+  hf_export.hf_tensors(entries, abstract, recorded, dtype)  # names checked before anything is read
+  tensors = hf_export.hf_tensors(entries, abstract, recorded, dtype, _params(workdir, step, mm, abstract))
   tensors += hf_export.unused_tensors(hf_dir)
   if jax.process_index() != 0:  # the gathers are collectives: every process makes every tensor
     for t in tensors:

@@ -76,8 +76,9 @@ def keep_for_export(out: str, ckpt, layout: str, entries, skipped) -> None:
   unused = sorted(f for c, f in file_name.items() if c not in converted and skipped is not None
                   and skipped.fullmatch(c) and not c.startswith("lm_head.") and "rotary_emb" not in c)
   with open(os.path.join(root, TENSORS), "w") as f:
-    json.dump({"layout": layout, "names": {c: file_name[c] for c in converted}, "unused": unused}, f,
-              indent=1)
+    json.dump({"layout": layout, "names": {c: file_name[c] for c in converted},
+               "shapes": {c: list(ckpt.headers[file_name[c]][0]) for c in converted}, "unused": unused},
+              f, indent=1)
   write_safetensors(os.path.join(root, UNUSED),
                     [(f, ckpt.headers[f][0], _np_dtype(ckpt.headers[f][1]), lambda f=f: ckpt.read(f))
                      for f in unused])
@@ -125,8 +126,9 @@ def _host(x: jax.Array) -> np.ndarray:
   return np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))
 
 
-def hf_tensors(entries, flat: dict, recorded: dict, dtype) -> list[tuple]:
-  """[(file name, HF shape, dtype, make)] of every converted tensor, shapes checked against the import."""
+def hf_tensors(entries, abstract: dict, recorded: dict, dtype, flat=None) -> list[tuple]:
+  """[(file name, HF shape, dtype, make)] of every converted tensor, names checked against the import;
+  abstract: path -> ShapeDtypeStruct; flat: path -> param, read only by make()."""
   by_hf: dict[str, list[names.Entry]] = {}
   for e in entries:
     by_hf.setdefault(e.hf, []).append(e)
@@ -136,7 +138,12 @@ def hf_tensors(entries, flat: dict, recorded: dict, dtype) -> list[tuple]:
     if hf not in recorded["names"]:
       raise UserError(f"the model has {group[0].ours}, whose tensor {hf} the import did not have; "
                       "export needs the imported architecture (same config.model)")
-    shape = group[0].hf_shape(flat[group[0].ours].shape)
+    shape = group[0].hf_shape(abstract[group[0].ours].shape)
+    want = tuple(recorded.get("shapes", {}).get(hf, shape))
+    if shape != want:
+      raise UserError(f"{group[0].ours} makes {recorded['names'][hf]} of shape {list(shape)}, but the "
+                      f"imported model's is {list(want)}: export needs the imported architecture "
+                      "(same config.model)")
     make = lambda g=group: np.concatenate([inverse(e, _host(flat[e.ours])) for e in g], axis=0) \
         if len(g) > 1 else inverse(g[0], _host(flat[g[0].ours]))
     out.append((recorded["names"][hf], shape, dtype, make))
