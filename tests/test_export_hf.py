@@ -53,11 +53,16 @@ def _run(module, *args):
                         text=True, check=False)
 
 
-def _fine_tuned(hf_model, tmp, test_config, steps=20):
+def _fine_tuned(hf_model, tmp, test_config, steps=20, tokenizer_json=False, extra=()):
   """save_pretrained -> convert -> `steps` steps of train on the test data (its tokenizer copied in as
-  the model's, as test_cli does) -> export; returns (fine-tuned workdir, export dir)."""
+  the model's, as test_cli does; or a Llama-3-style tokenizer.json) -> export; returns (fine-tuned
+  workdir, export dir)."""
   hf_dir = hf_tiny.save(hf_model, tmp / "hf")
-  shutil.copy(shapes.tokenizer_path(shapes.build(test_config.data)), tmp / "hf" / "tokenizer.model")
+  if tokenizer_json:
+    from test_tokenizer import byte_bpe_dir  # pylint: disable=g-import-not-at-top
+    byte_bpe_dir(tmp / "hf")
+  else:
+    shutil.copy(shapes.tokenizer_path(shapes.build(test_config.data)), tmp / "hf" / "tokenizer.model")
   out, ft, exp = tmp / "import", tmp / "ft", tmp / "exported"
   r = _run("convert", f"--hf_dir={hf_dir}", f"--out={out}")
   assert r.returncode == 0, r.stderr[-3000:]
@@ -66,7 +71,8 @@ def _fine_tuned(hf_model, tmp, test_config, steps=20):
            f"--config.data.num_train={d.num_train}", f"--config.data.num_validation={d.num_validation}",
            f"--config.data.num_test={d.num_test}", f"--config.data.text_len={d.text_len}",
            "--config.data.caption_ratio=0", f"--config.total_steps={steps}", "--config.global_batch_size=8",
-           f"--config.log_every={steps}", f"--config.checkpoint_every={steps}", "--config.optim.lr=3e-3")
+           f"--config.log_every={steps}", f"--config.checkpoint_every={steps}", "--config.optim.lr=3e-3",
+           *extra)
   assert r.returncode == 0, r.stderr[-3000:]
   r = _run("export", f"--workdir={ft}", f"--out={exp}")
   assert r.returncode == 0, r.stderr[-3000:]
@@ -102,6 +108,29 @@ def test_round_trip_lm(family, test_config, tmp_path):
   assert type(back) is type(hf) and _moved(hf, back) > 1e-3
   r = hf_tiny.compare_lm(back, str(ft), 256)
   assert r["max_diff"] <= 1e-4 and r["greedy"][0] == r["greedy"][1], r
+
+
+@pytest.mark.slow
+def test_round_trip_with_a_tokenizer_json(test_config, tmp_path):
+  """A Llama whose tokenizer is a tokenizer.json (no SentencePiece model, as Llama 3 ships): the import
+  names it as data.tokenizer, training tokenizes with it, and the export writes it back for
+  AutoTokenizer, which encodes as ours does."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  from mm_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  parity = __import__("test_parity_llama")
+  config = parity.build().config
+  config.vocab_size = 1024  # the byte-level tokenizer's 800 ids fit
+  hf = hf_tiny.build(transformers.LlamaForCausalLM, config)
+  ft, exp = _fine_tuned(hf, tmp_path, test_config, tokenizer_json=True,
+                        extra=["--config.data.chat_template=llama3",  # its header and <|image|> tokens
+                               "--config.data.text_len=48"])  # the headers take tokens
+  assert hf_tiny.load_config(str(ft)).data.tokenizer.endswith("hf/tokenizer.json")
+  back = transformers.AutoModelForCausalLM.from_pretrained(str(exp)).eval()
+  r = hf_tiny.compare_lm(back, str(ft), 1024)
+  assert r["max_diff"] <= 1e-4 and r["greedy"][0] == r["greedy"][1], r
+  text = "what color is the circle? red"
+  ours = tokenizer_lib.load(str(exp / "tokenizer.json")).encode(text)
+  assert transformers.AutoTokenizer.from_pretrained(str(exp)).encode(text, add_special_tokens=False) == ours
 
 
 @pytest.mark.slow

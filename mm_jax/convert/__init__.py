@@ -8,7 +8,8 @@ Architectures (config.json's architectures[0]; hf_config.py says what each becom
 LlamaForCausalLM, PaliGemmaForConditionalGeneration, LlavaForConditionalGeneration, SiglipModel and
 SiglipVisionModel (the encoder alone: a starting point for training, not a model to evaluate).
 Writes OUT/checkpoints/0 (params only), OUT/config.py (the derived config, with init.parts reading the
-params by name), OUT/tokenizer.model (a copy of DIR's tokenizer.model or spiece.model) and OUT/hf/
+params by name), OUT/tokenizer.model (a copy of DIR's tokenizer.model or spiece.model; without one,
+data.tokenizer names the tokenizer.json kept in OUT/hf/) and OUT/hf/
 (config.json, the tokenizer and processor files, the tensor names: what mm_jax.export writes back).
 Nothing is written until every tensor's name and shape is checked against the model, from the
 safetensors headers alone; an OUT that already holds a checkpoint is refused. Then tensors are
@@ -50,6 +51,8 @@ def derive_config(hf: dict, hf_dir: str, out: str, dtype: str) -> tuple[str, mlc
     config.init.parts = ((root, "", ""),)
     if tokenizer_file(hf_dir):
       config.data.tokenizer = os.path.join(root, "tokenizer.model")
+    elif os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):  # Llama 3, Qwen: no SentencePiece model
+      config.data.tokenizer = os.path.join(root, export.HF_DIR, "tokenizer.json")  # kept with its config
   return arch, config
 
 
@@ -80,8 +83,8 @@ def convert(hf_dir: str, out: str, dtype: str = "float32") -> mlc.ConfigDict:
   writer.check(ckpt, layout, entries, skipped, abstract)
   writer.refuse_existing(out)
   if arch != "SiglipVisionModel" and not config.data.tokenizer:
-    logging.warning("%s has no tokenizer.model (SentencePiece): set data.tokenizer in %s/config.py "
-                    "before eval or train", hf_dir, out)
+    logging.warning("%s has no tokenizer.model (SentencePiece) nor tokenizer.json: set data.tokenizer in "
+                    "%s/config.py before eval or train", hf_dir, out)
 
   params = writer.stream(ckpt, layout, entries, abstract)
   writer.write(out, hf_dir, arch, config, params, tokenizer_file(hf_dir))

@@ -125,5 +125,5 @@ def write(out: str, hf_dir: str, arch: str, config: mlc.ConfigDict, params: dict
   ckpt.close()
   text = json.dumps(json.loads(config.to_json_best_effort()), indent=1)
   (root / "config.py").write_text(_CONFIG_PY.format(arch=arch, hf_dir=hf_dir, out=out, json=text))
-  if config.data.tokenizer and os.path.abspath(tokenizer) != os.path.abspath(config.data.tokenizer):
+  if tokenizer and config.data.tokenizer and os.path.abspath(tokenizer) != os.path.abspath(config.data.tokenizer):
     shutil.copyfile(tokenizer, config.data.tokenizer)

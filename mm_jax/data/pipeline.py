@@ -43,13 +43,14 @@ def open_source(config, split: str) -> records_lib.Records:
 
 
 def load_tokenizer(config) -> tokenizer_lib.Tokenizer:
-  """data.tokenizer (a SentencePiece .model, e.g. an imported model's) or the dataset's own."""
+  """data.tokenizer (a SentencePiece .model or a tokenizer.json, e.g. an imported model's) or the
+  dataset's own."""
   path = config.data.tokenizer
   if path:
-    if not os.path.isfile(path):
-      raise UserError(f"data.tokenizer {path!r} does not exist; give a SentencePiece .model file or "
-                      "'' for the dataset's own tokenizer")
-    return tokenizer_lib.Tokenizer.load(path)
+    if not os.path.exists(path):
+      raise UserError(f"data.tokenizer {path!r} does not exist; give a SentencePiece .model, a "
+                      "tokenizer.json (or their directory), or '' for the dataset's own tokenizer")
+    return tokenizer_lib.load(path)
   return tokenizer_lib.Tokenizer.load(get(config.data.name).tokenizer(config.data))
 
 
