@@ -15,7 +15,7 @@ from mm_jax.errors import UserError
 from mm_jax import predict
 from test_prepare import bomb_png
 
-STEPS = 1500  # the default config at half its budget: colour is learnt by then (7 min -> 3.5 min)
+STEPS = 1000  # the default config at a third of its budget: colour is learnt by then (~2.5 min)
 
 
 def _draw(path, shape: str, color: str, quadrant: int, size: int = 20):

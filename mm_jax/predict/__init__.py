@@ -17,10 +17,9 @@ import os
 
 import jax
 import numpy as np
-from absl import flags
 from jax.experimental import multihost_utils
 
-from mm_jax import cli, data
+from mm_jax import data
 from mm_jax.data import chat, images, pipeline
 from mm_jax.data.conversation import Conversation, Image, Turn
 from mm_jax.errors import UserError
@@ -32,30 +31,17 @@ from mm_jax.train.state import ModelOnMesh
 
 PLACEHOLDER = "<image>"
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
-_IMAGE = flags.DEFINE_multi_string("image", [], "An image file (PNG, JPEG, ...); repeat for several.")
-_PROMPT = flags.DEFINE_string("prompt", None, "The question; <image> marks where each image goes.")
-_INPUT = flags.DEFINE_string("input", None, "A JSONL file of {prompt, image} lines, instead.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON line per answer.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy; above 0: sample.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all).")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample among the most likely tokens of this total mass.")
-_SEED = flags.DEFINE_integer("seed", 0, "The sampling seed.")
-_MAX_NEW = flags.DEFINE_integer("max_new", None, "Most tokens per answer (default: model.max_answer_len).")
-
-
-def questions() -> list[dict]:
+def questions(prompt: str | None, image_paths, input_path: str | None) -> list[dict]:
   """[{id, prompt, images: [paths]}] from --prompt/--image or --input."""
-  if bool(_INPUT.value) == (_PROMPT.value is not None):
+  if bool(input_path) == (prompt is not None):
     raise UserError("give --prompt (with --image=PATH for each image) or --input=FILE.jsonl, not both")
-  if _PROMPT.value is not None:
-    return [dict(id="0", prompt=_PROMPT.value, images=list(_IMAGE.value))]
-  if not os.path.isfile(_INPUT.value):
-    raise UserError(f"--input={_INPUT.value} does not exist; give a JSONL file of "
+  if prompt is not None:
+    return [dict(id="0", prompt=prompt, images=list(image_paths))]
+  if not os.path.isfile(input_path):
+    raise UserError(f"--input={input_path} does not exist; give a JSONL file of "
                     '{"prompt": ..., "image": path | [paths]} lines')
-  root, out = os.path.dirname(os.path.abspath(_INPUT.value)), []
-  with open(_INPUT.value, encoding="utf-8") as f:
+  root, out = os.path.dirname(os.path.abspath(input_path)), []
+  with open(input_path, encoding="utf-8") as f:
     for n, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -63,13 +49,13 @@ def questions() -> list[dict]:
         d = json.loads(line)
         prompt, paths = d["prompt"], d.get("image", [])
       except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise UserError(f"--input={_INPUT.value} line {n}: not a JSON object with a \"prompt\" "
+        raise UserError(f"--input={input_path} line {n}: not a JSON object with a \"prompt\" "
                         f"({type(e).__name__}); write one {{\"prompt\", \"image\"}} object per line") from None
       paths = [paths] if isinstance(paths, str) else list(paths)
       out.append(dict(id=str(d.get("id", n)), prompt=prompt, images=[os.path.join(root, p) for p in paths],
-                      where=f"--input={_INPUT.value} line {n}"))
+                      where=f"--input={input_path} line {n}"))
   if not out:
-    raise UserError(f"--input={_INPUT.value} holds no questions; write one JSON object per line")
+    raise UserError(f"--input={input_path} holds no questions; write one JSON object per line")
   return out
 
 
@@ -146,20 +132,3 @@ def predict(workdir: str, qs: list[dict], step: int | None, sampling: Sampling, 
       answers.append(tokenizer.decode(ids[:ids.index(stop)] if stop in ids else ids).strip())
   return [dict(id=q["id"], prompt=q["prompt"], images=q["images"], prediction=a, step=step)
           for q, a in zip(qs, answers)]
-
-
-def main() -> None:
-  if not _WORKDIR.value:
-    raise UserError("--workdir is required: the training run's workdir")
-  try:
-    sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
-  except ValueError as e:
-    raise UserError(f"{e}; fix --temperature, --top_k or --top_p") from None
-  qs = questions()
-  for r in predict(_WORKDIR.value, qs, _STEP.value, sampling, _SEED.value, _MAX_NEW.value):
-    if jax.process_index() == 0:
-      print(json.dumps(r, ensure_ascii=False) if _JSON.value else r["prediction"], flush=True)
-
-
-if __name__ == "__main__":
-  cli.run("mm_jax.predict", main)

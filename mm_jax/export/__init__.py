@@ -16,9 +16,7 @@ import re
 
 import jax
 import numpy as np
-from absl import flags
 
-from mm_jax import cli
 from mm_jax.checkpoint import Checkpoints, OtherLayout
 from mm_jax.convert import export as hf_export
 from mm_jax.convert import names, writer
@@ -26,12 +24,6 @@ from mm_jax.errors import UserError
 from mm_jax.eval.evaluate import restore_params, stored_config
 from mm_jax.train import sharding
 from mm_jax.train.state import ModelOnMesh
-
-_WORKDIR = flags.DEFINE_string("workdir", None, "The workdir whose checkpoint to export.")
-_OUT = flags.DEFINE_string("out", None, "The directory to write (must be new or empty).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-_MAX_SHARD = flags.DEFINE_string("max_shard_size", "2GB", "Largest safetensors file, e.g. 500MB, 5GB.")
-
 
 def shard_bytes(text: str) -> int:
   m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", text.upper())
@@ -116,13 +108,3 @@ def export(workdir: str, out: str, step: int | None = None, max_shard_bytes: int
   print(f"Exported {arch} (step {step} of {workdir}): {len(tensors)} tensors in {len(files)} "
         f"file(s) -> {out}", flush=True)
   return files
-
-
-def main() -> None:
-  if not _WORKDIR.value or not _OUT.value:
-    raise UserError("--workdir and --out are required")
-  export(_WORKDIR.value, _OUT.value, _STEP.value, shard_bytes(_MAX_SHARD.value))
-
-
-if __name__ == "__main__":
-  cli.run("mm_jax.export", main)
