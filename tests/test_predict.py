@@ -62,7 +62,7 @@ def trained(tmp_path_factory):
   return work
 
 
-@pytest.mark.slow  # trains the default for STEPS steps (~3.5 min on 2 cores)
+@pytest.mark.slow  # trains the default for STEPS steps (~2.5 min on 2 cores)
 def test_the_trained_default_answers_colour_questions_about_drawn_images(trained, tmp_path):
   cases = [(s, c, q) for q, (s, c) in enumerate(zip(shapes.SHAPES * 2, shapes.COLORS))]
   lines = [dict(id=f"{c}_{s}", prompt=f"what color is the {s}?",
