@@ -185,3 +185,21 @@ def test_import_then_export_gives_back_the_same_tensors(family, tmp_path):
   a, b = hf.state_dict(), back.state_dict()
   assert set(a) == set(b)
   assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
+
+
+def test_lineage_follows_whole_model_parts_back_to_the_import(tmp_path):
+  """stage 2 <- stage 1 <- the import (parts '' -> ''): found; an encoder and a decoder from two runs
+  (prefixed parts), or no import at all: refused in one line."""
+  import ml_collections as mlc  # pylint: disable=g-import-not-at-top
+  from mm_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  imp = tmp_path / "import"
+  (imp / hf_export.HF_DIR).mkdir(parents=True)
+  (imp / hf_export.HF_DIR / hf_export.TENSORS).write_text("{}")
+  cfg = lambda *parts: mlc.ConfigDict({"init": {"parts": tuple(parts)}})
+  stored = {str(tmp_path / "stage1"): cfg((str(imp), "", "")), str(imp): cfg((str(imp), "", ""))}
+  look = lambda root: stored[str(root)]
+  stage2 = cfg((str(tmp_path / "stage1"), "", ""))
+  assert hf_export.lineage(str(tmp_path / "stage2"), stage2, look) == str(imp / hf_export.HF_DIR)
+  composed = cfg((str(tmp_path / "stage1"), "encoder/", "encoder/"), (str(imp), "decoder/", "decoder/"))
+  with pytest.raises(UserError, match="does not descend from a Hugging Face import as a whole model"):
+    hf_export.lineage(str(tmp_path / "mine"), composed, look)

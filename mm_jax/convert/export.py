@@ -1,6 +1,6 @@
 r"""A workdir's params -> a Hugging Face checkpoint directory, the inverse of the import.
 
-  export(workdir, out, step=None, max_shard_bytes=2 << 30)
+  export(workdir, out, step=None, max_shard_bytes=2 * 10**9)
 
 The model must descend from a `mm_jax.convert` import: the import keeps the model's config.json, its
 tokenizer and processor files and the file name of every tensor in <import>/hf/ (HF_DIR), and export
@@ -31,7 +31,9 @@ HF_DIR = "hf"              # in an import's OUT: config.json, tokenizer/processo
 TENSORS = "tensors.json"   # canonical name -> the name in the HF files, and the layout
 UNUSED = "unused.safetensors"  # the file tensors the import skipped that HF's model still has
 EXPORTABLE = ("unified", "lm", "siglip")
-_DTYPES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float16): "F16"}
+_NP_DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "BF16": np.dtype(ml_dtypes.bfloat16),
+              "F16": np.dtype(np.float16)}  # the safetensors dtypes a checkpoint's floats come in
+_ST_DTYPES = {v: k for k, v in _NP_DTYPES.items()}
 # the non-weight files of a save_pretrained directory that the import keeps and export writes back
 KEPT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "tokenizer.model", "spiece.model", "added_tokens.json",
@@ -50,17 +52,27 @@ def inverse(e: names.Entry, x: np.ndarray) -> np.ndarray:
   return x.reshape(-1) if e.kind == "flat" else x.reshape(shape)
 
 
-def lineage(workdir: str, config) -> str:
-  """The import's hf/ folder this workdir's model descends from."""
-  roots = [workdir] + [p[0] for p in config.init.get("parts", ()) or ()]
-  for root in roots:
+def lineage(workdir: str, config, stored_config) -> str:
+  """The import's hf/ folder this workdir's model descends from: in the workdir, or through the
+  init.parts that load the whole model (prefixes '' and ''), followed back run by run (a stage-2 run
+  from stage 1 from the import). stored_config(root) -> the config that root's checkpoint holds."""
+  seen, todo = set(), [(workdir, config)]
+  while todo:
+    root, cfg = todo.pop(0)
     path = os.path.join(str(workdir_path(root)), HF_DIR)
     if os.path.isfile(os.path.join(path, TENSORS)):
       return path
-  raise UserError(f"{workdir} does not descend from a Hugging Face import (no {HF_DIR}/{TENSORS} in it "
-                  f"or in its init.parts {roots[1:]}); export writes models imported with "
-                  "python -m mm_jax.convert (then fine-tuned); re-import with this version if the "
-                  "import predates it")
+    seen.add(str(workdir_path(root)))
+    for part in cfg.init.get("parts", ()) or ():
+      if tuple(part[1:]) == ("", "") and str(workdir_path(part[0])) not in seen:
+        try:
+          todo.append((part[0], stored_config(part[0])))
+        except UserError:  # a root without a checkpoint holds no lineage
+          continue
+  raise UserError(f"{workdir} does not descend from a Hugging Face import as a whole model (no "
+                  f"{HF_DIR}/{TENSORS} in it, nor in the runs its init.parts load whole); export writes "
+                  "models imported with python -m mm_jax.convert (then fine-tuned); re-import with this "
+                  "version if the import predates it")
 
 
 def keep_for_export(out: str, ckpt, layout: str, entries, skipped) -> None:
@@ -74,13 +86,14 @@ def keep_for_export(out: str, ckpt, layout: str, entries, skipped) -> None:
   converted = {e.hf for e in entries}
   # a tied head's copy and old rotary buffers are not written back: HF rebuilds both
   unused = sorted(f for c, f in file_name.items() if c not in converted and skipped is not None
-                  and skipped.fullmatch(c) and not c.startswith("lm_head.") and "rotary_emb" not in c)
+                  and skipped.fullmatch(c) and not c.startswith("lm_head.") and "rotary_emb" not in c
+                  and ckpt.headers[f][1] in _NP_DTYPES)  # integer buffers (position ids): HF rebuilds them
   with open(os.path.join(root, TENSORS), "w") as f:
     json.dump({"layout": layout, "names": {c: file_name[c] for c in converted},
                "shapes": {c: list(ckpt.headers[file_name[c]][0]) for c in converted}, "unused": unused},
               f, indent=1)
   write_safetensors(os.path.join(root, UNUSED),
-                    [(f, ckpt.headers[f][0], _np_dtype(ckpt.headers[f][1]), lambda f=f: ckpt.read(f))
+                    [(f, ckpt.headers[f][0], _NP_DTYPES[ckpt.headers[f][1]], lambda f=f: ckpt.read(f))
                      for f in unused])
 
 
@@ -89,7 +102,7 @@ def unused_tensors(hf_dir: str) -> list[tuple]:
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   path = os.path.join(hf_dir, UNUSED)
   with safe_open(path, framework="flax") as f:
-    heads = {n: (tuple(f.get_slice(n).get_shape()), _np_dtype(f.get_slice(n).get_dtype())) for n in f.keys()}
+    heads = {n: (tuple(f.get_slice(n).get_shape()), _NP_DTYPES[f.get_slice(n).get_dtype()]) for n in f.keys()}
 
   def read(n):
     with safe_open(path, framework="flax") as f:
@@ -97,17 +110,14 @@ def unused_tensors(hf_dir: str) -> list[tuple]:
   return [(n, shape, dtype, lambda n=n: read(n)) for n, (shape, dtype) in sorted(heads.items())]
 
 
-def _np_dtype(st: str) -> np.dtype:
-  return {"F32": np.dtype(np.float32), "BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16),
-          "F64": np.dtype(np.float64)}[st]
-
-
 def write_safetensors(path: str, tensors) -> None:
   """tensors: [(name, shape, numpy dtype, make() -> array)], each made and written in turn."""
   header, offset = {}, 0
   for name, shape, dtype, _ in tensors:
     size = math.prod(shape) * dtype.itemsize
-    header[name] = {"dtype": _DTYPES.get(dtype, "F64"), "shape": list(shape),
+    if dtype not in _ST_DTYPES:
+      raise UserError(f"tensor {name} has dtype {dtype}; export writes {', '.join(_NP_DTYPES)} tensors")
+    header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape),
                     "data_offsets": [offset, offset + size]}
     offset += size
   header["__metadata__"] = {"format": "pt"}

@@ -51,8 +51,10 @@ def filtered_logits(logits_BxV: jax.Array, s: Sampling) -> jax.Array:
 
 
 def step_keys(key: jax.Array, batch: int, step) -> jax.Array:
-  """Row b's key at decoding step t: fold_in(split(key, batch)[b], t)."""
-  return jax.vmap(lambda k: jax.random.fold_in(k, step))(jax.random.split(key, batch))
+  """Row b's key at decoding step t: fold_in(split(key, batch)[b], t); `key` may instead hold one key
+  per row (shape [batch]), e.g. each row's by its index in a whole input file."""
+  rows = key if key.ndim == 1 else jax.random.split(key, batch)
+  return jax.vmap(lambda k: jax.random.fold_in(k, step))(rows)
 
 
 def choose(logits_BxV: jax.Array, keys_B: jax.Array | None, s: Sampling) -> jax.Array:

@@ -16,6 +16,7 @@ import re
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from mm_jax.checkpoint import Checkpoints, OtherLayout
 from mm_jax.convert import export as hf_export
@@ -32,18 +33,15 @@ def shard_bytes(text: str) -> int:
   return int(float(m.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[m.group(2)])
 
 
-class _OneByOne(dict):
+class _OneByOne:
   """path -> param, each restored from the checkpoint when asked for (a partial restore): the host
   holds one param at a time, not the model."""
 
   def __init__(self, ckpt: Checkpoints, step: int, abstract: dict):
-    super().__init__(abstract)
-    self._ckpt, self._step = ckpt, step
+    self._ckpt, self._step, self._abstract = ckpt, step, abstract
 
   def __getitem__(self, path: str):
-    target = super().__getitem__(path)
-    if not isinstance(target, jax.ShapeDtypeStruct):
-      return target
+    target = self._abstract[path]
     node = tree = {}
     *parents, leaf = path.split("/")
     for key in parents:
@@ -72,7 +70,7 @@ def export(workdir: str, out: str, step: int | None = None, max_shard_bytes: int
     raise UserError(f"the {family} family has no Hugging Face counterpart to export to; export writes "
                     "PaliGemma, LLaVA, Gemma, Llama and SigLIP models (families "
                     f"{', '.join(hf_export.EXPORTABLE)}) imported with mm_jax.convert")
-  hf_dir = hf_export.lineage(workdir, config)
+  hf_dir = hf_export.lineage(workdir, config, lambda root: stored_config(root, None)[0])
   with open(os.path.join(hf_dir, "config.json")) as f:
     hf = json.load(f)
   arch = (hf.get("architectures") or ["?"])[0]
@@ -91,14 +89,21 @@ def export(workdir: str, out: str, step: int | None = None, max_shard_bytes: int
   mm = ModelOnMesh.create(config, vocab, sharding.make_mesh(config.mesh))
   _, entries, _ = names.mapping(arch, hf, config.model)
   abstract = writer.flat_params(mm.abstract_params)
+  missing = sorted(set(abstract) - {e.ours for e in entries})
+  if missing:  # e.g. an encoder from another run beside an imported decoder: not this HF model
+    raise UserError(f"{workdir}'s model has params the imported {arch} has no tensor for (first: "
+                    f"{missing[0]}); export writes the imported architecture only")
   dtype = np.dtype(jax.tree.leaves(abstract)[0].dtype)
   hf_export.hf_tensors(entries, abstract, recorded, dtype)  # names checked before anything is read
   tensors = hf_export.hf_tensors(entries, abstract, recorded, dtype, _params(workdir, step, mm, abstract))
   tensors += hf_export.unused_tensors(hf_dir)
   if jax.process_index() != 0:  # the gathers are collectives: every process makes every tensor
+    multihost_utils.sync_global_devices("mm_jax.export checks")
     for t in tensors:
       t[3]()
     return []
+  if jax.process_count() > 1:  # every process has checked --out before process 0 creates it
+    multihost_utils.sync_global_devices("mm_jax.export checks")
   os.makedirs(out, exist_ok=True)
   files = hf_export.write_checkpoint(out, tensors, max_shard_bytes)
   for name in hf_export.KEPT_FILES:

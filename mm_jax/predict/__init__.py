@@ -16,6 +16,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -113,6 +114,7 @@ def predict(workdir: str, qs: list[dict], step: int | None, sampling: Sampling, 
       in_shardings=(mm.param_shardings, *([batch_sh] * 5), None), out_shardings=batch_sh)
   dp = sharding.data_parallel_size(mesh)  # rows per batch: the questions, rounded up to the mesh's split
   b = min(config.eval.batch_size, -(-len(examples) // dp) * dp)
+  sharding.check_batch(b, mesh, field="eval.batch_size")
   answers = []
   for start in range(0, len(examples), b):
     chunk = examples[start:start + b]
@@ -123,7 +125,8 @@ def predict(workdir: str, qs: list[dict], step: int | None, sampling: Sampling, 
     share = b // jax.process_count()  # every process built the whole batch and feeds its own block
     mine = slice(jax.process_index() * share, (jax.process_index() + 1) * share)
     arrays = sharding.to_global({k: v[mine] for k, v in batch.items()}, mesh)
-    key = jax.random.fold_in(jax.random.key(seed), start)
+    # each question's key by its index in the input: its answer does not depend on the batching
+    key = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(start, start + b))
     with mm.context():
       tokens = run(params, *(arrays[k] for k in ("image", "text", "mask_input", "prefix_len", "image_pos")),
                    key)

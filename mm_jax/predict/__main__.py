@@ -28,6 +28,9 @@ def main() -> None:
     sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
   except ValueError as e:
     raise UserError(f"{e}; fix --temperature, --top_k or --top_p") from None
+  if _MAX_NEW.value is not None and _MAX_NEW.value < 1:
+    raise UserError(f"--max_new={_MAX_NEW.value}: give at least 1 token, or leave it out for "
+                    "model.max_answer_len")
   qs = questions(_PROMPT.value, _IMAGE.value, _INPUT.value)
   for r in predict(_WORKDIR.value, qs, _STEP.value, sampling, _SEED.value, _MAX_NEW.value):
     if jax.process_index() == 0:

@@ -268,13 +268,13 @@ def _loop(config, workdir, run: _Run, ckpt, data_iter, state, stack, preemption)
     if log or last:
       metrics = {"loss": float(out["loss"]), "lr": float(lr_at(step - 1)), **skips.pop(), **numerics}
       writer.write(step, metrics)
-    if config.eval.every_steps and (step % config.eval.every_steps == 0 or last):
-      _evaluate(config, workdir, mm, state["params"], step, writer)
     if save or last:
       ckpt.save(step, state, data_iter, config)
     elif _temporary_due(config, ckpt, step):
       mm.check_numerics(state, ckpt)
       ckpt.save(step, state, data_iter, config, temporary=True)
+    if config.eval.every_steps and (step % config.eval.every_steps == 0 or last):
+      _evaluate(config, workdir, mm, state["params"], step, writer)  # after the save: it overlaps it
     ckpt.poll()  # a save done in the background: its failure stops the run now
     if not last and preemption.requested(step, log):
       _stop_preempted(preemption, step, state, data_iter, config, ckpt, mm)

@@ -26,15 +26,16 @@ def _import_tensorboardx():
   return tensorboardX
 
 
-def summary_writer(directory: epath.Path):
-  """A tensorboardX SummaryWriter into `directory` (process 0 only)."""
-  return _import_tensorboardx().SummaryWriter(str(directory))
+def summary_writer(directory: epath.Path, suffix: str = ""):
+  """A tensorboardX SummaryWriter into `directory` (process 0 only); its file is named by the second, so
+  writers opened within one second need distinct suffixes."""
+  return _import_tensorboardx().SummaryWriter(str(directory), filename_suffix=suffix)
 
 
 def write_samples(directory: epath.Path, tag: str, step: int, scores: dict, samples: list[dict]) -> None:
   """An evaluation in TensorBoard: its scalar scores, and each sample's image(s) with its question,
   answer and prediction (an image summary and a text table)."""
-  tb = summary_writer(directory)
+  tb = summary_writer(directory, f".{tag}.{step}")
   for k, v in scores.items():
     if isinstance(v, (int, float)) and not isinstance(v, bool):
       tb.add_scalar(f"{tag}/{k}", v, step)
