@@ -3,7 +3,8 @@ mm_jax.data.prepare and trained through the general path, against the native sha
 multi-image task for the unified and cross families against their blind variants.
 
   python experiments/own_data.py --runs=native,llava,messages            # ~8 min per run on 2 cores
-  python experiments/own_data.py --runs=multi_unified,multi_unified_blind,multi_cross,multi_cross_blind
+  python experiments/own_data.py --runs=mix_unified_ps,mix_unified_ps_blind,mix_cross_ps,mix_cross_ps_blind
+                                        # ~11-14 min per run: the multi-image task, both families
 
 Each run is the real commands in fresh processes (export, prepare, train, eval) with the default model
 and budget (configs/shapes_tiny.py); one JSON line per run is printed and appended to
