@@ -107,6 +107,7 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
       vocab_size=0,                  #   embed_scale False, tie_embeddings False. 0: the tokenizer's size
       width=128, depth=3, num_heads=4, num_kv_heads=4, head_dim=32, mlp_dim=512,
       norm="gemma", norm_eps=1e-6, mlp_act="gelu_tanh", embed_scale=True, tie_embeddings=True,
+      embed_rows=0,                  # embedding rows, 0: vocab_size (an import's may hold more)
       rope_theta=10_000.0, rope_type="default", rope_factor=8.0, rope_low_freq_factor=1.0,
       rope_high_freq_factor=4.0, rope_original_max_len=8192,
       scan=False, remat="none", remat_names=()))  # also for the cross blocks of cross / hybrid

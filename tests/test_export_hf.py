@@ -86,7 +86,7 @@ def _moved(hf_model, exported) -> float:
 
 
 @pytest.mark.slow  # convert, train and export through the commands
-@pytest.mark.parametrize("family", ["paligemma", "llava"])
+@pytest.mark.parametrize("family", ["paligemma", "llava", "mllama"])
 def test_round_trip_vlm(family, test_config, tmp_path):
   import transformers  # pylint: disable=g-import-not-at-top
   parity = __import__(f"test_parity_{family}")
@@ -163,7 +163,7 @@ def test_refusals_are_one_line(test_config, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["paligemma", "llava", "gemma", "siglip"])
+@pytest.mark.parametrize("family", ["paligemma", "llava", "mllama", "gemma", "siglip"])
 def test_import_then_export_gives_back_the_same_tensors(family, tmp_path):
   """convert, then export at once: from_pretrained of the export holds bitwise HF's original tensors
   (SiglipModel included, its MAP head's packed q/k/v put back together)."""

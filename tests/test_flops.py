@@ -8,6 +8,7 @@ import copy
 import functools
 
 import jax
+import ml_collections as mlc
 import pytest
 from conftest import load_config
 
@@ -91,12 +92,26 @@ def _wide(family, connector="linear"):
   return c
 
 
+def _wide_mllama():
+  """The cross family in Llama 3.2 Vision's form: the tiled tower (2 tiles, all of an image's in one
+  sequence), cross blocks at stack indices 1 and 3 of 4 (a trailing one)."""
+  c = _wide("cross")
+  c.model.encoder = mlc.ConfigDict(dict(patch_size=8, width=128, depth=2, global_depth=1, num_heads=4,
+                                        mlp_dim=256, image_size=64, max_num_tiles=2,
+                                        aspect_ratios=((1, 1), (1, 2)), intermediate_layers=(0,)))
+  c.model.family_options.cross.update(dict(layers=(1, 3), encoder="mllama", unseen_rows="hf",
+                                           image_groups="consecutive"))
+  return c
+
+
 @pytest.mark.parametrize("family,connector,rules", [
     ("unified", "linear", ALL), ("unified", "linear", CONNECTOR_ONLY), ("cross", "linear", FROZEN_LLM),
-    ("hybrid", "pixel_shuffle", CONNECTOR_ONLY), ("lm", "linear", ALL),
-], ids=["unified-all", "unified-connector_only", "cross-frozen_llm", "hybrid-connector_only", "lm-all"])
+    ("hybrid", "pixel_shuffle", CONNECTOR_ONLY), ("lm", "linear", ALL), ("mllama", "linear", FROZEN_LLM),
+], ids=["unified-all", "unified-connector_only", "cross-frozen_llm", "hybrid-connector_only", "lm-all",
+        "mllama-frozen_llm"])
 def test_train_flops_match_xla_cost_analysis(family, connector, rules):
-  config, mm, labels = _setup(_wide(family, connector), rules, vocab=256)
+  config = _wide_mllama() if family == "mllama" else _wide(family, connector)
+  config, mm, labels = _setup(config, rules, vocab=256)
   tx = optim.make_optimizer(config.optim, config.total_steps, labels)
   example_batch = tasks.TASKS[mm.model.task].example_batch
   batch = jax.eval_shape(functools.partial(example_batch, config, config.global_batch_size))

@@ -30,7 +30,7 @@ from mm_jax.errors import UserError
 HF_DIR = "hf"              # in an import's OUT: config.json, tokenizer/processor files, tensors.json
 TENSORS = "tensors.json"   # canonical name -> the name in the HF files, and the layout
 UNUSED = "unused.safetensors"  # the file tensors the import skipped that HF's model still has
-EXPORTABLE = ("unified", "lm", "siglip")
+EXPORTABLE = ("unified", "lm", "siglip", "cross")  # cross: Llama 3.2 Vision
 _NP_DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "BF16": np.dtype(ml_dtypes.bfloat16),
               "F16": np.dtype(np.float16)}  # the safetensors dtypes a checkpoint's floats come in
 _ST_DTYPES = {v: k for k, v in _NP_DTYPES.items()}

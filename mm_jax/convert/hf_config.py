@@ -8,6 +8,9 @@
   SiglipModel                          "siglip" (configs/siglip_shapes.py's schema): encoder, MAP head,
                                        text tower, logit scale and bias
   SiglipVisionModel                    "unified" whose init.parts reads only encoder/ (see __init__)
+  MllamaForConditionalGeneration       "cross" (Llama 3.2 Vision): the tiled tower (mllama_vit), linear
+                                       connector, Llama decoder with cross blocks at its
+                                       cross_attention_layers; data.image_size is one tile
 
 A field absent from config.json takes the default of its HF config class, as from_pretrained does.
 A value our modules do not compute the same way is a UserError naming the field; shapes are checked
@@ -33,6 +36,16 @@ _SIGLIP_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers
 _SIGLIP_TEXT = dict(vocab_size=32000, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                     num_attention_heads=12, max_position_embeddings=64, hidden_act="gelu_pytorch_tanh",
                     layer_norm_eps=1e-6, projection_size=None)
+_MLLAMA_VISION = dict(hidden_size=1280, hidden_act="gelu", num_hidden_layers=32, num_global_layers=8,
+                      attention_heads=16, num_channels=3, intermediate_size=5120, vision_output_dim=7680,
+                      image_size=448, patch_size=14, norm_eps=1e-5, max_num_tiles=4,
+                      intermediate_layers_indices=[3, 7, 15, 23, 30],
+                      supported_aspect_ratios=[[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]])
+_MLLAMA_TEXT = dict(vocab_size=128256, hidden_size=4096, hidden_act="silu", num_hidden_layers=40,
+                    num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
+                    rms_norm_eps=1e-5, max_position_embeddings=131072, tie_word_embeddings=False,
+                    cross_attention_layers=[3, 8, 13, 18, 23, 28, 33, 38], attention_bias=False,
+                    mlp_bias=False, rope_theta=500000.0)  # MllamaTextConfig.default_theta
 TEXT_DEFAULTS = {"gemma": _GEMMA, "llama": _LLAMA}
 _VISION = {"siglip_vision_model": _SIGLIP_VISION}
 
@@ -78,7 +91,7 @@ def _rope(t: Fields) -> dict:
   kind = params.get("rope_type", params.get("type", "default"))
   if params.get("partial_rotary_factor", 1.0) != 1.0:
     t.unsupported("rope_parameters.partial_rotary_factor", params["partial_rotary_factor"], "1.0")
-  out = dict(rope_theta=float(params.get("rope_theta", t.raw.get("rope_theta", 10_000.0))))
+  out = dict(rope_theta=float(params.get("rope_theta", t["rope_theta"] or 10_000.0)))
   if kind == "default":
     return dict(out, rope_type="default")
   if kind != "llama3":
@@ -132,6 +145,37 @@ def siglip_text(t: Fields, image_width: int) -> dict:
               max_len=t["max_position_embeddings"], norm_eps=float(t["layer_norm_eps"]))
 
 
+def mllama(top: Fields, c: mlc.ConfigDict) -> Fields:
+  """model.* of Llama 3.2 Vision (config.json's MllamaConfig); returns its vision config."""
+  v = top.sub("vision_config", {"mllama_vision_model": _MLLAMA_VISION}, "mllama_vision_model")
+  t = top.sub("text_config", {"mllama_text_model": _MLLAMA_TEXT}, "mllama_text_model")
+  v.require("hidden_act", ("gelu",))
+  v.require("num_channels", (3,))
+  image, patch, width = v["image_size"], v["patch_size"], v["hidden_size"]
+  if not isinstance(image, int) or not isinstance(patch, int) or image % patch:
+    v.unsupported("image_size", image, f"a square size (one int) divisible by patch_size={patch}")
+  inter = tuple(int(i) for i in v["intermediate_layers_indices"])
+  if v["vision_output_dim"] != width * (1 + len(inter)):
+    v.unsupported("vision_output_dim", v["vision_output_dim"], f"{width * (1 + len(inter))}, hidden_size "
+                  "x (1 + intermediate layers)")
+  c.encoder = mlc.ConfigDict(dict(
+      patch_size=patch, width=width, depth=v["num_hidden_layers"], global_depth=v["num_global_layers"],
+      num_heads=v["attention_heads"], mlp_dim=v["intermediate_size"], image_size=image,
+      max_num_tiles=v["max_num_tiles"], aspect_ratios=tuple(map(tuple, v["supported_aspect_ratios"])),
+      intermediate_layers=inter, norm_eps=float(v["norm_eps"])))
+  layers, total = tuple(int(j) for j in t["cross_attention_layers"]), t["num_hidden_layers"]
+  if any(not 0 <= j < total for j in layers):
+    t.unsupported("cross_attention_layers", list(layers), f"indices below num_hidden_layers={total}")
+  dec = decoder(Fields(dict(t.raw, model_type="llama"), t.defaults, t.where), tied=t["tie_word_embeddings"])
+  if dec["tie_embeddings"]:
+    t.unsupported("tie_word_embeddings", True, "false")
+  c.decoder.update(dec, depth=total - len(layers), embed_rows=t["vocab_size"] + 8)  # + <|image|> and 7
+  c.family, c.connector, c.prefix_attention = "cross", "linear", False
+  c.family_options.cross.update(dict(layers=layers, unseen_rows="hf", image_groups="consecutive",
+                                     encoder="mllama", every=1))
+  return v
+
+
 def derive(hf: dict) -> tuple[str, mlc.ConfigDict]:
   """(architecture, config): configs/shapes_tiny.py's (siglip_shapes.py's for SiglipModel) with model.*
   and data.image_size from `hf`."""
@@ -172,6 +216,8 @@ def derive(hf: dict) -> tuple[str, mlc.ConfigDict]:
     n = (v["image_size"] // v["patch_size"]) ** 2
     if hf.get("image_seq_length", n) != n:
       top.unsupported("image_seq_length", hf["image_seq_length"], f"{n}, the number of patches")
+  elif arch == "MllamaForConditionalGeneration":
+    v = mllama(top, c)
   elif arch == "SiglipModel":
     v = top.sub("vision_config", _VISION, "siglip_vision_model")
     t = top.sub("text_config", {"siglip_text_model": _SIGLIP_TEXT}, "siglip_text_model")
@@ -192,4 +238,5 @@ def derive(hf: dict) -> tuple[str, mlc.ConfigDict]:
 
 
 ARCHITECTURES = ("GemmaForCausalLM", "LlamaForCausalLM", "PaliGemmaForConditionalGeneration",
-                 "LlavaForConditionalGeneration", "SiglipModel", "SiglipVisionModel")
+                 "LlavaForConditionalGeneration", "MllamaForConditionalGeneration", "SiglipModel",
+                 "SiglipVisionModel")

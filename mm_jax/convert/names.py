@@ -5,6 +5,7 @@ the in-memory one, the hub's) maps to one prefix per part:
   text.*       model.* (CausalLM), language_model.model.*, model.language_model.*
   lm_head.*    lm_head.*, language_model.lm_head.*
   vision.*     vision_tower.*, vision_tower.vision_model.*, model.vision_tower[.vision_model].*;
+               Mllama: [model.]vision_model.*;
                SigLIP: vision_model.*, or no prefix (SiglipVisionModel)
   text.*       SiglipModel: text_model.* (logit_scale, logit_bias as they are)
   projector.*  multi_modal_projector.*, model.multi_modal_projector.*
@@ -24,7 +25,8 @@ _ALIASES = {
             "language_model.lm_head.": "lm_head.", "lm_head.": "lm_head.",
             "vision_tower.vision_model.": "vision.", "vision_tower.": "vision.",
             "model.vision_tower.vision_model.": "vision.", "model.vision_tower.": "vision.",
-            "multi_modal_projector.": "projector.", "model.multi_modal_projector.": "projector."},
+            "multi_modal_projector.": "projector.", "model.multi_modal_projector.": "projector.",
+            "vision_model.": "vision.", "model.vision_model.": "vision."},  # Mllama's tower
     "vision": {"vision_model.": "vision.", "": "vision."},
     "siglip": {"vision_model.": "vision.", "text_model.": "text.", "logit_scale": "logit_scale",
                "logit_bias": "logit_bias"},
@@ -117,6 +119,56 @@ def encoder(depth: int, final_norm: bool, root: str = "encoder", hf: str = "visi
   return out
 
 
+def mllama_encoder(depth: int, global_depth: int, root: str = "encoder", hf: str = "vision.") -> list[Entry]:
+  """Llama 3.2 Vision's tiled tower (mllama_vit.MllamaViT): its tables as they are, gates (1,) -> ()."""
+  out = [Entry(hf + "patch_embedding.weight", f"{root}/patch_embed/kernel", "conv"),
+         Entry(hf + "class_embedding", f"{root}/class_embedding"),
+         Entry(hf + "gated_positional_embedding.embedding", f"{root}/pos_embedding"),
+         Entry(hf + "gated_positional_embedding.gate", f"{root}/pos_gate", "flat"),
+         Entry(hf + "gated_positional_embedding.tile_embedding.weight", f"{root}/tile_pos_embedding")]
+  for x in ("pre", "post"):
+    out += [Entry(hf + f"{x}_tile_positional_embedding.embedding.weight", f"{root}/{x}_tile_embedding"),
+            Entry(hf + f"{x}_tile_positional_embedding.gate", f"{root}/{x}_tile_gate", "flat")]
+    out += _layer_norm(hf + f"layernorm_{x}", f"{root}/ln_{x}")
+  layers = [(f"{hf}transformer.layers.{i}.", f"{root}/block_{i}/") for i in range(depth)]
+  layers += [(f"{hf}global_transformer.layers.{i}.", f"{root}/global_{i}/") for i in range(global_depth)]
+  for t, o in layers:
+    out += _layer_norm(t + "input_layernorm", o + "ln_attn") + _layer_norm(t + "post_attention_layernorm",
+                                                                           o + "ln_mlp")
+    out += [Entry(t + f"self_attn.{x}_proj.weight", o + f"attn/{x}/kernel", "linear") for x in "qkv"]
+    out += [Entry(t + "self_attn.o_proj.weight", o + "attn/o/kernel", "linear", n_in=2)]
+    out += _dense(t + "mlp.fc1", o + "mlp_in") + _dense(t + "mlp.fc2", o + "mlp_out")
+    if "global" in o:
+      out += [Entry(t + "gate_attn", o + "gate_attn", "flat"), Entry(t + "gate_ffn", o + "gate_mlp", "flat")]
+  return out
+
+
+def mllama_decoder(cross_layers: tuple[int, ...], total: int) -> list[Entry]:
+  """Llama 3.2 Vision's text model: HF layer j is cross block k (the k-th of cross_layers) or decoder
+  block j - (cross layers before j); untied head."""
+  out, blocks = [], 0
+  for j in range(total):
+    t = f"text.layers.{j}."
+    if j not in cross_layers:
+      out += [Entry(e.hf.replace("text.layers.0.", t), e.ours.replace("block_0/", f"block_{blocks}/"), e.kind,
+                    e.n_in) for e in decoder(1, True) if ".layers.0." in e.hf]
+      blocks += 1
+      continue
+    o = f"cross/block_{cross_layers.index(j)}/"
+    out += [Entry(t + "input_layernorm.weight", o + "norm_attn/scale"),
+            Entry(t + "post_attention_layernorm.weight", o + "norm_mlp/scale"),
+            Entry(t + "cross_attn.o_proj.weight", o + "o/kernel", "linear", n_in=2),
+            Entry(t + "cross_attn.q_norm.weight", o + "q_norm/scale"),
+            Entry(t + "cross_attn.k_norm.weight", o + "k_norm/scale"),
+            Entry(t + "cross_attn_attn_gate", o + "attn_gate", "flat"),
+            Entry(t + "cross_attn_mlp_gate", o + "mlp_gate", "flat")]
+    out += [Entry(t + f"cross_attn.{x}_proj.weight", o + f"{x}/kernel", "linear") for x in "qkv"]
+    out += [Entry(t + f"mlp.{x}_proj.weight", o + f"{x}/kernel", "linear") for x in ("gate", "up", "down")]
+  return [Entry("text.embed_tokens.weight", "decoder/embedder/embedding"), *out,
+          Entry("text.norm.weight", "decoder/final_norm/scale"),
+          Entry("lm_head.weight", "decoder/head/kernel", "linear")]
+
+
 def map_head(hf: str = "vision.head.") -> list[Entry]:
   """SigLIP's attention-pooling head (siglip.MAPHead); torch MHA packs q, k, v as row thirds."""
   out = [Entry(hf + "probe", "map_head/probe")]
@@ -155,6 +207,10 @@ def mapping(arch: str, hf: dict, model_cfg) -> tuple[str, list[Entry], re.Patter
   if arch == "SiglipVisionModel":
     head = map_head() if vision.get("vision_use_head", True) else []
     return "vision", encoder(enc.depth, True) + head, None
+  if arch == "MllamaForConditionalGeneration":
+    cross = tuple(model_cfg.family_options.cross.layers)
+    entries = mllama_encoder(enc.depth, enc.global_depth) + _dense("projector", "connector/proj")
+    return "vlm", entries + mllama_decoder(cross, dec.depth + len(cross)), None
   skip = [r"text\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"]  # a buffer in old checkpoints
   if dec.tie_embeddings:
     skip.append(r"lm_head\.weight")  # some files keep a copy of the tied embedding

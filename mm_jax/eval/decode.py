@@ -17,20 +17,24 @@ from mm_jax.models.protocol import Decodable
 def decode(model: Decodable, params, image: jax.Array, prefix_BxP: jax.Array, prefix_mask_BxP: jax.Array,
            prefix_len_B: jax.Array, max_new: int, image_pos: jax.Array | None = None,
            sampling: Sampling = GREEDY, key: jax.Array | None = None,
-           stop_ids: tuple[int, ...] = ()) -> jax.Array:
+           stop_ids: tuple[int, ...] = (), prefill_kw: dict | None = None) -> jax.Array:
   """The continuation, int32 B x max_new; callers cut it at the first stop token. Any model with
   prefill / decode_step (models/protocol.py) decodes so. image: BxHxWxC, inserted; with image_pos
   (int BxM: where image m's slots start in the prefix; cross: the first token that sees it) BxMxHxWxC.
-  Sampling needs `key`; the same key gives the same tokens."""
+  Sampling needs `key`; the same key gives the same tokens. prefill_kw: a model's own prefill inputs
+  (the tiled encoder's aspect_ratio_ids_BxI)."""
   if not sampling.greedy and key is None:
     raise ValueError("sampling needs a key (jax.random.key(seed))")
   variables = {"params": params}
   b, p = prefix_BxP.shape
   n = model.num_image_tokens(image.shape) if image_pos is None else 0
   cache = model.decoder.init_cache(b, n + p + max_new)
+  if image_pos is not None:  # an empty slot (at or past the prefix): out of reach of the new tokens too,
+    image_pos = jnp.where(image_pos >= p, jnp.iinfo(jnp.int32).max // 2, image_pos)  # cross would see it
   in_row = () if image_pos is None else (image_pos,)  # a model without the layout: called as before
   logits_BxPxV, cache, cache_mask = model.apply(
-      variables, image, prefix_BxP, prefix_mask_BxP, cache, *in_row, method=model.prefill)
+      variables, image, prefix_BxP, prefix_mask_BxP, cache, *in_row, method=model.prefill,
+      **(prefill_kw or {}))
   keys = (lambda t: None) if sampling.greedy else (lambda t: step_keys(key, b, t))
   stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
   first_B = choose(logits_BxPxV[jnp.arange(b), prefix_len_B - 1], keys(0), sampling)

@@ -96,6 +96,7 @@ class Decoder(nn.Module):
   mlp_act: str = "gelu_tanh"
   embed_scale: bool = True
   tie_embeddings: bool = True
+  embed_rows: int = 0  # rows of the embedding table (0: vocab_size); Mllama's has vocab_size + 8
   scan: bool = False
   remat: str = "none"
   remat_names: tuple[str, ...] = ()
@@ -111,8 +112,11 @@ class Decoder(nn.Module):
   def setup(self):
     if self.mlp_act not in ACTIVATIONS:
       raise ValueError(f"unknown mlp_act {self.mlp_act!r}; known: {', '.join(ACTIVATIONS)}")
+    if self.embed_rows and self.tie_embeddings and self.embed_rows != self.vocab_size:
+      raise ValueError("an embedding table of other than vocab_size rows needs an untied head")
     self.embedder = nn.Embed(
-        self.vocab_size, self.width, name="embedder", dtype=self.dtype, param_dtype=self.param_dtype,
+        self.embed_rows or self.vocab_size, self.width, name="embedder", dtype=self.dtype,
+        param_dtype=self.param_dtype,
         embedding_init=partitioned(nn.initializers.normal(stddev=0.02), ("vocab", "embed")))
     stack.check("model.decoder", self.remat, self.remat_names)
     if self.scan:

@@ -1,6 +1,7 @@
 """Image encoders by name: what turns an image into the patch features a connector reads.
 
-  ENCODERS["vit"].build(model_cfg) -> vit.ViT from model.encoder;  ENCODERS["patches"]: Fuyu's raw patches
+  ENCODERS["vit"].build(model_cfg) -> vit.ViT from model.encoder;  ENCODERS["patches"]: Fuyu's raw patches;
+  ENCODERS["mllama"]: Llama 3.2 Vision's tiled tower (the cross family's model.family_options.cross.encoder)
 Each entry also checks model.encoder's fields against the image side it will see (check).
 """
 import dataclasses
@@ -11,6 +12,7 @@ import ml_collections as mlc
 from mm_jax.config import fields
 from mm_jax.errors import UserError
 from mm_jax.models import family
+from mm_jax.models.mllama_vit import MllamaViT
 from mm_jax.models.vit import RawPatches, ViT
 
 
@@ -47,7 +49,27 @@ def _patches(model_cfg: mlc.ConfigDict) -> RawPatches:
   return RawPatches(model_cfg.encoder.patch_size)  # the encoder's other fields are unused
 
 
-ENCODERS = {"vit": Encoder(_vit, _check_vit), "patches": Encoder(_patches, _whole_patches)}
+_VIT_ONLY = {"final_norm": True, "scan": False}
+
+
+def _mllama(model_cfg: mlc.ConfigDict) -> MllamaViT:
+  """Llama 3.2 Vision's tiled tower from model.encoder (mllama_vit.MllamaViT's fields)."""
+  fields_ = {k: tuple(map(tuple, v)) if k == "aspect_ratios" else v for k, v in dict(model_cfg.encoder).items()}
+  for name, default in _VIT_ONLY.items():  # configs/base.py's ViT fields, which this tower lacks
+    if fields_.pop(name, default) != default:
+      raise UserError(f"model.encoder.{name} does not apply to the mllama encoder; leave it at {default}")
+  return family.make(MllamaViT, fields_, "encoder", **family.dtypes(model_cfg))
+
+
+def _check_mllama(config, side: int, what: str) -> None:
+  _check_vit(config, side, what)
+  if config.model.encoder.get("image_size") != side:
+    raise UserError(f"{what} must equal model.encoder.image_size={config.model.encoder.get('image_size')} "
+                    "(one tile: the tower's tables are per tile); set --config.data.image_size to it")
+
+
+ENCODERS = {"vit": Encoder(_vit, _check_vit), "patches": Encoder(_patches, _whole_patches),
+            "mllama": Encoder(_mllama, _check_mllama)}
 
 
 def check_image(config, encoder: str, side: int | None = None, what: str | None = None) -> None:

@@ -176,7 +176,8 @@ def hybrid(model_cfg, tokenizer_vocab: int) -> HybridVLM:
   if tiles < 1:
     raise UserError(f"model.family_options.hybrid.tiles must be >= 1, got {tiles}")
   kept = {f: getattr(cross, f) for f in ("encoder", "connector", "decoder", "cross", "cross_every",
-                                         "prefix_attention", "last_image_only")}
+                                         "prefix_attention", "last_image_only", "cross_before",
+                                         "image_groups")}
   return HybridVLM(**kept, image_position=model_cfg.image_position, tiles=tiles)
 
 
