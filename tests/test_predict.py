@@ -15,7 +15,6 @@ from mm_jax.errors import UserError
 from mm_jax import predict
 from test_prepare import bomb_png
 
-STEPS = 1000  # the default config at a third of its budget: colour is learnt by then (~2.5 min)
 
 
 def _draw(path, shape: str, color: str, quadrant: int, size: int = 20):
@@ -51,18 +50,12 @@ def _predict(*args, cwd=REPO):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """configs/shapes_tiny.py trained STEPS steps through the command."""
-  work = tmp_path_factory.mktemp("predict")
-  out = subprocess.run(
-      [sys.executable, "-m", "mm_jax.train", f"--config={REPO}/configs/shapes_tiny.py",
-       f"--workdir={work / 'run'}", f"--config.data.data_dir={work / 'data'}",
-       f"--config.total_steps={STEPS}"], cwd=REPO, capture_output=True, text=True, check=False)
-  assert out.returncode == 0, out.stderr[-2000:]
-  return work
+def trained(trained_default):
+  """The session's trained default (conftest.trained_default)."""
+  return trained_default[0]
 
 
-@pytest.mark.slow  # trains the default for STEPS steps (~2.5 min on 2 cores)
+@pytest.mark.slow  # the session's trained default (~2 min, once for predict and lmms-eval)
 def test_the_trained_default_answers_colour_questions_about_drawn_images(trained, tmp_path):
   cases = [(s, c, q) for q, (s, c) in enumerate(zip(shapes.SHAPES * 2, shapes.COLORS))]
   lines = [dict(id=f"{c}_{s}", prompt=f"what color is the {s}?",

@@ -14,14 +14,16 @@ model is loaded.
 """
 import json
 import os
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections as mlc
 import numpy as np
 from jax.experimental import multihost_utils
 
 from mm_jax import data
-from mm_jax.data import chat, images, pipeline
+from mm_jax.data import chat, images, pipeline, rows
 from mm_jax.data.conversation import Conversation, Image, Turn
 from mm_jax.errors import UserError
 from mm_jax.eval import decode as decoding
@@ -61,14 +63,18 @@ def questions(prompt: str | None, image_paths, input_path: str | None) -> list[d
 
 
 def conversation(q: dict, max_pixels: int) -> Conversation:
-  """The question as a conversation (user turn, then the assistant's turn to fill), images checked."""
+  """The question as a conversation (user turn, then the assistant's turn to fill), images checked;
+  q["images"]: paths, or encoded images (bytes)."""
   where = q.get("where", "--image")
   blobs = []
-  for path in q["images"]:
-    if not os.path.isfile(path):
+  for i, path in enumerate(q["images"]):
+    if isinstance(path, bytes):  # an encoded image already in memory (mm_jax.eval.lmms)
+      blob, path = path, f"image {i}"
+    elif not os.path.isfile(path):
       raise UserError(f"{where}: image file {path} does not exist; give the path of a PNG or JPEG file")
-    with open(path, "rb") as f:
-      blob = f.read()
+    else:
+      with open(path, "rb") as f:
+        blob = f.read()
     try:
       images.decode(blob, max_pixels)
     except images.ImageError as e:
@@ -86,52 +92,87 @@ def conversation(q: dict, max_pixels: int) -> Conversation:
                       images=tuple(blobs), id=q["id"])
 
 
-def predict(workdir: str, qs: list[dict], step: int | None, sampling: Sampling, seed: int,
-            max_new: int | None) -> list[dict]:
+class Loaded(NamedTuple):
+  """A workdir's checkpoint loaded once (load): answers many questions without reloading (predict,
+  mm_jax.eval.lmms)."""
+  config: mlc.ConfigDict  # the config it was trained with
+  step: int
+  tokenizer: Any
+  row: rows.Row           # conversations -> the model's rows
+  mm: ModelOnMesh
+  params: Any
+  stop: int | None        # the chat template's end-of-answer token
+
+
+def load(workdir: str, step: int | None) -> Loaded:
+  """The newest checkpoint (or `step`) on the current devices, with its config, tokenizer and rows."""
   config, step = stored_config(workdir, step)
   if config.model.family == "siglip":
     raise UserError(f"{workdir} holds a siglip model, which outputs no text; predict needs a model of "
                     "a family that answers (unified, cross, hybrid, fuyu, lm)")
-  convs = [conversation(q, config.data.max_image_pixels) for q in qs]
   tokenizer = data.load_tokenizer(config)
-  row = pipeline.row_layout(config, tokenizer)
-  examples = []
-  for q, conv in zip(qs, convs):
-    try:
-      ex, _ = row.prompt(conv)
-    except ValueError as e:
-      raise UserError(f"{q.get('where', '--prompt')}: {e}") from None
-    examples.append(ex)
   mesh = sharding.make_mesh(config.mesh)
   mm = ModelOnMesh.create(config, tokenizer.vocab_size, mesh)
   _, params = restore_params(workdir, mm, step)
-  stop = chat.stop_id(config.data.chat_template, tokenizer)
-  max_new = max_new or config.model.max_answer_len
-  batch_sh = sharding.batch_sharding(mesh)
-  run = jax.jit(lambda p, image, text, mask, plen, pos, key: decoding.decode(
-      mm.model, p, image, text, mask, plen, max_new, image_pos=pos, sampling=sampling, key=key,
-      stop_ids=() if stop is None else (stop,)),
-      in_shardings=(mm.param_shardings, *([batch_sh] * 5), None), out_shardings=batch_sh)
+  return Loaded(config, step, tokenizer, pipeline.row_layout(config, tokenizer), mm, params,
+                chat.stop_id(config.data.chat_template, tokenizer))
+
+
+def batches(m: Loaded, items: list[dict]):
+  """(start, n, arrays) over `items` (dicts of numpy arrays, the same keys and shapes) in batches of
+  eval.batch_size rounded to the mesh's split, the last padded with copies of its first row: start its
+  first row's index, n its real rows, arrays this process's block of it as global arrays."""
+  mesh = m.mm.mesh
   dp = sharding.data_parallel_size(mesh)  # rows per batch: the questions, rounded up to the mesh's split
-  b = min(config.eval.batch_size, -(-len(examples) // dp) * dp)
+  b = min(m.config.eval.batch_size, -(-len(items) // dp) * dp)
   sharding.check_batch(b, mesh, field="eval.batch_size")
+  share = b // jax.process_count()  # every process built the whole batch and feeds its own block
+  mine = slice(jax.process_index() * share, (jax.process_index() + 1) * share)
+  for start in range(0, len(items), b):
+    chunk = items[start:start + b]
+    padded = chunk + [chunk[0]] * (b - len(chunk))
+    batch = {k: np.stack([r[k] for r in padded])[mine] for k in chunk[0]}
+    yield start, len(chunk), sharding.to_global(batch, mesh)
+
+
+def answer(m: Loaded, examples: list[dict], sampling: Sampling, seed: int, max_new: int | None) -> list[str]:
+  """The answer to each example (Row.prompt's, unpadded); question i samples with fold_in(seed, i)."""
+  max_new = max_new or m.config.model.max_answer_len
+  batch_sh = sharding.batch_sharding(m.mm.mesh)
+  stop = m.stop
+  run = jax.jit(lambda p, image, text, mask, plen, pos, key: decoding.decode(
+      m.mm.model, p, image, text, mask, plen, max_new, image_pos=pos, sampling=sampling, key=key,
+      stop_ids=() if stop is None else (stop,)),
+      in_shardings=(m.mm.param_shardings, *([batch_sh] * 5), None), out_shardings=batch_sh)
+  keys = ("image", "text", "mask_input", "image_pos")
+  items = [dict({k: v for k, v in m.row.pad(ex).items() if k in keys},
+                prefix_len=np.int32(len(ex["text"]))) for ex in examples]
   answers = []
-  for start in range(0, len(examples), b):
-    chunk = examples[start:start + b]
-    padded = [row.pad(ex) for ex in chunk] + [row.pad(chunk[0])] * (b - len(chunk))
-    lens = [len(ex["text"]) for ex in chunk] + [len(chunk[0]["text"])] * (b - len(chunk))
-    batch = {k: np.stack([r[k] for r in padded]) for k in ("image", "text", "mask_input", "image_pos")}
-    batch["prefix_len"] = np.asarray(lens, np.int32)
-    share = b // jax.process_count()  # every process built the whole batch and feeds its own block
-    mine = slice(jax.process_index() * share, (jax.process_index() + 1) * share)
-    arrays = sharding.to_global({k: v[mine] for k, v in batch.items()}, mesh)
+  for start, n, arrays in batches(m, items):
+    b = arrays["text"].shape[0]
     # each question's key by its index in the input: its answer does not depend on the batching
     key = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(start, start + b))
-    with mm.context():
-      tokens = run(params, *(arrays[k] for k in ("image", "text", "mask_input", "prefix_len", "image_pos")),
+    with m.mm.context():
+      tokens = run(m.params, *(arrays[k] for k in ("image", "text", "mask_input", "prefix_len", "image_pos")),
                    key)
-    for ids in np.asarray(multihost_utils.process_allgather(tokens, tiled=True))[:len(chunk)]:
+    for ids in np.asarray(multihost_utils.process_allgather(tokens, tiled=True))[:n]:
       ids = ids.tolist()
-      answers.append(tokenizer.decode(ids[:ids.index(stop)] if stop in ids else ids).strip())
-  return [dict(id=q["id"], prompt=q["prompt"], images=q["images"], prediction=a, step=step)
+      answers.append(m.tokenizer.decode(ids[:ids.index(stop)] if stop in ids else ids).strip())
+  return answers
+
+
+def predict(workdir: str, qs: list[dict], step: int | None, sampling: Sampling, seed: int,
+            max_new: int | None) -> list[dict]:
+  config, _ = stored_config(workdir, step)
+  convs = [conversation(q, config.data.max_image_pixels) for q in qs]  # checked before the model loads
+  m = load(workdir, step)
+  examples = []
+  for q, conv in zip(qs, convs):
+    try:
+      ex, _ = m.row.prompt(conv)
+    except ValueError as e:
+      raise UserError(f"{q.get('where', '--prompt')}: {e}") from None
+    examples.append(ex)
+  answers = answer(m, examples, sampling, seed, max_new)
+  return [dict(id=q["id"], prompt=q["prompt"], images=q["images"], prediction=a, step=m.step)
           for q, a in zip(qs, answers)]
