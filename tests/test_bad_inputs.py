@@ -235,6 +235,15 @@ FIELD_CASES = [
      "the tile side 20 (data.image_size=40 / model.family_options.hybrid.tiles=2) is not a multiple of "
      "model.encoder.patch_size=8"),
     ({"model.family": "fuyu", "data.image_size": 36}, "data.image_size=36 is not a multiple"),
+    ({"model.family": "cross", "model.family_options.cross.encoder": "vitt"},
+     "model.family_options.cross.encoder='vitt' is not one of vit, mllama"),
+    ({"model.family": "cross", "model.family_options.cross.layers": (1, 1)},
+     "model.family_options.cross.layers=(1, 1) must be ascending distinct indices in [0, 4)"),
+    ({"model.family": "cross", "model.family_options.cross.unseen_rows": "hf", "data.packing": True},
+     "unseen_rows='hf' lets a token that sees no image read every image of its row"),
+    ({"model.family": "hybrid", "model.family_options.cross.encoder": "mllama"},
+     "the hybrid family tiles images itself"),
+    ({"model.decoder.embed_rows": 300}, "model.decoder.embed_rows=300 needs an untied head"),
 ]
 
 

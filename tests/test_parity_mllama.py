@@ -141,3 +141,12 @@ def test_converter_refuses_what_it_cannot_compute(change, field):
   hf["vision_config"].update(change)
   with pytest.raises(UserError, match=field):
     hf_config.derive(hf)
+
+
+def test_the_tokenizer_may_hold_the_input_only_image_token():
+  """The real tokenizer has <|image|> at vocab_size (128256 of 128257 pieces): the embedding's rows hold
+  it, the head does not predict it."""
+  from mm_jax.models import family  # pylint: disable=g-import-not-at-top
+  assert family.vocab_size("decoder", V, V + 1, rows=V + 8) == V
+  with pytest.raises(UserError, match="the tokenizer has 257 pieces"):
+    family.vocab_size("decoder", V, V + 1)

@@ -88,6 +88,28 @@ def test_cross_row_has_no_image_slots(test_config, tokenizer, train_source):
   chex.assert_shape(got["image"], (1, 32, 32, 3))
 
 
+def test_mllama_rows_keep_each_image_placeholder_as_a_token(test_config, tokenizer, train_source):
+  """Llama 3.2 Vision's form (cross, image_groups "consecutive", as the import sets): the placeholder
+  stays in the text and image_pos is its index, so two images on adjacent placeholders are one run and
+  two images one word apart are not (the model groups by run: cross_attention.run_starts)."""
+  config = _config(test_config, max_images=3)
+  config.model.family = "cross"
+  config.model.family_options.cross.image_groups = "consecutive"
+  row = pipeline.row_layout(config, tokenizer)
+  img = train_source[0]["image"]
+  q, a = _qa(train_source, 0)
+  conv = Conversation(turns=(Turn("user", (Image(0), Image(1), "x", Image(2), q)), Turn("assistant", (a,))),
+                      images=(img, img, img))
+  conv.check()
+  got = row.pad(row.train(conv))
+  p0, p1, p2 = got["image_pos"].tolist()
+  assert p1 == p0 + 1 and p2 > p1 + 1  # adjacent placeholders; then text between
+  marks = got["text"][[p0, p1, p2]]
+  assert (marks == marks[0]).all() and marks[0] != tokenizer.pad_id  # the same placeholder id, kept
+  starts = models.cross_attention.run_starts(got["image_pos"][None])[0].tolist()
+  assert starts == [p0, p0, p2]
+
+
 def test_two_images_in_two_turns_and_an_empty_slot(test_config, tokenizer, train_source):
   config = _config(test_config, max_images=2)
   row = pipeline.row_layout(config, tokenizer)

@@ -40,7 +40,8 @@ _MLLAMA_VISION = dict(hidden_size=1280, hidden_act="gelu", num_hidden_layers=32,
                       attention_heads=16, num_channels=3, intermediate_size=5120, vision_output_dim=7680,
                       image_size=448, patch_size=14, norm_eps=1e-5, max_num_tiles=4,
                       intermediate_layers_indices=[3, 7, 15, 23, 30],
-                      supported_aspect_ratios=[[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]])
+                      supported_aspect_ratios=[[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1],
+                                               [4, 1]])
 _MLLAMA_TEXT = dict(vocab_size=128256, hidden_size=4096, hidden_act="silu", num_hidden_layers=40,
                     num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
                     rms_norm_eps=1e-5, max_position_embeddings=131072, tie_word_embeddings=False,

@@ -58,7 +58,10 @@ def row_layout(config, tokenizer) -> rows_lib.Row:
   """The rows of config's model: its image tokens in the sequence (and how many per image) or not."""
   from mm_jax import models  # pylint: disable=g-import-not-at-top  # models need data's registries
   n = models.tokens_per_image(config)
-  return rows_lib.Row(config, tokenizer, in_sequence=n > 0, tokens_per_image=n)
+  # Mllama's consecutive image groups count the <|image|> tokens' rows: they stay in the text
+  cross = config.model.get("family_options", {}).get("cross", {})
+  keep = config.model.family == "cross" and cross.get("image_groups") == "consecutive"
+  return rows_lib.Row(config, tokenizer, in_sequence=n > 0, tokens_per_image=n, keep_placeholder=keep)
 
 
 def train_iterator(config, tokenizer, source, *, process_index: int,

@@ -8,8 +8,9 @@ r"""A conversation -> the arrays of one row of the decoder's input, and packed r
 The conversation is rendered by its chat template (data.chat_template, data/chat.py): one placeholder
 token per image. Families that put image tokens in the sequence (unified, fuyu, hybrid's thumbnail) get
 N = tokens_per_image slots in its place, image_pos the first of them; the cross family gets none, and
-image_pos is the first token that sees the image. A row holds data.max_images image slots; the empty
-ones have image_pos = the row length (never placed, never seen).
+image_pos is the first token that sees the image (keep_placeholder, Llama 3.2 Vision's form: the
+placeholder stays in the text as an ordinary token, and sees the image from itself on). A row holds
+data.max_images image slots; the empty ones have image_pos = the row length (never placed, never seen).
 
 Row length L: data.text_len text tokens plus, in-sequence, max_images x N image slots. Keys of a row,
 as the vqa task's model takes them (models/vlm.py):
@@ -39,10 +40,11 @@ class TooLong(ValueError):
 class Row:
   """Builds rows for one model layout (in_sequence, tokens_per_image) and one config's data fields."""
 
-  def __init__(self, config, tokenizer, *, in_sequence: bool, tokens_per_image: int):
+  def __init__(self, config, tokenizer, *, in_sequence: bool, tokens_per_image: int,
+               keep_placeholder: bool = False):
     d = config.data
     self._tok, self._template = tokenizer, d.chat_template
-    self.in_sequence, self.n = in_sequence, tokens_per_image
+    self.in_sequence, self.n, self.keep_placeholder = in_sequence, tokens_per_image, keep_placeholder
     self.max_images, self.size, self.blind = d.max_images, d.image_size, d.blind
     self.processor, self.max_pixels = d.image_processor, d.max_image_pixels
     self.text_len = d.text_len
@@ -69,6 +71,7 @@ class Row:
       m = r.image[i]
       if m >= 0:  # the image's placeholder: N slots in the sequence, or none (cross-attended)
         image_pos[m] = len(ids)
+      if m >= 0 and not self.keep_placeholder:
         k = self.n if self.in_sequence else 0
         ids += [tokenizer_lib.PAD_ID] * k
         mask_ar += [0 if r.prefix[i] else 1] * k

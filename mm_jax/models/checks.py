@@ -16,6 +16,12 @@ def decoder(config) -> None:
   for field in ("width", "depth", "num_heads", "num_kv_heads", "mlp_dim"):
     fields.integer(config, f"{d}.{field}", 1)
   fields.integer(config, f"{d}.vocab_size", 0)
+  rows = fields.integer(config, f"{d}.embed_rows", 0)
+  if rows:
+    vocab, tied = fields.get(config, f"{d}.vocab_size"), fields.get(config, f"{d}.tie_embeddings")
+    if tied is True or (vocab and rows < vocab):
+      raise UserError(f"{d}.embed_rows={rows} needs an untied head ({d}.tie_embeddings=False) and at "
+                      f"least {d}.vocab_size rows; set it to 0 (vocab_size rows) otherwise")
   head_dim = fields.integer(config, f"{d}.head_dim", 2)
   if head_dim and head_dim % 2:  # RoPE rotates pairs of dims
     raise UserError(f"{d}.head_dim={head_dim} must be even (RoPE rotates pairs); set "

@@ -108,7 +108,11 @@ class CrossAttentionVLM(nn.Module):
     mask_BxLxS = jnp.repeat(seen_BxLxI, s // image_pos_BxI.shape[1], axis=2)
     return mask_BxLxS if keys_BxS is None else mask_BxLxS & keys_BxS[:, None, :]
 
-  def _image(self, image: Array, image_pos_BxI: Array | None, aspect_ratio_ids_BxI: Array | None):
+  def _image(self, image: Array, image_pos_BxI: Array | None, aspect_ratio_ids_BxI: Array | None,
+             length: int):
+    if getattr(self.encoder, "tiled", False) and aspect_ratio_ids_BxI is None and image_pos_BxI is not None:
+      # one tile each, aspect ratio (1, 1); an empty slot (at or past the row) is HF's padding image, id 0
+      aspect_ratio_ids_BxI = jnp.where(image_pos_BxI >= length, 0, self.encoder.default_id())
     img_BxSxD, i, keys_BxS = self.image_features(image, aspect_ratio_ids_BxI)
     if image_pos_BxI is None:
       image_pos_BxI = jnp.zeros((img_BxSxD.shape[0], i), jnp.int32)
@@ -162,7 +166,7 @@ class CrossAttentionVLM(nn.Module):
     example of each token (packing, layers.make_attn_mask); positions_BxT: RoPE positions (default
     0 .. T-1); images are placed by row index whatever the positions. aspect_ratio_ids_BxI: a tiled
     encoder's (mllama_vit), for images BxIxTxHxWxC (default: each image one tile)."""
-    kvs, image_pos_BxI, keys_BxS = self._image(image, image_pos_BxI, aspect_ratio_ids_BxI)
+    kvs, image_pos_BxI, keys_BxS = self._image(image, image_pos_BxI, aspect_ratio_ids_BxI, text_BxT.shape[1])
     rows_BxT = row_positions(text_BxT)
     mask_ar_BxT = mask_ar_BxT if self.prefix_attention else jnp.ones_like(mask_input_BxT)
     xmask_BxTxS = self._cross_mask(image_pos_BxI, rows_BxT, kv_len(kvs), segment_BxT, keys_BxS)
@@ -177,7 +181,8 @@ class CrossAttentionVLM(nn.Module):
 
     Returns (logits BxPxV, cache {"self", "cross", "image_pos", "keys"}, cache_mask BxS: real slots).
     """
-    kvs, image_pos_BxI, keys_BxS = self._image(image, image_pos_BxI, aspect_ratio_ids_BxI)
+    kvs, image_pos_BxI, keys_BxS = self._image(image, image_pos_BxI, aspect_ratio_ids_BxI,
+                                               prefix_BxP.shape[1])
     cache_mask_BxS, mask_BxLxS = prefill_masks(prefix_mask_BxP, cache, causal=not self.prefix_attention)
     positions_BxL = row_positions(prefix_BxP)
     xmask_BxLxS = self._cross_mask(image_pos_BxI, positions_BxL, kv_len(kvs), None, keys_BxS)
@@ -252,12 +257,12 @@ def cross_attention(model_cfg, tokenizer_vocab: int) -> CrossAttentionVLM:
   every = opts.every
   if every < 1:
     raise UserError(f"{OPTIONS}.every must be >= 1, got {every}")
+  before = tuple(at - k for k, at in enumerate(sorted(opts.layers)))  # `layers` given: `every` unused
+  if before and decoder.scan:
+    raise UserError(f"cross blocks at {OPTIONS}.layers run unscanned; set model.decoder.scan=False")
   if decoder.scan and decoder.depth % every:
     raise UserError(f"scanned super-blocks need model.decoder.depth ({decoder.depth}) to be a multiple "
                     f"of {OPTIONS}.every ({every}); change one, or set model.decoder.scan=False")
-  before = tuple(at - k for k, at in enumerate(sorted(opts.layers)))
-  if before and decoder.scan:
-    raise UserError(f"cross blocks at {OPTIONS}.layers run unscanned; set model.decoder.scan=False")
   field = lambda name: getattr(opts, name) or getattr(decoder, name)
   block = dict(width=decoder.width, num_heads=field("num_heads"), num_kv_heads=field("num_kv_heads"),
                head_dim=field("head_dim"), mlp_dim=field("mlp_dim"), norm=decoder.norm,
@@ -284,9 +289,12 @@ def check_cross(config) -> None:
     raise UserError(f"the cross-attention's query heads ({heads}) must be a multiple of its kv heads "
                     f"({kv}); set --config.{OPTIONS}.num_heads / num_kv_heads (0: the decoder's)")
   for name, known in (("unseen_rows", ("zero", "hf")), ("image_groups", ("position", "consecutive")),
-                      ("encoder", tuple(encoders.ENCODERS))):
+                      ("encoder", ("vit", "mllama"))):  # not "patches": the blocks read features
     if getattr(opts, name) not in known:
       raise UserError(f"{OPTIONS}.{name}={getattr(opts, name)!r} is not one of {', '.join(known)}")
+  if opts.unseen_rows == "hf" and config.data.get("packing"):  # its fallback: every key of the row
+    raise UserError(f"{OPTIONS}.unseen_rows='hf' lets a token that sees no image read every image of its "
+                    "row, other packed examples' too; set --config.data.packing=False")
   layers, total = list(opts.layers), dec.depth + len(opts.layers)
   if layers != sorted(set(layers)) or any(not isinstance(j, int) or not 0 <= j < total for j in layers):
     raise UserError(f"{OPTIONS}.layers={tuple(layers)} must be ascending distinct indices in [0, {total}) "
@@ -294,9 +302,9 @@ def check_cross(config) -> None:
 
 
 def _check(config) -> None:
+  check_cross(config)  # first: it names an unknown encoder
   encoders.check_image(config, family.family_options(config.model, "cross", CrossOptions).encoder)
   checks.decoder(config)
-  check_cross(config)
 
 
 CROSS = family.Family(cross_attention, _check, options=CrossOptions)

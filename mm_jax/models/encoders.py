@@ -54,7 +54,8 @@ _VIT_ONLY = {"final_norm": True, "scan": False}
 
 def _mllama(model_cfg: mlc.ConfigDict) -> MllamaViT:
   """Llama 3.2 Vision's tiled tower from model.encoder (mllama_vit.MllamaViT's fields)."""
-  fields_ = {k: tuple(map(tuple, v)) if k == "aspect_ratios" else v for k, v in dict(model_cfg.encoder).items()}
+  fields_ = {k: tuple(map(tuple, v)) if k == "aspect_ratios" else v
+             for k, v in dict(model_cfg.encoder).items()}
   for name, default in _VIT_ONLY.items():  # configs/base.py's ViT fields, which this tower lacks
     if fields_.pop(name, default) != default:
       raise UserError(f"model.encoder.{name} does not apply to the mllama encoder; leave it at {default}")
@@ -63,6 +64,13 @@ def _mllama(model_cfg: mlc.ConfigDict) -> MllamaViT:
 
 def _check_mllama(config, side: int, what: str) -> None:
   _check_vit(config, side, what)
+  enc = config.model.encoder
+  if (1, 1) not in [tuple(a) for a in enc.get("aspect_ratios", ((1, 1),))]:
+    raise UserError("model.encoder.aspect_ratios must hold (1, 1): the aspect ratio of a one-tile image")
+  bad = [i for i in enc.get("intermediate_layers", ()) if not 0 <= i < enc.depth]
+  if bad:
+    raise UserError(f"model.encoder.intermediate_layers {bad} are not layers of the tower (depth "
+                    f"{enc.depth}); set --config.model.encoder.intermediate_layers")
   if config.model.encoder.get("image_size") != side:
     raise UserError(f"{what} must equal model.encoder.image_size={config.model.encoder.get('image_size')} "
                     "(one tile: the tower's tables are per tile); set --config.data.image_size to it")

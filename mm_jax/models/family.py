@@ -64,10 +64,11 @@ def dtypes(model_cfg: mlc.ConfigDict) -> dict:
   return {field: pick(DTYPES, model_cfg[field], f"model.{field}") for field in ("dtype", "param_dtype")}
 
 
-def vocab_size(section: str, given: int, tokenizer_vocab: int) -> int:
-  """model.<section>.vocab_size if set (an imported model's), else the tokenizer's; never less than it."""
+def vocab_size(section: str, given: int, tokenizer_vocab: int, rows: int = 0) -> int:
+  """model.<section>.vocab_size if set (an imported model's), else the tokenizer's; never less than it,
+  nor than the embedding's rows (`rows`: Mllama's tokenizer holds <|image|>, an input-only row)."""
   v = given or tokenizer_vocab
-  if v < tokenizer_vocab:
+  if max(v, rows) < tokenizer_vocab:
     raise UserError(f"the tokenizer has {tokenizer_vocab} pieces but model.{section}.vocab_size is {v}; "
                     "use the tokenizer the model was trained with (data.tokenizer)")
   return v
@@ -81,7 +82,7 @@ def build_decoder(model_cfg: mlc.ConfigDict, tokenizer_vocab: int) -> Decoder:
   except TypeError as e:
     raise UserError(f"model.decoder has an unknown rope_* field ({e}); known: "
                     f"{', '.join('rope_' + f.name for f in dataclasses.fields(Rope))}") from None
-  vocab = vocab_size("decoder", model_cfg.decoder.vocab_size, tokenizer_vocab)
+  vocab = vocab_size("decoder", model_cfg.decoder.vocab_size, tokenizer_vocab, fields.get("embed_rows", 0))
   return make(Decoder, fields, "decoder", rope=rope, vocab_size=vocab, **dtypes(model_cfg))
 
 

@@ -182,6 +182,10 @@ def hybrid(model_cfg, tokenizer_vocab: int) -> HybridVLM:
 
 
 def _check(config) -> None:
+  cross_attention.check_cross(config)
+  if config.model.family_options.cross.get("encoder", "vit") != "vit":
+    raise UserError("the hybrid family tiles images itself and encodes them with the vit encoder; set "
+                    f"--config.{cross_attention.OPTIONS}.encoder=vit")
   size, tiles = config.data.image_size, fields.integer(config, "model.family_options.hybrid.tiles", 1)
   if tiles and size % tiles == 0:  # the encoder sees the tiles (and the thumbnail: the same size)
     encoders.check_image(config, "vit", size // tiles, f"the tile side {size // tiles} (data.image_size="
@@ -190,7 +194,6 @@ def _check(config) -> None:
     encoders.check_image(config, "vit")
   checks.decoder(config)
   checks.image_position(config)
-  cross_attention.check_cross(config)
 
 
 HYBRID = family.Family(hybrid, _check, image_in_sequence=True, options=HybridOptions)

@@ -37,14 +37,15 @@ class MllamaBlock(nn.Module):
     d = x_BxLxD.shape[-1]
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     zero = partitioned(nn.initializers.zeros_init(), ())
-    gate = ((lambda name: jnp.tanh(self.param(name, zero, (), self.param_dtype)).astype(self.dtype))
-            if self.gated else (lambda name: 1.0))
+    gate = ((lambda name: jnp.tanh(self.param(name, zero, (), self.param_dtype).astype(jnp.float32))
+             .astype(self.dtype)) if self.gated else (lambda name: 1.0))
     attn = Attention(self.num_heads, self.num_heads, d // self.num_heads, use_bias=False, name="attn", **kw)
-    y, _ = attn(layer_norm("ln_attn", self.norm_eps, **kw)(x_BxLxD), mask_BxLxL)
-    x_BxLxD = x_BxLxD + gate("gate_attn") * y
-    y = dense(self.mlp_dim, ("embed", "mlp"), "mlp_in", **kw)(layer_norm("ln_mlp", self.norm_eps, **kw)(x_BxLxD))
-    y = dense(d, ("mlp", "embed"), "mlp_out", **kw)(ACTIVATIONS[self.mlp_act](y))
-    return constrain(x_BxLxD + gate("gate_mlp") * y, ("act_batch", "act_len", "act_embed"))
+    y_BxLxD, _ = attn(layer_norm("ln_attn", self.norm_eps, **kw)(x_BxLxD), mask_BxLxL)
+    x_BxLxD = x_BxLxD + gate("gate_attn") * y_BxLxD
+    h_BxLxF = dense(self.mlp_dim, ("embed", "mlp"), "mlp_in", **kw)(
+        layer_norm("ln_mlp", self.norm_eps, **kw)(x_BxLxD))
+    y_BxLxD = dense(d, ("mlp", "embed"), "mlp_out", **kw)(ACTIVATIONS[self.mlp_act](h_BxLxF))
+    return constrain(x_BxLxD + gate("gate_mlp") * y_BxLxD, ("act_batch", "act_len", "act_embed"))
 
 
 class MllamaViT(nn.Module):
@@ -91,8 +92,10 @@ class MllamaViT(nn.Module):
     """N x (T * P1) bool: the output tokens of filled tiles (what a text row that sees the image reads)."""
     return jnp.repeat(self.tile_mask(ids_N), self.tokens_per_tile, axis=1)
 
-  def _table(self, name: str, shape: tuple[int, ...], std: float) -> Array:
-    return self.param(name, partitioned(nn.initializers.normal(stddev=std), (None,) * len(shape)), shape,
+  def _table(self, name: str, shape: tuple[int, ...], std: float, names=None) -> Array:
+    """A learned table; unnamed axes replicated (the per-aspect-ratio rows are flat HF layouts)."""
+    names = names or (None,) * len(shape)
+    return self.param(name, partitioned(nn.initializers.normal(stddev=std), names), shape,
                       self.param_dtype).astype(self.dtype)
 
   def _gate(self, name: str) -> Array:
@@ -112,22 +115,24 @@ class MllamaViT(nn.Module):
     if ids_N is None:
       ids_N = jnp.full((n,), self.default_id(), jnp.int32)
     a = len(self.aspect_ratios) + 1
-    x = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", use_bias=False, name="patch_embed", **kw,
-                kernel_init=partitioned(nn.initializers.lecun_normal(), (None, None, None, "embed")))(
-                    tiles_NxTxHxWxC.reshape(n * t, *tiles_NxTxHxWxC.shape[2:]))
-    x_NxTxPxD = x.reshape(n, t, -1, d)
+    x_MxGxGxD = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", use_bias=False, name="patch_embed", **kw,
+                        kernel_init=partitioned(nn.initializers.lecun_normal(), (None, None, None, "embed")))(
+                            tiles_NxTxHxWxC.reshape(n * t, *tiles_NxTxHxWxC.shape[2:]))  # M = N * T tiles
+    x_NxTxPxD = x_MxGxGxD.reshape(n, t, -1, d)
     p1 = x_NxTxPxD.shape[2] + 1
 
-    def tile_embed(name: str, x):  # one gated vector per (aspect ratio, tile), added to all its tokens
-      emb = self._table(f"{name}_embedding", (a, t * d), d ** -0.5)[ids_N].reshape(n, t, 1, d)
-      return x + self._gate(f"{name}_gate") * emb
+    def tile_embed(name: str, x_NxTxLxD):  # one gated vector per (aspect ratio, tile), on all its tokens
+      emb_NxTx1xD = self._table(f"{name}_embedding", (a, t * d), d ** -0.5)[ids_N].reshape(n, t, 1, d)
+      return x_NxTxLxD + self._gate(f"{name}_gate") * emb_NxTx1xD
 
     x_NxTxPxD = tile_embed("pre_tile", x_NxTxPxD)
-    cls = jnp.broadcast_to(self._table("class_embedding", (d,), d ** -0.5), (n, t, 1, d))
-    x_NxTxP1xD = jnp.concatenate([cls, x_NxTxPxD], axis=2)
+    cls_NxTx1xD = jnp.broadcast_to(self._table("class_embedding", (d,), d ** -0.5, ("embed",)), (n, t, 1, d))
+    x_NxTxP1xD = jnp.concatenate([cls_NxTx1xD, x_NxTxPxD], axis=2)
     g = self._gate("pos_gate")
-    tile_pos = self._table("tile_pos_embedding", (a, t * p1 * d), d ** -0.5)[ids_N].reshape(n, t, p1, d)
-    x_NxTxP1xD = x_NxTxP1xD + (1 - g) * self._table("pos_embedding", (p1, d), d ** -0.5) + g * tile_pos
+    tile_pos_NxTxP1xD = self._table("tile_pos_embedding", (a, t * p1 * d), d ** -0.5)[ids_N].reshape(
+        n, t, p1, d)
+    pos_P1xD = self._table("pos_embedding", (p1, d), d ** -0.5, ("patches", "embed"))
+    x_NxTxP1xD = x_NxTxP1xD + (1 - g) * pos_P1xD + g * tile_pos_NxTxP1xD
     x_NxTxP1xD = layer_norm("ln_pre", _LN_EPS, **kw)(x_NxTxP1xD)
     lp = p1 + (-p1) % 8  # HF pads each tile to a multiple of 8 tokens, after ln_pre: zeros
     x_NxSxD = jnp.pad(x_NxTxP1xD, [(0, 0), (0, 0), (0, lp - p1), (0, 0)]).reshape(n, t * lp, d)
@@ -135,9 +140,9 @@ class MllamaViT(nn.Module):
     mask_NxSxS = real_NxS[:, :, None] | real_NxS[:, None, :]  # only pad<->pad is blocked
     x_NxSxD = constrain(x_NxSxD, ("act_batch", "act_len", "act_embed"))
     stack.check("model.encoder", self.remat, self.remat_names)
-    cls = stack.remat_module(MllamaBlock, self.remat, self.remat_names)
-    block = lambda name, gated: cls(self.num_heads, self.mlp_dim, self.norm_eps, self.mlp_act, gated,
-                                            name=name, **kw)
+    block_cls = stack.remat_module(MllamaBlock, self.remat, self.remat_names)
+    block = lambda name, gated: block_cls(self.num_heads, self.mlp_dim, self.norm_eps, self.mlp_act, gated,
+                                          name=name, **kw)
     kept = []
     for i in range(self.depth):
       x_NxSxD = block(f"block_{i}", False)(x_NxSxD, mask_NxSxS)
@@ -151,8 +156,7 @@ class MllamaViT(nn.Module):
     if kept:
       inter_NxSxDxK = jnp.stack(kept, axis=-1)
       x_NxSxD = jnp.concatenate([x_NxSxD, inter_NxSxDxK.reshape(n, t * lp, d * len(kept))], axis=-1)
-    out = x_NxSxD
-    return out.reshape(n, t, lp, -1)[:, :, :p1].reshape(n, t * p1, self.out_width)
+    return x_NxSxD.reshape(n, t, lp, -1)[:, :, :p1].reshape(n, t * p1, self.out_width)
 
   def count_flops(self, t: flop_count.Tally, pre: str, n_images: int, size: int, out: str):
     """n_images (each T tiles of size x size) into stream `out`: (tokens T * P1, width D * (1 + K))."""
@@ -162,5 +166,6 @@ class MllamaViT(nn.Module):
     t.source(out)
     t.dense(pre, f"{pre}/patch_embed", out, out, n_images * tiles * (p1 - 1), p * p * 3, d)
     for name in [f"block_{i}" for i in range(self.depth)] + [f"global_{i}" for i in range(self.global_depth)]:
-      flop_count.vit_block(t, pre, f"{pre}/{name}", out, n_images, tiles * lp, d, self.num_heads, self.mlp_dim)
+      flop_count.vit_block(t, pre, f"{pre}/{name}", out, n_images, tiles * lp, d, self.num_heads,
+                           self.mlp_dim)
     return tiles * p1, self.out_width
