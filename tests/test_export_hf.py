@@ -163,7 +163,7 @@ def test_refusals_are_one_line(test_config, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["paligemma", "llava", "mllama", "gemma", "siglip"])
+@pytest.mark.parametrize("family", ["paligemma", "llava", "gemma", "siglip"])  # mllama: its round trip
 def test_import_then_export_gives_back_the_same_tensors(family, tmp_path):
   """convert, then export at once: from_pretrained of the export holds bitwise HF's original tensors
   (SiglipModel included, its MAP head's packed q/k/v put back together)."""
