@@ -28,7 +28,7 @@ def test_output_shape_is_num_tokens_by_width_and_params_are_named(name):
   x = jax.random.normal(jax.random.key(0), (B, 16, E))  # a 4x4 grid
   out, boxed = jax.jit(conn.init_with_output)(jax.random.key(1), x)
   chex.assert_shape(out, (B, conn.num_tokens(16), D))
-  assert conn.num_tokens(16) == {"resampler": 5, "pixel_shuffle": 4}.get(name, 16)
+  assert conn.num_tokens(16) == {"resampler": 5, "pixel_shuffle": 4, "merger": 4}.get(name, 16)
   leaves = jax.tree.leaves(boxed, is_leaf=lambda v: isinstance(v, nn.LogicallyPartitioned))
   assert leaves and all(isinstance(v, nn.LogicallyPartitioned) for v in leaves), "a param lacks names"
 
@@ -87,8 +87,8 @@ def _config(connector: str):
 
 
 def test_unknown_connector_lists_every_known():
-  with pytest.raises(UserError, match="unknown model.connector 'nope'; known: linear, mlp, pixel_shuffle, "
-                                      "resampler"):
+  with pytest.raises(UserError, match="unknown model.connector 'nope'; known: linear, merger, mlp, "
+                                      "pixel_shuffle, resampler"):
     build_model(_config("nope").model, V)
 
 

@@ -25,7 +25,7 @@ from mm_jax.data import chat, images, pipeline
 from mm_jax.eval import metrics
 from mm_jax.errors import UserError
 from mm_jax.config import fields
-from mm_jax.models import build_model, family_of, stack
+from mm_jax.models import build_model, example_batch, family_of, model_inputs, stack
 from mm_jax.tasks import TASKS
 
 
@@ -113,8 +113,8 @@ def _check_eval(config) -> None:
 def abstract_params(config, model) -> dict:
   """The model's params as ShapeDtypeStructs (an abstract trace of init: nothing is allocated)."""
   task = TASKS[model.task]
-  batch = task.example_batch(config)
-  init = lambda rng: model.init(rng, *(batch[k] for k in task.inputs))["params"]
+  batch = example_batch(config, task)
+  init = lambda rng: model.init(rng, *(batch[k] for k in model_inputs(model, task)))["params"]
   return nn.meta.unbox(jax.eval_shape(init, jax.random.key(0)))
 
 

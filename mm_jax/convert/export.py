@@ -49,6 +49,8 @@ def inverse(e: names.Entry, x: np.ndarray) -> np.ndarray:
         shape[0] // e.part[1], shape[1])
   if e.kind == "conv":
     return np.ascontiguousarray(x.transpose(3, 2, 0, 1))
+  if e.kind == "out_first":
+    return np.ascontiguousarray(np.moveaxis(x, -1, 0))
   return x.reshape(-1) if e.kind == "flat" else x.reshape(shape)
 
 

@@ -11,6 +11,8 @@
   MllamaForConditionalGeneration       "cross" (Llama 3.2 Vision): the tiled tower (mllama_vit), linear
                                        connector, Llama decoder with cross blocks at its
                                        cross_attention_layers; data.image_size is one tile
+  Qwen2VLForConditionalGeneration      "native": the native-resolution tower (2D RoPE, packed images),
+                                       merger connector, Qwen2 decoder (q/k/v biases, M-RoPE sections)
 
 A field absent from config.json takes the default of its HF config class, as from_pretrained does.
 A value our modules do not compute the same way is a UserError naming the field; shapes are checked
@@ -47,6 +49,14 @@ _MLLAMA_TEXT = dict(vocab_size=128256, hidden_size=4096, hidden_act="silu", num_
                     rms_norm_eps=1e-5, max_position_embeddings=131072, tie_word_embeddings=False,
                     cross_attention_layers=[3, 8, 13, 18, 23, 28, 33, 38], attention_bias=False,
                     mlp_bias=False, rope_theta=500000.0)  # MllamaTextConfig.default_theta
+_QWEN2_VL_VISION = dict(depth=32, embed_dim=1280, hidden_size=3584, hidden_act="quick_gelu", mlp_ratio=4,
+                        num_heads=16, in_channels=3, patch_size=14, spatial_merge_size=2,
+                        temporal_patch_size=2)
+_QWEN2_VL_TEXT = dict(vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
+                      num_attention_heads=64, num_key_value_heads=8, hidden_act="silu", rms_norm_eps=1e-5,
+                      max_position_embeddings=32768, use_sliding_window=False, tie_word_embeddings=False,
+                      attention_bias=False, mlp_bias=False, head_dim=None,
+                      rope_theta=1000000.0)  # Qwen2VLTextConfig.default_theta
 TEXT_DEFAULTS = {"gemma": _GEMMA, "llama": _LLAMA}
 _VISION = {"siglip_vision_model": _SIGLIP_VISION}
 
@@ -177,6 +187,42 @@ def mllama(top: Fields, c: mlc.ConfigDict) -> Fields:
   return v
 
 
+def qwen2_vl(top: Fields, c: mlc.ConfigDict) -> None:
+  """model.* of Qwen2-VL (config.json's Qwen2VLConfig; a hub file with the text fields at the top
+  level and rope_scaling {"type": "mrope"} reads the same)."""
+  v = top.sub("vision_config", {"qwen2_vl_vision": _QWEN2_VL_VISION, "qwen2_vl": _QWEN2_VL_VISION},
+              "qwen2_vl_vision")
+  raw_text = top.raw.get("text_config") if isinstance(top.raw.get("text_config"), dict) else top.raw
+  t = Fields(raw_text, _QWEN2_VL_TEXT, "text_config." if raw_text is not top.raw else "")
+  v.require("hidden_act", ("quick_gelu",))
+  v.require("in_channels", (3,))
+  if t["use_sliding_window"]:
+    t.unsupported("use_sliding_window", True, "false")
+  rope = dict(t.raw.get("rope_parameters") or t.raw.get("rope_scaling") or {})
+  sections = tuple(int(x) for x in rope.pop("mrope_section", (16, 24, 24)))
+  if rope.get("rope_type", rope.get("type", "default")) in ("mrope", "default"):
+    rope["rope_type"] = "default"
+  dec = decoder(Fields(dict(t.raw, model_type="llama", attention_bias=False, rope_parameters=rope,
+                            rope_scaling=None), t.defaults, t.where),
+                tied=top.raw.get("tie_word_embeddings") or t["tie_word_embeddings"])
+  if sum(sections) != dec["head_dim"] // 2:
+    t.unsupported("rope_parameters.mrope_section", list(sections), f"sections summing to head_dim / 2 = "
+                  f"{dec['head_dim'] // 2}")
+  width, merge = v["embed_dim"], v["spatial_merge_size"]
+  if v["hidden_size"] != dec["width"]:
+    v.unsupported("hidden_size", v["hidden_size"], f"{dec['width']}, the text hidden_size")
+  vrope = (v.raw.get("rope_parameters") or {})
+  c.encoder = mlc.ConfigDict(dict(
+      patch_size=v["patch_size"], temporal_patch=v["temporal_patch_size"], merge=merge, width=width,
+      depth=v["depth"], num_heads=v["num_heads"], mlp_dim=int(width * v["mlp_ratio"]),
+      rope_theta=float(vrope.get("rope_theta", 10_000.0))))
+  c.decoder.update(dec, qkv_bias=True, rope_sections=sections)
+  c.family, c.connector, c.prefix_attention, c.image_position = "native", "merger", False, 0
+  c.connector_options.merger.merge = merge
+  c.family_options.native.placeholder_ids = (int(top.raw.get("image_token_id", 151655)),
+                                             int(top.raw.get("video_token_id", 151656)))
+
+
 def derive(hf: dict) -> tuple[str, mlc.ConfigDict]:
   """(architecture, config): configs/shapes_tiny.py's (siglip_shapes.py's for SiglipModel) with model.*
   and data.image_size from `hf`."""
@@ -219,6 +265,8 @@ def derive(hf: dict) -> tuple[str, mlc.ConfigDict]:
       top.unsupported("image_seq_length", hf["image_seq_length"], f"{n}, the number of patches")
   elif arch == "MllamaForConditionalGeneration":
     v = mllama(top, c)
+  elif arch == "Qwen2VLForConditionalGeneration":
+    qwen2_vl(top, c)
   elif arch == "SiglipModel":
     v = top.sub("vision_config", _VISION, "siglip_vision_model")
     t = top.sub("text_config", {"siglip_text_model": _SIGLIP_TEXT}, "siglip_text_model")
@@ -233,11 +281,11 @@ def derive(hf: dict) -> tuple[str, mlc.ConfigDict]:
     c.encoder.update(encoder(v, v["num_hidden_layers"], final_norm=True))
   else:
     top.unsupported("architectures[0]", arch, ", ".join(ARCHITECTURES))
-  if c.family != "lm":
+  if c.family not in ("lm", "native"):  # native: each image keeps its own size
     base.data.image_size = v["image_size"]
   return arch, base
 
 
 ARCHITECTURES = ("GemmaForCausalLM", "LlamaForCausalLM", "PaliGemmaForConditionalGeneration",
-                 "LlavaForConditionalGeneration", "MllamaForConditionalGeneration", "SiglipModel",
-                 "SiglipVisionModel")
+                 "LlavaForConditionalGeneration", "MllamaForConditionalGeneration", "Qwen2VLForConditionalGeneration",
+                 "SiglipModel", "SiglipVisionModel")

@@ -28,6 +28,8 @@ _ALIASES = {
             "multi_modal_projector.": "projector.", "model.multi_modal_projector.": "projector.",
             "vision_model.": "vision.", "model.vision_model.": "vision."},  # Mllama's tower
     "vision": {"vision_model.": "vision.", "": "vision."},
+    "qwen2_vl": {"model.language_model.": "text.", "model.": "text.", "lm_head.": "lm_head.",
+                 "model.visual.": "vision.", "visual.": "vision."},
     "siglip": {"vision_model.": "vision.", "text_model.": "text.", "logit_scale": "logit_scale",
                "logit_bias": "logit_bias"},
 }
@@ -38,8 +40,9 @@ class Entry:
   """HF tensor `hf` (canonical name) -> our param `ours` ('decoder/block_0/attn/q/kernel').
 
   kind: "copy" (same shape), "flat" (HF holds our shape flattened: q/k/v biases), "linear" (HF (out,
-  in); the first n_in dims of our kernel are the input), "conv". part=(i, n): the i-th of n equal row
-  blocks of the HF tensor (the MAP head's packed q/k/v).
+  in); the first n_in dims of our kernel are the input), "conv", "out_first" (HF (out, *in), ours
+  (*in, out): Qwen2-VL's Conv3d patch embedding). part=(i, n): the i-th of n equal row blocks of the
+  HF tensor (packed q/k/v: the MAP head's, Qwen2-VL's tower's).
   """
   hf: str
   ours: str
@@ -56,6 +59,8 @@ class Entry:
       return (n * math.prod(shape),)
     if self.kind == "linear":
       return (n * math.prod(shape[self.n_in:]), math.prod(shape[:self.n_in]))
+    if self.kind == "out_first":
+      return (shape[-1], *shape[:-1])
     p, p2, c, d = shape
     return (d, c, p, p2)
 
@@ -66,6 +71,8 @@ class Entry:
       return np.ascontiguousarray(x.reshape(x.shape[0], -1).T).reshape(shape)
     if self.kind == "conv":
       return np.ascontiguousarray(x.transpose(2, 3, 1, 0))
+    if self.kind == "out_first":
+      return np.ascontiguousarray(np.moveaxis(x, 0, -1))
     return x.reshape(shape)
 
 
@@ -169,6 +176,25 @@ def mllama_decoder(cross_layers: tuple[int, ...], total: int) -> list[Entry]:
           Entry("lm_head.weight", "decoder/head/kernel", "linear")]
 
 
+def qwen2_vl(depth: int, vision_depth: int, tied: bool) -> list[Entry]:
+  """Qwen2-VL: the native tower (native_vit; q/k/v packed as row thirds of attn.qkv), the merger
+  (connectors.Merger) and the Qwen2 decoder (q/k/v biases)."""
+  out = [Entry("vision.patch_embed.proj.weight", "encoder/patch_embed/kernel", "out_first")]
+  for i in range(vision_depth):
+    t, o = f"vision.blocks.{i}.", f"encoder/block_{i}/"
+    out += _layer_norm(t + "norm1", o + "ln_attn") + _layer_norm(t + "norm2", o + "ln_mlp")
+    for j, x in enumerate("qkv"):
+      out += [Entry(t + "attn.qkv.weight", o + f"attn/{x}/kernel", "linear", part=(j, 3)),
+              Entry(t + "attn.qkv.bias", o + f"attn/{x}/bias", "flat", part=(j, 3))]
+    out += _dense(t + "attn.proj", o + "attn/o", n_in=2)
+    out += _dense(t + "mlp.fc1", o + "mlp_in") + _dense(t + "mlp.fc2", o + "mlp_out")
+  out += _layer_norm("vision.merger.ln_q", "connector/ln_q")
+  out += _dense("vision.merger.mlp.0", "connector/fc1") + _dense("vision.merger.mlp.2", "connector/fc2")
+  biases = [Entry(f"text.layers.{i}.self_attn.{x}_proj.bias", f"decoder/block_{i}/attn/{x}/bias", "flat")
+            for i in range(depth) for x in "qkv"]
+  return out + decoder(depth, tied) + biases
+
+
 def map_head(hf: str = "vision.head.") -> list[Entry]:
   """SigLIP's attention-pooling head (siglip.MAPHead); torch MHA packs q, k, v as row thirds."""
   out = [Entry(hf + "probe", "map_head/probe")]
@@ -211,6 +237,9 @@ def mapping(arch: str, hf: dict, model_cfg) -> tuple[str, list[Entry], re.Patter
     cross = tuple(model_cfg.family_options.cross.layers)
     entries = mllama_encoder(enc.depth, enc.global_depth) + _dense("projector", "connector/proj")
     return "vlm", entries + mllama_decoder(cross, dec.depth + len(cross)), None
+  if arch == "Qwen2VLForConditionalGeneration":
+    skip = r"lm_head\.weight" if dec.tie_embeddings else None
+    return "qwen2_vl", qwen2_vl(dec.depth, enc.depth, dec.tie_embeddings), skip and re.compile(skip)
   skip = [r"text\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"]  # a buffer in old checkpoints
   if dec.tie_embeddings:
     skip.append(r"lm_head\.weight")  # some files keep a copy of the tied embedding

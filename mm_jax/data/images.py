@@ -122,7 +122,7 @@ def _unreadable(e: BaseException) -> ImageError:
 
 def plain(image_HxWx3: np.ndarray, size: int) -> np.ndarray:
   """The pipeline's original preprocessing, same arithmetic: bilinear resize if needed, x / 127.5 - 1."""
-  image_HxWx3 = _checked(image_HxWx3)
+  image_HxWx3 = checked(image_HxWx3)
   if image_HxWx3.shape[:2] != (size, size):
     image_HxWx3 = np.asarray(Image.fromarray(image_HxWx3).resize((size, size), Image.BILINEAR))
   return image_HxWx3.astype(np.float32) / 127.5 - 1.0
@@ -130,17 +130,17 @@ def plain(image_HxWx3: np.ndarray, size: int) -> np.ndarray:
 
 def siglip(image_HxWx3: np.ndarray, size: int) -> np.ndarray:
   """SiglipImageProcessor: (size, size) bicubic, rescale, normalise with 0.5 / 0.5."""
-  x_SxSx3 = _resize(_checked(image_HxWx3), size, size)
-  return _normalize(x_SxSx3, SIGLIP_MEAN, SIGLIP_STD)
+  x_SxSx3 = resize(checked(image_HxWx3), size, size)
+  return normalize(x_SxSx3, SIGLIP_MEAN, SIGLIP_STD)
 
 
 def clip(image_HxWx3: np.ndarray, size: int, crop: int | None = None) -> np.ndarray:
   """CLIPImageProcessor: shortest edge -> size (bicubic), center crop crop x crop (default size),
   rescale, normalise with the OpenAI CLIP mean / std."""
-  image_HxWx3 = _checked(image_HxWx3)
+  image_HxWx3 = checked(image_HxWx3)
   h, w = shortest_edge_size(*image_HxWx3.shape[:2], size)
-  x_CxCx3 = center_crop(_resize(image_HxWx3, h, w), crop or size)
-  return _normalize(x_CxCx3, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+  x_CxCx3 = center_crop(resize(image_HxWx3, h, w), crop or size)
+  return normalize(x_CxCx3, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 
 
 def shortest_edge_size(height: int, width: int, size: int) -> tuple[int, int]:
@@ -169,7 +169,7 @@ def center_crop(image_HxWx3: np.ndarray, crop: int) -> np.ndarray:
 def pad_to_square(image_HxWx3: np.ndarray, mean: tuple[float, ...]) -> np.ndarray:
   """LLaVA's expand2square (= LlavaImageProcessor.pad_to_square): the image centred on a square of
   colour tuple(int(m * 255) for m in mean), offset (long - short) // 2."""
-  image_HxWx3 = _checked(image_HxWx3)
+  image_HxWx3 = checked(image_HxWx3)
   h, w = image_HxWx3.shape[:2]
   if h == w:
     return image_HxWx3
@@ -181,18 +181,18 @@ def pad_to_square(image_HxWx3: np.ndarray, mean: tuple[float, ...]) -> np.ndarra
   return out_NxNx3
 
 
-def _resize(image_HxWx3: np.ndarray, height: int, width: int) -> np.ndarray:
+def resize(image_HxWx3: np.ndarray, height: int, width: int) -> np.ndarray:
   # image_transforms.resize: PIL, BICUBIC (the processors' resample), reducing_gap None, uint8 out
   return np.asarray(Image.fromarray(image_HxWx3).resize((width, height), Image.BICUBIC))
 
 
-def _normalize(x_HxWx3: np.ndarray, mean, std) -> np.ndarray:
+def normalize(x_HxWx3: np.ndarray, mean, std) -> np.ndarray:
   # image_transforms.rescale (in float64, then float32), then normalize in float32
   x_HxWx3 = (x_HxWx3.astype(np.float64) * RESCALE).astype(np.float32)
   return (x_HxWx3 - np.array(mean, np.float32)) / np.array(std, np.float32)
 
 
-def _checked(image: np.ndarray) -> np.ndarray:
+def checked(image: np.ndarray) -> np.ndarray:
   if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3
           and image.shape[2] == 3 and image.shape[0] and image.shape[1]):
     what = f"{image.dtype} {list(image.shape)}" if isinstance(image, np.ndarray) else type(image).__name__

@@ -17,12 +17,15 @@ from mm_jax.models.protocol import Decodable
 def decode(model: Decodable, params, image: jax.Array, prefix_BxP: jax.Array, prefix_mask_BxP: jax.Array,
            prefix_len_B: jax.Array, max_new: int, image_pos: jax.Array | None = None,
            sampling: Sampling = GREEDY, key: jax.Array | None = None,
-           stop_ids: tuple[int, ...] = (), prefill_kw: dict | None = None) -> jax.Array:
+           stop_ids: tuple[int, ...] = (), prefill_kw: dict | None = None,
+           position_offset_B: jax.Array | None = None) -> jax.Array:
   """The continuation, int32 B x max_new; callers cut it at the first stop token. Any model with
   prefill / decode_step (models/protocol.py) decodes so. image: BxHxWxC, inserted; with image_pos
   (int BxM: where image m's slots start in the prefix; cross: the first token that sees it) BxMxHxWxC.
   Sampling needs `key`; the same key gives the same tokens. prefill_kw: a model's own prefill inputs
-  (the tiled encoder's aspect_ratio_ids_BxI)."""
+  (the tiled encoder's aspect_ratio_ids_BxI; native: patch_ids_BxPx3, positions_BxPx3).
+  position_offset_B: added to every new token's position (M-RoPE: the prefix's positions run past its
+  length, native.mrope_offset)."""
   if not sampling.greedy and key is None:
     raise ValueError("sampling needs a key (jax.random.key(seed))")
   variables = {"params": params}
@@ -38,6 +41,7 @@ def decode(model: Decodable, params, image: jax.Array, prefix_BxP: jax.Array, pr
   keys = (lambda t: None) if sampling.greedy else (lambda t: step_keys(key, b, t))
   stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
   first_B = choose(logits_BxPxV[jnp.arange(b), prefix_len_B - 1], keys(0), sampling)
+  start_B = n + prefix_len_B + (0 if position_offset_B is None else position_offset_B)
 
   def running(carry):
     t, _, _, done_B, _, _ = carry
@@ -46,7 +50,7 @@ def decode(model: Decodable, params, image: jax.Array, prefix_BxP: jax.Array, pr
   def body(carry):
     t, tokens_BxK, token_B, done_B, cache, cache_mask = carry
     logits_BxV, cache, cache_mask = model.apply(
-        variables, token_B, n + prefix_len_B + t, cache, cache_mask, n + p + t,
+        variables, token_B, start_B + t, cache, cache_mask, n + p + t,
         method=model.decode_step)
     token_B = jnp.where(done_B, token_B, choose(logits_BxV, keys(t + 1), sampling))
     done_B = done_B | jnp.isin(token_B, stops)

@@ -6,7 +6,7 @@ A new family is one module defining its Family record (models/family.py) plus on
 """
 import ml_collections as mlc
 
-from mm_jax.models import cross_attention, hybrid, siglip, vlm
+from mm_jax.models import cross_attention, hybrid, native, siglip, vlm
 from mm_jax.models.connectors import CONNECTORS
 from mm_jax.models.encoders import ENCODERS
 from mm_jax.models.family import Family, options, pick
@@ -18,12 +18,25 @@ FAMILIES: dict[str, Family] = {
     "siglip": siglip.SIGLIP,
     "cross": cross_attention.CROSS,
     "hybrid": hybrid.HYBRID,
+    "native": native.NATIVE,
 }
 
 
 def family_of(model_cfg: mlc.ConfigDict) -> Family:
   """FAMILIES[model.family], an unknown name an error naming the known ones."""
   return pick(FAMILIES, model_cfg.family, "model.family")
+
+
+def example_batch(config: mlc.ConfigDict, task, batch: int = 1) -> dict:
+  """Zeros shaped like a training batch of the config's task, with its family's own keys."""
+  b = task.example_batch(config, batch)
+  extra = family_of(config.model).example_inputs
+  return {**b, **extra(config, batch)} if extra else b
+
+
+def model_inputs(model, task) -> tuple[str, ...]:
+  """The batch keys model.__call__ takes, in order: the model's own (native) or its task's."""
+  return getattr(model, "inputs", None) or task.inputs
 
 
 def build_model(model_cfg: mlc.ConfigDict, tokenizer_vocab: int):

@@ -173,4 +173,35 @@ class PixelShuffle(nn.Module):
     return self.num_tokens(patches)
 
 
-CONNECTORS = {"linear": Linear, "mlp": MLP, "resampler": Resampler, "pixel_shuffle": PixelShuffle}
+class Merger(nn.Module):
+  """Qwen2-VL's patch merger: LN over each patch feature, then every merge^2 consecutive features (one
+  merge window, in native_vit's patch order) concatenated and mapped by Linear, exact GELU, Linear to
+  the decoder's width: P / merge^2 tokens."""
+  width: int
+  merge: int = 2
+  norm_eps: float = 1e-6
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  def num_tokens(self, num_patches: int) -> int:
+    return num_patches // self.merge ** 2
+
+  @nn.compact
+  def __call__(self, x_BxPxE: Array) -> Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    (b, p, e), m2 = x_BxPxE.shape, self.merge ** 2
+    x_BxPxE = layer_norm("ln_q", self.norm_eps, **kw)(x_BxPxE)
+    x_BxNxF = constrain(x_BxPxE.reshape(b, p // m2, m2 * e), ("act_batch", "act_len", None))
+    h = ACTIVATIONS["gelu"](dense(m2 * e, ("embed_in", "mlp"), "fc1", **kw)(x_BxNxF))
+    return dense(self.width, ("mlp", "embed"), "fc2", **kw)(h)
+
+  def count_flops(self, t: flop_count.Tally, pre: str, x: str, n: int, patches: int, e: int) -> int:
+    m2 = self.merge ** 2
+    t.ew(x, [x], [f"{pre}/ln_q"])
+    t.dense(pre, f"{pre}/fc1", x, x, n * patches // m2, m2 * e, m2 * e)
+    t.dense(pre, f"{pre}/fc2", x, x, n * patches // m2, m2 * e, self.width)
+    return self.num_tokens(patches)
+
+
+CONNECTORS = {"linear": Linear, "mlp": MLP, "resampler": Resampler, "pixel_shuffle": PixelShuffle,
+              "merger": Merger}

@@ -5,6 +5,7 @@ One module, two families by config (the differences HF's implementations have):
                  norm                    mlp_act     embed_scale      head          rope
   Gemma          "gemma": x*(1+w), eps 1e-6   gelu_tanh   x sqrt(width)   tied          default
   Llama (2, 3)   "llama": w*x,     eps 1e-5   silu        none            untied        default / llama3
+  Qwen2 (-VL)    as Llama, with biases on q, k, v (qkv_bias)                          M-RoPE (rope sections)
 head_dim is independent of width. The decoder takes embeddings, not tokens, so image features can sit
 beside text embeddings (`embed` gives the text ones); the attention mask comes from the caller.
 Blocks are block_0 .. block_{depth-1}, or with scan=True one `blocks` stacked on a "layers" axis; remat
@@ -61,6 +62,7 @@ class DecoderBlock(nn.Module):
   norm: str
   norm_eps: float
   mlp_act: str
+  qkv_bias: bool = False
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
 
@@ -70,7 +72,8 @@ class DecoderBlock(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, cache=None, cache_index=None):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, rope=self.rope, name="attn", **kw)
+    attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, use_bias=self.qkv_bias,
+                     rope=self.rope, out_bias=False, name="attn", **kw)
     y, cache = attn(self._norm("norm_attn")(x_BxLxD), mask_BxLxS, positions_BxL, cache, cache_index)
     x_BxLxD = x_BxLxD + y
     y = self._norm("norm_mlp")(x_BxLxD)
@@ -96,6 +99,7 @@ class Decoder(nn.Module):
   mlp_act: str = "gelu_tanh"
   embed_scale: bool = True
   tie_embeddings: bool = True
+  qkv_bias: bool = False  # biases on q, k, v (Qwen2), none on o
   embed_rows: int = 0  # rows of the embedding table (0: vocab_size); Mllama's has vocab_size + 8
   scan: bool = False
   remat: str = "none"
@@ -107,7 +111,8 @@ class Decoder(nn.Module):
     """DecoderBlock's fields (cross_attention applies a block functionally over stacked params)."""
     return dict(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
                 mlp_dim=self.mlp_dim, rope=self.rope, norm=self.norm, norm_eps=self.norm_eps,
-                mlp_act=self.mlp_act, dtype=self.dtype, param_dtype=self.param_dtype)
+                mlp_act=self.mlp_act, qkv_bias=self.qkv_bias, dtype=self.dtype,
+                param_dtype=self.param_dtype)
 
   def setup(self):
     if self.mlp_act not in ACTIVATIONS:

@@ -2,6 +2,7 @@
 
   ENCODERS["vit"].build(model_cfg) -> vit.ViT from model.encoder;  ENCODERS["patches"]: Fuyu's raw patches;
   ENCODERS["mllama"]: Llama 3.2 Vision's tiled tower (the cross family's model.family_options.cross.encoder)
+  ENCODERS["native"]: Qwen2-VL's native-resolution tower (the native family's: packed patch grids)
 Each entry also checks model.encoder's fields against the image side it will see (check).
 """
 import dataclasses
@@ -13,6 +14,7 @@ from mm_jax.config import fields
 from mm_jax.errors import UserError
 from mm_jax.models import family
 from mm_jax.models.mllama_vit import MllamaViT
+from mm_jax.models.native_vit import NativeViT
 from mm_jax.models.vit import RawPatches, ViT
 
 
@@ -76,8 +78,25 @@ def _check_mllama(config, side: int, what: str) -> None:
                     "(one tile: the tower's tables are per tile); set --config.data.image_size to it")
 
 
+def _native(model_cfg: mlc.ConfigDict) -> NativeViT:
+  """Qwen2-VL's native-resolution tower from model.encoder (native_vit.NativeViT's fields)."""
+  return family.make(NativeViT, dict(model_cfg.encoder), "encoder", **family.dtypes(model_cfg))
+
+
+def _check_native(config, side=None, what=None) -> None:
+  """Any image size (data/native_images.py rounds it); the width splits into 2D RoPE quarters."""
+  del side, what
+  enc = config.model.encoder
+  for field in ("patch_size", "width", "depth", "num_heads", "mlp_dim"):
+    fields.integer(config, f"model.encoder.{field}", 1)
+  fields.heads("encoder", enc.width, enc.num_heads)
+  if (enc.width // enc.num_heads) % 4:
+    raise UserError(f"model.encoder.width / num_heads = {enc.width // enc.num_heads} must be a multiple "
+                    "of 4: 2D RoPE gives a quarter of each head to rows, a quarter to columns")
+
+
 ENCODERS = {"vit": Encoder(_vit, _check_vit), "patches": Encoder(_patches, _whole_patches),
-            "mllama": Encoder(_mllama, _check_mllama)}
+            "mllama": Encoder(_mllama, _check_mllama), "native": Encoder(_native, _check_native)}
 
 
 def check_image(config, encoder: str, side: int | None = None, what: str | None = None) -> None:

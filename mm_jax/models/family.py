@@ -25,11 +25,14 @@ class Family:
   """build(model_cfg, tokenizer_vocab) -> the flax module, which counts its own FLOPs (count_flops);
   check(config): its sections' fields, before any work (mm_jax.config.validate calls it);
   image_in_sequence: its image tokens sit in the decoder's sequence at model.image_position;
-  options: the dataclass of model.family_options.<name> (None: it has none)."""
+  options: the dataclass of model.family_options.<name> (None: it has none);
+  example_inputs(config, batch) -> the batch keys its model takes beyond (or instead of) its task's,
+  as zeros (native: patches instead of images; None: the task's keys)."""
   build: Callable
   check: Callable[[mlc.ConfigDict], None]
   image_in_sequence: bool = False
   options: type | None = None
+  example_inputs: Callable | None = None
 
 
 def pick(registry: dict, name: str, field: str):
@@ -77,6 +80,8 @@ def vocab_size(section: str, given: int, tokenizer_vocab: int, rows: int = 0) ->
 def build_decoder(model_cfg: mlc.ConfigDict, tokenizer_vocab: int) -> Decoder:
   fields = {k: v for k, v in dict(model_cfg.decoder).items() if k != "vocab_size"}
   rope_fields = {k[len("rope_"):]: fields.pop(k) for k in list(fields) if k.startswith("rope_")}
+  if "sections" in rope_fields:  # a static module field: hashable
+    rope_fields["sections"] = tuple(rope_fields["sections"])
   try:
     rope = Rope(**rope_fields)
   except TypeError as e:

@@ -95,20 +95,33 @@ def row_positions(tokens_BxL: Array, positions_BxL: Array | None = None) -> Arra
 
 @dataclasses.dataclass(frozen=True)
 class Rope:
-  """RoPE frequencies: theta, and optionally Llama 3's long-context scaling (type "llama3")."""
+  """RoPE frequencies: theta, and optionally Llama 3's long-context scaling (type "llama3").
+
+  Positions with several axes (BxLxA: Qwen2-VL's M-RoPE (t, h, w), a native-resolution ViT's (row,
+  column)) rotate each frequency pair by one axis: `sections` gives how many of the H/2 pairs each axis
+  takes, in order. type "default" keeps one frequency table over H (M-RoPE: the first 16 pairs by t,
+  the next 24 by h ...); type "axial" restarts the table per axis (a ViT's 2D RoPE: rows and columns
+  get the same frequencies)."""
   theta: float = 10_000.0
-  type: str = "default"  # "default" | "llama3"
+  type: str = "default"  # "default" | "llama3" | "axial"
   factor: float = 8.0
   low_freq_factor: float = 1.0
   high_freq_factor: float = 4.0
   original_max_len: int = 8192
+  sections: tuple[int, ...] = ()
 
   def inv_freq(self, head_dim: int) -> np.ndarray:
+    if self.sections and sum(self.sections) != head_dim // 2:
+      raise ValueError(f"rope sections {self.sections} must sum to head_dim / 2 = {head_dim // 2}")
+    if self.type == "axial":
+      if not self.sections:
+        raise ValueError("rope type 'axial' needs sections (the frequency pairs of each axis)")
+      return np.concatenate([Rope(self.theta).inv_freq(2 * s) for s in self.sections])
     inv = 1.0 / self.theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     if self.type == "default":
       return inv.astype(np.float32)
     if self.type != "llama3":
-      raise ValueError(f"unknown rope type {self.type!r}; known: default, llama3")
+      raise ValueError(f"unknown rope type {self.type!r}; known: default, llama3, axial")
     # Llama 3: long wavelengths are divided by `factor`, short ones kept, a smooth blend between.
     wavelen = 2 * np.pi / inv
     low_wavelen = self.original_max_len / self.low_freq_factor
@@ -122,10 +135,19 @@ class Rope:
 
 
 def apply_rope(x_BxLxNxH: Array, positions_BxL: Array, rope: "Rope | float") -> Array:
-  """Rotary embedding, half-split pairing (dim i rotates with i + H/2), as Gemma/Llama in HF."""
+  """Rotary embedding, half-split pairing (dim i rotates with i + H/2), as Gemma/Llama in HF.
+  positions BxL, or BxLxA with rope.sections (one position per axis; BxL: the same on every axis,
+  as text tokens under M-RoPE)."""
   rope = rope if isinstance(rope, Rope) else Rope(theta=rope)
   inv_freq = jnp.asarray(rope.inv_freq(x_BxLxNxH.shape[-1]))
-  angles_BxLx1xH2 = (positions_BxL.astype(jnp.float32)[..., None] * inv_freq)[:, :, None, :]
+  pos = positions_BxL.astype(jnp.float32)
+  if rope.sections:  # each frequency pair takes its axis's position
+    axis_H2 = np.repeat(np.arange(len(rope.sections)), rope.sections)
+    pos_BxLxA = pos if pos.ndim == 3 else jnp.broadcast_to(pos[..., None], (*pos.shape, len(rope.sections)))
+    angles_BxLxH2 = pos_BxLxA[..., axis_H2] * inv_freq
+  else:
+    angles_BxLxH2 = pos[..., None] * inv_freq
+  angles_BxLx1xH2 = angles_BxLxH2[:, :, None, :]
   sin, cos = jnp.sin(angles_BxLx1xH2), jnp.cos(angles_BxLx1xH2)
   x1, x2 = jnp.split(x_BxLxNxH.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -278,6 +300,7 @@ class Attention(nn.Module):
   head_dim: int
   use_bias: bool = False
   rope: Rope | None = None
+  out_bias: bool | None = None  # None: as use_bias (Qwen2: biases on q, k, v only)
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
 
@@ -319,8 +342,8 @@ class Attention(nn.Module):
     out_BxLxNxH = constrain(out_BxLxNxH, ("act_batch", "act_len", "act_heads", None))
     out_BxLxNxH = checkpoint_name(out_BxLxNxH, "attn_out")
     y_BxLxD = Projection((x_BxLxD.shape[-1],), ("heads", "head_dim", "embed"), n_in=2,
-                         use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                         name="o")(out_BxLxNxH)
+                         use_bias=self.use_bias if self.out_bias is None else self.out_bias,
+                         dtype=self.dtype, param_dtype=self.param_dtype, name="o")(out_BxLxNxH)
     return y_BxLxD, new_cache
 
 
@@ -334,4 +357,5 @@ ACTIVATIONS = {
     "gelu_tanh": lambda x: nn.gelu(x, approximate=True),  # HF "gelu_pytorch_tanh"
     "gelu": lambda x: nn.gelu(x, approximate=False),      # HF "gelu": exact, erf
     "silu": nn.silu,
+    "quick_gelu": lambda x: x * nn.sigmoid(1.702 * x),  # HF "quick_gelu" (CLIP, Qwen2-VL's ViT)
 }

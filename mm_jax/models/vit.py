@@ -11,7 +11,8 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from mm_jax.models import flop_count, stack
-from mm_jax.models.layers import ACTIVATIONS, Attention, DType, constrain, dense, layer_norm, partitioned
+from mm_jax.models.layers import (ACTIVATIONS, Attention, DType, Rope, constrain, dense, layer_norm,
+                                  partitioned)
 
 Array = jax.Array
 
@@ -21,17 +22,20 @@ class EncoderBlock(nn.Module):
   mlp_dim: int
   norm_eps: float = 1e-6
   mlp_act: str = "gelu_tanh"
+  rope: Rope | None = None  # 2D RoPE over (row, column) positions (native_vit); None: a position table
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxPxD: Array, mask_BxPxP: Array | None) -> Array:
+  def __call__(self, x_BxPxD: Array, mask_BxPxP: Array | None, positions_BxPx2: Array | None = None
+               ) -> Array:
     d = x_BxPxD.shape[-1]
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    attn = Attention(self.num_heads, self.num_heads, d // self.num_heads, use_bias=True, name="attn", **kw)
+    attn = Attention(self.num_heads, self.num_heads, d // self.num_heads, use_bias=True, rope=self.rope,
+                     name="attn", **kw)
     if mask_BxPxP is None:
       mask_BxPxP = jnp.ones((x_BxPxD.shape[0], 1, 1), bool)  # broadcasts over queries and keys
-    y, _ = attn(layer_norm("ln_attn", self.norm_eps, **kw)(x_BxPxD), mask_BxPxP)
+    y, _ = attn(layer_norm("ln_attn", self.norm_eps, **kw)(x_BxPxD), mask_BxPxP, positions_BxPx2)
     x_BxPxD = x_BxPxD + y
     y = dense(self.mlp_dim, ("embed", "mlp"), "mlp_in", **kw)(layer_norm("ln_mlp", self.norm_eps, **kw)(x_BxPxD))
     y = checkpoint_name(constrain(ACTIVATIONS[self.mlp_act](y), ("act_batch", "act_len", "act_mlp")),

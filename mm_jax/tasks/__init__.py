@@ -45,7 +45,8 @@ def choice(field: str, known) -> Callable[[mlc.ConfigDict], None]:
 
 def forward(model, params, batch: dict) -> jax.Array:
   """The model on the batch keys of its task."""
-  return model.apply({"params": params}, *(batch[k] for k in TASKS[model.task].inputs))
+  inputs = getattr(model, "inputs", None) or TASKS[model.task].inputs  # native: its own keys
+  return model.apply({"params": params}, *(batch[k] for k in inputs))
 
 
 def image_text_batch(config: mlc.ConfigDict, batch: int = 1) -> dict:

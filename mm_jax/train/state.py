@@ -21,7 +21,7 @@ from mm_jax.tasks import TASKS
 from mm_jax.train import optim
 from mm_jax.train import sharding
 from mm_jax.train import step as step_lib
-from mm_jax.models import build_model
+from mm_jax.models import build_model, example_batch, model_inputs
 
 
 @contextlib.contextmanager
@@ -56,8 +56,8 @@ class ModelOnMesh:
   @staticmethod
   def _init_boxed(model, config, rng):
     task = TASKS[model.task]
-    b = task.example_batch(config)
-    return model.init(rng, *(b[k] for k in task.inputs))["params"]
+    b = example_batch(config, task)
+    return model.init(rng, *(b[k] for k in model_inputs(model, task)))["params"]
 
   def context(self):
     """The mesh and the logical axis rules, for tracing anything that calls the model."""

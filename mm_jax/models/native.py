@@ -1,0 +1,148 @@
+"""Native-resolution VLM (Qwen2-VL): images and videos at their own size, tokens where the text holds
+their placeholders, M-RoPE positions.
+
+  patches, patch_ids -> encoder (native_vit) -> connector (merger) -> the row's k-th image token
+  replaces its k-th placeholder -> decoder (causal; positions BxLx3: Qwen2-VL's (t, h, w) M-RoPE)
+The row already holds every image's placeholders (one per merged token, data/native_images.py lays
+them out with their positions), so an image of any size costs its own token count and no slot table;
+a row may pack several examples (segment). The placeholders are model.family_options.native.
+placeholder_ids (Qwen2-VL: <|image_pad|> and <|video_pad|>): the tokens of one row's images and
+videos are in the order their placeholders appear. Parameter subtrees: encoder, connector, decoder.
+"""
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mm_jax.errors import UserError
+from mm_jax.models import checks, encoders, family
+from mm_jax.models.decoder import Cache, prefill_masks
+from mm_jax.models.flop_count import Sizes, Tally, counter
+from mm_jax.models.layers import constrain, make_attn_mask, row_positions
+from mm_jax.models.native_vit import NativeViT
+
+Array = jax.Array
+INPUTS = ("patches", "patch_ids", "text", "mask_ar", "mask_input", "segment", "positions")
+
+
+@dataclasses.dataclass(frozen=True)
+class NativeOptions:
+  """model.family_options.native: the token ids the image and video tokens replace."""
+  placeholder_ids: tuple[int, ...] = ()
+
+
+def fill_placeholders(x_BxLxD: Array, text_BxL: Array, tokens_BxNxD: Array, ids: tuple[int, ...]) -> Array:
+  """x with the k-th placeholder of each row replaced by that row's k-th token (a gather: each
+  position reads its token; rows hold at most N placeholders, the data path's count)."""
+  is_ph_BxL = jnp.isin(text_BxL, jnp.asarray(ids, text_BxL.dtype))
+  k_BxL = jnp.clip(jnp.cumsum(is_ph_BxL, axis=1) - 1, 0, tokens_BxNxD.shape[1] - 1)
+  picked_BxLxD = jnp.take_along_axis(tokens_BxNxD.astype(x_BxLxD.dtype), k_BxL[..., None], axis=1)
+  return constrain(jnp.where(is_ph_BxL[..., None], picked_BxLxD, x_BxLxD),
+                   ("act_batch", "act_len", "act_embed"))
+
+
+class NativeVLM(nn.Module):
+  encoder: NativeViT
+  connector: nn.Module
+  decoder: nn.Module
+  placeholder_ids: tuple[int, ...]
+  task = "vqa"
+  inputs = INPUTS  # its batch keys, in __call__'s order (the vqa task's keys, patches for images)
+
+  def num_image_tokens(self, image_shape) -> int:
+    """0: the prefix holds the placeholders of its images (decode's in-row case)."""
+    del image_shape
+    return 0
+
+  def _inputs(self, patches_BxPxF: Array, patch_ids_BxPx3: Array, text_BxL: Array) -> Array:
+    tokens_BxNxD = self.connector(self.encoder(patches_BxPxF, patch_ids_BxPx3))
+    return fill_placeholders(self.decoder.embed(text_BxL), text_BxL, tokens_BxNxD, self.placeholder_ids)
+
+  def __call__(self, patches_BxPxF: Array, patch_ids_BxPx3: Array, text_BxL: Array, mask_ar_BxL: Array,
+               mask_input_BxL: Array, segment_BxL: Array | None = None,
+               positions_BxLx3: Array | None = None) -> Array:
+    """Teacher-forced logits BxLxV at every position of the row (causal attention within segments;
+    mask_ar is unused: Qwen2-VL has no prefix block)."""
+    del mask_ar_BxL
+    x_BxLxD = self._inputs(patches_BxPxF, patch_ids_BxPx3, text_BxL)
+    mask_BxLxL = make_attn_mask(mask_input_BxL, jnp.ones_like(mask_input_BxL), segment_BxL)
+    logits_BxLxV, _ = self.decoder(x_BxLxD, row_positions(text_BxL, positions_BxLx3), mask_BxLxL)
+    return logits_BxLxV
+
+  def prefill(self, patches_BxPxF: Array, prefix_BxP: Array, prefix_mask_BxP: Array, cache: Cache,
+              patch_ids_BxPx3: Array = None, positions_BxPx3: Array | None = None
+              ) -> tuple[Array, Cache, Array]:
+    """The (right-padded) prefix, placeholders filled, into cache slots [0, P), causal: (logits BxPxV,
+    cache, cache_mask). The next tokens' positions continue from max(position) + 1 (decode's
+    position_offset: mrope_offset)."""
+    x_BxLxD = self._inputs(patches_BxPxF, patch_ids_BxPx3, prefix_BxP)
+    cache_mask_BxS, mask_BxLxS = prefill_masks(prefix_mask_BxP, cache, causal=True)
+    logits_BxPxV, cache = self.decoder(x_BxLxD, row_positions(prefix_BxP, positions_BxPx3), mask_BxLxS,
+                                       cache, 0)
+    return logits_BxPxV, cache, cache_mask_BxS
+
+  def decode_step(self, token_B: Array, position_B: Array, cache: Cache, cache_mask_BxS: Array,
+                  slot) -> tuple[Array, Cache, Array]:
+    """One text token per example: under M-RoPE a text position is the same on every axis."""
+    cache_mask_BxS = cache_mask_BxS.at[:, slot].set(True)
+    logits_Bx1xV, cache = self.decoder(self.decoder.embed(token_B[:, None]), position_B[:, None],
+                                       cache_mask_BxS[:, None, :], cache, slot)
+    return logits_Bx1xV[:, 0], cache, cache_mask_BxS
+
+  def count_flops(self, t: Tally, sizes: Sizes, batch: int, patches: int) -> None:
+    """The teacher-forced forward on `batch` rows of sizes.text_len tokens and `patches` patches."""
+    self.decoder.count_embed(t, "decoder", "x")
+    feats, e = counter(self.encoder)(t, "encoder", batch, patches, "img")
+    counter(self.connector)(t, "connector", "img", batch, feats, e)
+    t.ew("x", ["x", "img"])
+    self.decoder.count_flops(t, "decoder", "x", batch, sizes.text_len, sizes.text_len)
+
+
+def mrope_offset(positions_BxPx3: np.ndarray | Array, prefix_len_B) -> Array:
+  """What decode adds to a new token's slot-derived position (prefix_len + t): max(position) + 1 -
+  prefix_len, HF's rope_deltas (the prefix's positions beyond its last real token are ignored)."""
+  p = positions_BxPx3.shape[1]
+  real_BxP = jnp.arange(p)[None] < jnp.asarray(prefix_len_B)[:, None]
+  top_B = jnp.max(jnp.where(real_BxP, jnp.max(positions_BxPx3, axis=-1), -1), axis=1)
+  return top_B + 1 - prefix_len_B
+
+
+def example_inputs(config, batch: int = 1) -> dict:
+  """Zeros of the native keys, for shaping params: one merge window of patches, positions BxLx3."""
+  enc = config.model.encoder
+  l, m2 = config.data.text_len, enc.get("merge", 2) ** 2
+  f = 3 * enc.get("temporal_patch", 2) * enc.patch_size ** 2
+  return dict(patches=jnp.zeros((batch, m2, f), jnp.float32),
+              patch_ids=jnp.ones((batch, m2, 3), jnp.int32),
+              positions=jnp.zeros((batch, l, 3), jnp.int32))
+
+
+def native(model_cfg, tokenizer_vocab: int) -> NativeVLM:
+  """Native resolution (Qwen2-VL): each image's own patch grid (2D RoPE), merged tokens over its
+  placeholders, M-RoPE in the decoder."""
+  opts = family.family_options(model_cfg, "native", NativeOptions)
+  return NativeVLM(encoder=encoders.ENCODERS["native"].build(model_cfg),
+                   connector=family.build_connector(model_cfg),
+                   decoder=family.build_decoder(model_cfg, tokenizer_vocab),
+                   placeholder_ids=tuple(int(i) for i in opts.placeholder_ids))
+
+
+def _check(config) -> None:
+  enc, opts = config.model.encoder, family.family_options(config.model, "native", NativeOptions)
+  encoders.check_image(config, "native")
+  if config.model.connector != "merger":
+    raise UserError(f"model.connector={config.model.connector!r}: the native family folds merge windows "
+                    "of its packed patches; set --config.model.connector=merger")
+  merge = dict(config.model.connector_options or {}).get("merger", {}).get("merge", 2)
+  if merge != enc.get("merge", 2):
+    raise UserError(f"model.connector_options.merger.merge={merge} must equal model.encoder.merge="
+                    f"{enc.get('merge', 2)} (the patch order the data path lays out)")
+  if not opts.placeholder_ids:
+    raise UserError("model.family_options.native.placeholder_ids is empty: set the token ids the image "
+                    "tokens replace")
+  checks.decoder(config)
+
+
+NATIVE = family.Family(native, _check, options=NativeOptions, example_inputs=example_inputs)
