@@ -1,6 +1,8 @@
 """Qwen2VLForConditionalGeneration -> mm_jax "native": two images of different sizes in one row (and
 one in another), through our own preprocessing (data/native_images.py) against HF's processor and model:
 pixels, grids, M-RoPE positions, logits, 16 greedy tokens; the image-token count for 20 sizes."""
+import math
+
 import jax
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as hf_pro
 import hf_tiny
 from mm_jax.convert import convert, hf_config
 from mm_jax.data import native_images as ni
+from mm_jax.data import video
 from mm_jax.errors import UserError
 from mm_jax.eval.decode import decode
 from mm_jax.models.native import mrope_offset
@@ -154,6 +157,82 @@ def test_greedy_16_tokens(converted):
       position_offset_B=mrope_offset(a[5], a[3])))(
       patches, ids.astype(np.int32), np.ones((b, p), np.int32), plen, patch_ids, positions)
   assert np.asarray(got).tolist() == want.tolist()
+
+
+def _video_case(seed=3):
+  """One row: text, a 6-frame video (3 tubelets, padded from 5 frames), text, an image, text."""
+  rng = np.random.default_rng(seed)
+  frames = rng.integers(0, 256, (5, 40, 60, 3), dtype=np.uint8)
+  image = _images([(50, 30)], seed)[0]
+  vp, vgrid = video.video_patches(frames, OPTS)
+  ip, igrid = ni.image_patches(image, OPTS)
+  ids = _row([2], rng) + [VS] + [VID] * ni.num_tokens(vgrid, OPTS.merge) + [VE] + _row([2, igrid, 1], rng)
+  ids = np.array([ids], np.int64)
+  patches = np.zeros((1, 4 * 40, vp.shape[1]), np.float32)
+  patch_ids = np.zeros((1, 4 * 40, 3), np.int32)
+  patches[0, :len(vp)], patches[0, len(vp):len(vp) + len(ip)] = vp, ip
+  patch_ids[0, :len(vp)] = ni.patch_ids(vgrid, OPTS.merge, 1)
+  patch_ids[0, len(vp):len(vp) + len(ip)] = ni.patch_ids(igrid, OPTS.merge, 1 + vgrid[0])
+  positions = ni.mrope_positions(ids[0], (IMG, VID), [vgrid, igrid], OPTS.merge)[None].astype(np.int32)
+  kinds = np.where(ids == IMG, 1, np.where(ids == VID, 2, 0))
+  hf_inputs = dict(input_ids=torch.tensor(ids), attention_mask=torch.ones(ids.shape, dtype=torch.long),
+                   pixel_values=torch.tensor(ip), image_grid_thw=torch.tensor([igrid]),
+                   pixel_values_videos=torch.tensor(vp), video_grid_thw=torch.tensor([vgrid]),
+                   mm_token_type_ids=torch.tensor(kinds))
+  return ids, patches, patch_ids, positions, hf_inputs, vgrid
+
+
+def test_video_logits_positions_and_greedy(converted):
+  """A video's tubelets: attention per time step, temporal M-RoPE positions, as HF's model."""
+  hf, out = converted
+  ids, patches, patch_ids, positions, hf_inputs, vgrid = _video_case()
+  assert vgrid[0] == 3
+  want_pos, _ = hf.model.get_rope_index(hf_inputs["input_ids"], hf_inputs["mm_token_type_ids"],
+                                        image_grid_thw=hf_inputs["image_grid_thw"],
+                                        video_grid_thw=hf_inputs["video_grid_thw"])
+  assert positions[0].tolist() == want_pos[:, 0].T.tolist()
+  with torch.no_grad():
+    want = hf(**hf_inputs).logits.numpy()
+  model, params = hf_tiny.ours(out)
+  ones = np.ones(ids.shape, np.int32)
+  got = jax.jit(lambda p, *a: model.apply({"params": p}, *a))(
+      params, patches, patch_ids, ids.astype(np.int32), ones, ones, ones, positions)
+  assert hf_tiny.max_diff(got, want) <= 1e-4
+  want_tokens = hf_tiny.hf_greedy(hf, 16, **hf_inputs)
+  plen = np.full((1,), ids.shape[1], np.int32)
+  got_tokens = jax.jit(lambda *a: decode(
+      model, params, *a[:4], max_new=16, prefill_kw={"patch_ids_BxPx3": a[4], "positions_BxPx3": a[5]},
+      position_offset_B=mrope_offset(a[5], a[3])))(patches, ids.astype(np.int32), ones, plen, patch_ids,
+                                                   positions)
+  assert np.asarray(got_tokens).tolist() == want_tokens.tolist()
+
+
+def test_video_file_frames_and_sampling(tmp_path):
+  """PyAV reads the frames back; sampling is HF's sample_frames arithmetic; too few frames refused."""
+  import av  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "v.mp4")
+  with av.open(path, "w") as c:
+    s = c.add_stream("mpeg4", rate=10)
+    s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+    for i in range(12):
+      for pkt in s.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), 20 * i, np.uint8), "rgb24")):
+        c.mux(pkt)
+    for pkt in s.encode():
+      c.mux(pkt)
+  frames, fps = video.read(path)
+  assert frames.shape == (12, 48, 64, 3) and fps == 10
+  assert np.abs(frames.mean(axis=(1, 2, 3)) - 20 * np.arange(12)).max() < 3
+  for sampling in (video.VideoSampling(fps=2.0), video.VideoSampling(num_frames=6),
+                   video.VideoSampling(fps=5.0, min_frames=2)):
+    got = video.sample_indices(12, fps, sampling, 2)
+    n = (round(sampling.num_frames / 2) * 2 if sampling.num_frames else
+         math.floor(min(max(12 / fps * sampling.fps, sampling.min_frames), 12, 12) / 2) * 2)
+    assert got.tolist() == torch.arange(0, 12, 12 / n).int().tolist()
+  with pytest.raises(UserError, match="the video has 12 frames but 14 were asked"):
+    video.sample_indices(12, fps, video.VideoSampling(num_frames=14), 2)
+  (tmp_path / "bad.mp4").write_bytes(b"not a video")
+  with pytest.raises(UserError, match="cannot be decoded as a video"):
+    video.read(str(tmp_path / "bad.mp4"))
 
 
 SIZES = [(224, 224), (28, 28), (10, 10), (56, 1000), (1000, 56), (480, 640), (640, 480), (1080, 1920),

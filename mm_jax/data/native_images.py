@@ -107,8 +107,8 @@ def mrope_positions(tokens_L, placeholder_ids, grids, merge: int) -> np.ndarray:
   out, grids, i, pos = np.zeros((len(tokens), 3), np.int64), iter(grids), 0, 0
   while i < len(tokens):
     j = i
-    while j < len(tokens) and is_ph[j] == is_ph[i]:
-      j += 1
+    while j < len(tokens) and is_ph[j] == is_ph[i] and (not is_ph[i] or tokens[j] == tokens[i]):
+      j += 1  # a run: text, or one placeholder id (an image's, a video's)
     if not is_ph[i]:
       out[i:j] = pos + np.arange(j - i)[:, None]
       pos += j - i
