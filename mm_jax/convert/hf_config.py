@@ -8,6 +8,8 @@
   SiglipModel                          "siglip" (configs/siglip_shapes.py's schema): encoder, MAP head,
                                        text tower, logit scale and bias
   SiglipVisionModel                    "unified" whose init.parts reads only encoder/ (see __init__)
+  LlavaNextForConditionalGeneration    "anyres": LLaVA's parts, a base view plus pinpoint tiles, unpadded,
+                                       a learned newline per row
   MllamaForConditionalGeneration       "cross" (Llama 3.2 Vision): the tiled tower (mllama_vit), linear
                                        connector, Llama decoder with cross blocks at its
                                        cross_attention_layers; data.image_size is one tile
@@ -223,6 +225,20 @@ def qwen2_vl(top: Fields, c: mlc.ConfigDict) -> None:
                                              int(top.raw.get("video_token_id", 151656)))
 
 
+def anyres(top: Fields, c: mlc.ConfigDict, v: Fields) -> None:
+  """LLaVA-NeXT over the LLaVA fields: the anyres family, its pinpoints and placeholder."""
+  size = v["image_size"]
+  pins = tuple(tuple(int(x) for x in p) for p in (top.raw.get("image_grid_pinpoints")
+                                                   or [[336, 672], [672, 336], [672, 672], [1008, 336],
+                                                       [336, 1008]]))
+  if any(h % size or w % size for h, w in pins):
+    top.unsupported("image_grid_pinpoints", [list(p) for p in pins], f"multiples of image_size={size}")
+  c.family = "anyres"
+  c.family_options.anyres.placeholder_ids = (int(top.raw.get("image_token_index", 32000)),)
+  c.family_options.anyres.pinpoints = pins
+  c.family_options.anyres.max_tiles = 1 + max(h * w for h, w in pins) // size ** 2
+
+
 def derive(hf: dict) -> tuple[str, mlc.ConfigDict]:
   """(architecture, config): configs/shapes_tiny.py's (siglip_shapes.py's for SiglipModel) with model.*
   and data.image_size from `hf`."""
@@ -245,7 +261,7 @@ def derive(hf: dict) -> tuple[str, mlc.ConfigDict]:
     c.family, c.image_position, c.prefix_attention, c.connector = "unified", 0, True, "linear"
     c.encoder.update(encoder(v, v["num_hidden_layers"], final_norm=True))
     c.decoder.update(decoder(t, hf.get("tie_word_embeddings", True)))
-  elif arch == "LlavaForConditionalGeneration":
+  elif arch in ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration"):
     v = top.sub("vision_config", _VISION, "clip_vision_model")
     t = top.sub("text_config", {"llama": _LLAMA}, "llama")
     top.require("vision_feature_select_strategy", ("full",))  # "default" drops a CLS SigLIP lacks
@@ -261,7 +277,9 @@ def derive(hf: dict) -> tuple[str, mlc.ConfigDict]:
     c.encoder.update(encoder(v, depth, final_norm=False))
     c.decoder.update(decoder(t, hf.get("tie_word_embeddings") or t["tie_word_embeddings"]))
     n = (v["image_size"] // v["patch_size"]) ** 2
-    if hf.get("image_seq_length", n) != n:
+    if arch == "LlavaNextForConditionalGeneration":
+      anyres(top, c, v)
+    elif hf.get("image_seq_length", n) != n:
       top.unsupported("image_seq_length", hf["image_seq_length"], f"{n}, the number of patches")
   elif arch == "MllamaForConditionalGeneration":
     v = mllama(top, c)
@@ -287,5 +305,6 @@ def derive(hf: dict) -> tuple[str, mlc.ConfigDict]:
 
 
 ARCHITECTURES = ("GemmaForCausalLM", "LlamaForCausalLM", "PaliGemmaForConditionalGeneration",
-                 "LlavaForConditionalGeneration", "MllamaForConditionalGeneration", "Qwen2VLForConditionalGeneration",
+                 "LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
+                 "MllamaForConditionalGeneration", "Qwen2VLForConditionalGeneration",
                  "SiglipModel", "SiglipVisionModel")

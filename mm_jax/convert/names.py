@@ -26,7 +26,8 @@ _ALIASES = {
             "vision_tower.vision_model.": "vision.", "vision_tower.": "vision.",
             "model.vision_tower.vision_model.": "vision.", "model.vision_tower.": "vision.",
             "multi_modal_projector.": "projector.", "model.multi_modal_projector.": "projector.",
-            "vision_model.": "vision.", "model.vision_model.": "vision."},  # Mllama's tower
+            "vision_model.": "vision.", "model.vision_model.": "vision.",  # Mllama's tower
+            "model.image_newline": "image_newline", "image_newline": "image_newline"},  # LLaVA-NeXT
     "vision": {"vision_model.": "vision.", "": "vision."},
     "qwen2_vl": {"model.language_model.": "text.", "model.": "text.", "lm_head.": "lm_head.",
                  "model.visual.": "vision.", "visual.": "vision."},
@@ -252,4 +253,6 @@ def mapping(arch: str, hf: dict, model_cfg) -> tuple[str, list[Entry], re.Patter
   if not enc.final_norm:
     skip.append(r"vision\.post_layernorm\..*")
   entries = encoder(enc.depth, enc.final_norm) + connector(model_cfg.connector)
+  if arch == "LlavaNextForConditionalGeneration":
+    entries.append(Entry("image_newline", "image_newline"))
   return "vlm", entries + decoder(dec.depth, dec.tie_embeddings), re.compile("|".join(skip))

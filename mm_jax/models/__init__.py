@@ -6,7 +6,7 @@ A new family is one module defining its Family record (models/family.py) plus on
 """
 import ml_collections as mlc
 
-from mm_jax.models import cross_attention, hybrid, native, siglip, vlm
+from mm_jax.models import anyres, cross_attention, hybrid, native, siglip, vlm
 from mm_jax.models.connectors import CONNECTORS
 from mm_jax.models.encoders import ENCODERS
 from mm_jax.models.family import Family, options, pick
@@ -19,6 +19,7 @@ FAMILIES: dict[str, Family] = {
     "cross": cross_attention.CROSS,
     "hybrid": hybrid.HYBRID,
     "native": native.NATIVE,
+    "anyres": anyres.ANYRES,
 }
 
 

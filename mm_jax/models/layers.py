@@ -85,6 +85,16 @@ def scatter_tokens(seq_BxLxD: Array, tokens_BxMxNxD: Array, pos_BxM: Array) -> A
   return constrain(seq_BxLxD.at[rows_Bx1, at_BxMN].set(tokens_BxMNxD, mode="drop"), names)
 
 
+def fill_placeholders(x_BxLxD: Array, text_BxL: Array, tokens_BxNxD: Array, ids: tuple[int, ...]) -> Array:
+  """x with the k-th placeholder of each row replaced by that row's k-th token (a gather: each
+  position reads its token; rows hold at most N placeholders, the data path's count)."""
+  is_ph_BxL = jnp.isin(text_BxL, jnp.asarray(ids, text_BxL.dtype))
+  k_BxL = jnp.clip(jnp.cumsum(is_ph_BxL, axis=1) - 1, 0, tokens_BxNxD.shape[1] - 1)
+  picked_BxLxD = jnp.take_along_axis(tokens_BxNxD.astype(x_BxLxD.dtype), k_BxL[..., None], axis=1)
+  return constrain(jnp.where(is_ph_BxL[..., None], picked_BxLxD, x_BxLxD),
+                   ("act_batch", "act_len", "act_embed"))
+
+
 def row_positions(tokens_BxL: Array, positions_BxL: Array | None = None) -> Array:
   """positions_BxL if given (RoPE positions restarting per packed example), else the row's indices
   0 .. L-1 (one example per row)."""

@@ -20,7 +20,7 @@ from mm_jax.errors import UserError
 from mm_jax.models import checks, encoders, family
 from mm_jax.models.decoder import Cache, prefill_masks
 from mm_jax.models.flop_count import Sizes, Tally, counter
-from mm_jax.models.layers import constrain, make_attn_mask, row_positions
+from mm_jax.models.layers import fill_placeholders, make_attn_mask, row_positions
 from mm_jax.models.native_vit import NativeViT
 
 Array = jax.Array
@@ -31,16 +31,6 @@ INPUTS = ("patches", "patch_ids", "text", "mask_ar", "mask_input", "segment", "p
 class NativeOptions:
   """model.family_options.native: the token ids the image and video tokens replace."""
   placeholder_ids: tuple[int, ...] = ()
-
-
-def fill_placeholders(x_BxLxD: Array, text_BxL: Array, tokens_BxNxD: Array, ids: tuple[int, ...]) -> Array:
-  """x with the k-th placeholder of each row replaced by that row's k-th token (a gather: each
-  position reads its token; rows hold at most N placeholders, the data path's count)."""
-  is_ph_BxL = jnp.isin(text_BxL, jnp.asarray(ids, text_BxL.dtype))
-  k_BxL = jnp.clip(jnp.cumsum(is_ph_BxL, axis=1) - 1, 0, tokens_BxNxD.shape[1] - 1)
-  picked_BxLxD = jnp.take_along_axis(tokens_BxNxD.astype(x_BxLxD.dtype), k_BxL[..., None], axis=1)
-  return constrain(jnp.where(is_ph_BxL[..., None], picked_BxLxD, x_BxLxD),
-                   ("act_batch", "act_len", "act_embed"))
 
 
 class NativeVLM(nn.Module):
