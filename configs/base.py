@@ -75,6 +75,14 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
   c.data.image_processor = "plain"
   c.data.max_images = 1              # image slots per row (empty ones are masked)
   c.data.max_image_pixels = 50_000_000  # larger images are refused before decoding (decompression bombs)
+  # The native family (images at their own size, data/native_rows.py): pixel bounds of a still image
+  # and of a video frame (sizes round to multiples of patch * merge), the frames a video keeps (count,
+  # or 0: video_fps per second), and the padded patch counts a batch may take: one compiled train step
+  # each. E.g. --config.data.native.patch_buckets='(256, 1024)'. An image (or frame) with a side under
+  # min_side pixels is refused rather than blown up (HF's processor would upscale it to min_pixels).
+  c.data.native = mlc.ConfigDict(dict(min_side=8, min_pixels=56 * 56, max_pixels=28 * 28 * 1280,
+                                      video_min_pixels=128 * 28 * 28, video_max_pixels=28 * 28 * 768,
+                                      video_frames=0, video_fps=2.0, patch_buckets=(1024, 4096, 16384)))
   c.data.packing = False             # several examples per row (segment ids; attention stays within each)
   c.data.caption_ratio = 1.0         # captioning elements per image mixed into training (0: off)
   c.data.num_threads = 2             # grain read threads

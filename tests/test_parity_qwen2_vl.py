@@ -108,13 +108,14 @@ def test_preprocessing_and_positions_equal_hf(converted):
                                     image_grid_thw=inputs["image_grid_thw"])
   for r, row in enumerate(rows_images):
     row_grids = grids[:2] if r == 0 else grids[2:]
-    got = ni.mrope_positions(ids[r], (IMG, VID), row_grids, OPTS.merge)
+    got = ni.mrope_positions(len(ids[r]), ni.spans(ids[r], (IMG, VID), row_grids, OPTS.merge), OPTS.merge)
     assert got.tolist() == want[:, r].T.tolist()
 
 
 def _positions(ids, rows_images):
   grids = [[ni.image_patches(i, OPTS)[1] for i in row] for row in rows_images]
-  return np.stack([ni.mrope_positions(r, (IMG, VID), g, OPTS.merge) for r, g in zip(ids, grids)]).astype(
+  return np.stack([ni.mrope_positions(len(r), ni.spans(r, (IMG, VID), g, OPTS.merge), OPTS.merge)
+                   for r, g in zip(ids, grids)]).astype(
       np.int32)
 
 
@@ -173,7 +174,8 @@ def _video_case(seed=3):
   patches[0, :len(vp)], patches[0, len(vp):len(vp) + len(ip)] = vp, ip
   patch_ids[0, :len(vp)] = ni.patch_ids(vgrid, OPTS.merge, 1)
   patch_ids[0, len(vp):len(vp) + len(ip)] = ni.patch_ids(igrid, OPTS.merge, 1 + vgrid[0])
-  positions = ni.mrope_positions(ids[0], (IMG, VID), [vgrid, igrid], OPTS.merge)[None].astype(np.int32)
+  sp = ni.spans(ids[0], (IMG, VID), [vgrid, igrid], OPTS.merge)
+  positions = ni.mrope_positions(ids.shape[1], sp, OPTS.merge)[None].astype(np.int32)
   kinds = np.where(ids == IMG, 1, np.where(ids == VID, 2, 0))
   hf_inputs = dict(input_ids=torch.tensor(ids), attention_mask=torch.ones(ids.shape, dtype=torch.long),
                    pixel_values=torch.tensor(ip), image_grid_thw=torch.tensor([igrid]),
@@ -185,7 +187,7 @@ def _video_case(seed=3):
 def test_video_logits_positions_and_greedy(converted):
   """A video's tubelets: attention per time step, temporal M-RoPE positions, as HF's model."""
   hf, out = converted
-  ids, patches, patch_ids, positions, hf_inputs, vgrid = _video_case()
+  ids, patches, patch_ids, positions, hf_inputs, vgrid = _video_case()  # noqa
   assert vgrid[0] == 3
   want_pos, _ = hf.model.get_rope_index(hf_inputs["input_ids"], hf_inputs["mm_token_type_ids"],
                                         image_grid_thw=hf_inputs["image_grid_thw"],

@@ -18,10 +18,11 @@ import re
 import flax.linen as nn
 import jax
 import ml_collections as mlc
+import numpy as np
 
 from mm_jax.train import optim
 from mm_jax import data
-from mm_jax.data import chat, images, pipeline
+from mm_jax.data import chat, images, native_images, native_rows, pipeline
 from mm_jax.eval import metrics
 from mm_jax.errors import UserError
 from mm_jax.config import fields
@@ -40,6 +41,8 @@ def check_config(config: mlc.ConfigDict, split: str = "train", *, train: bool = 
   chat.check(config.data.chat_template, tokenizer)  # the special tokens the template writes
   model = build_model(config.model, tokenizer.vocab_size)
   _check_text(config, tokenizer, split, model.task, train)
+  if getattr(model, "image_key", None) == "patches":  # native: every still image's size, from headers
+    _check_native_images(config, split)
   if train:
     check_rules(config, abstract_params(config, model))
 
@@ -168,6 +171,39 @@ def _check_text(config, tokenizer, split: str, task: str, train: bool) -> None:
     raise UserError(f"model.image_position={position} is past the text prefix of {split} record {r} "
                     f"({what}: {n} tokens); set --config.model.image_position to 0 (image first) or 1 "
                     "(after BOS)")
+
+
+def _check_native_images(config, split: str) -> None:
+  """Each still image of the split against data.native (min_side; its patches within the largest
+  bucket), from the encoded images' headers: before the workdir is touched, not at the first batch.
+  Videos and damaged records are left to the pipeline (data.bad_records)."""
+  src = data.get(config.data.name)
+  source = src.open(config.data, split, text_only=True)
+  rules, _, _ = native_rows.options(config)
+  n, largest = config.data.native, max(native_rows.buckets(config))
+  for r in range(len(source)):
+    try:
+      record = source[r]
+    except Exception:  # pylint: disable=broad-except
+      continue
+    encoded = record.get("images", [record.get("image")])
+    patches = 0
+    for j, b in enumerate(encoded):
+      if not isinstance(b, (bytes, np.bytes_)) or native_rows.is_video(b):
+        continue
+      try:
+        w, h = images.image_size(bytes(b))
+      except Exception:  # pylint: disable=broad-except
+        continue
+      if min(w, h) < n.min_side:
+        raise UserError(f"{split} record {r} image {j} is {w}x{h} pixels, a side under "
+                        f"data.native.min_side={n.min_side}; drop it, or lower --config.data.native.min_side")
+      gh, gw = (x // rules.patch_size for x in native_images.smart_resize(h, w, rules))
+      patches += gh * gw
+    if patches > largest:
+      raise UserError(f"{split} record {r} needs {patches} patches but the largest of "
+                      f"data.native.patch_buckets is {largest}; add a bucket of at least {patches} or "
+                      "lower data.native.max_pixels")
 
 
 def _texts(src, record):

@@ -97,29 +97,35 @@ def patch_ids(grid: tuple[int, int, int], merge: int, first_block: int = 1) -> n
   return np.concatenate([blocks[:, None], np.tile(rc_Nx2, (t, 1))], axis=1).astype(np.int32)
 
 
-def mrope_positions(tokens_L, placeholder_ids, grids, merge: int) -> np.ndarray:
-  """M-RoPE positions Lx3 (t, h, w) of one example: a text token's index on all three axes, counting
-  on from the last; each run of placeholders takes the next grid (in order) and its tokens the start +
-  (time step, row, column) of their merged grid; the text after it starts max(h, w) / merge later
-  (transformers 5.23's get_rope_index)."""
-  tokens = np.asarray(tokens_L)
-  is_ph = np.isin(tokens, np.asarray(placeholder_ids, tokens.dtype))
-  out, grids, i, pos = np.zeros((len(tokens), 3), np.int64), iter(grids), 0, 0
+def mrope_positions(length: int, spans, merge: int) -> np.ndarray:
+  """M-RoPE positions Lx3 (t, h, w) of one example of `length` tokens whose images and videos sit at
+  spans [(start, grid), ...] (their placeholders, in order): a text token's index on all three axes,
+  counting on from the last; an image's tokens start + (time step, row, column) of their merged grid;
+  the text after it starts max(h, w) / merge later (transformers 5.23's get_rope_index)."""
+  out, pos, at = np.zeros((length, 3), np.int64), 0, 0
+  for start, grid in list(spans) + [(length, None)]:
+    out[at:start] = pos + np.arange(start - at)[:, None]
+    pos += start - at
+    if grid is None:
+      break
+    t, h, w = grid[0], grid[1] // merge, grid[2] // merge
+    tt, hh, ww = np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")
+    n = t * h * w
+    out[start:start + n] = pos + np.stack([tt, hh, ww], axis=-1).reshape(-1, 3)
+    pos, at = pos + max(h, w), start + n
+  return out
+
+
+def spans(tokens_L, placeholder_ids, grids, merge: int) -> list:
+  """[(start, grid)] of the placeholder runs of a token row (each id's run one image or video, in
+  order of `grids`): for rows built elsewhere (HF's processor output)."""
+  tokens, grids, out, i = np.asarray(tokens_L), list(grids), [], 0
+  ph = np.isin(tokens, np.asarray(placeholder_ids, tokens.dtype))
   while i < len(tokens):
-    j = i
-    while j < len(tokens) and is_ph[j] == is_ph[i] and (not is_ph[i] or tokens[j] == tokens[i]):
-      j += 1  # a run: text, or one placeholder id (an image's, a video's)
-    if not is_ph[i]:
-      out[i:j] = pos + np.arange(j - i)[:, None]
-      pos += j - i
+    if ph[i]:
+      n = num_tokens(grids[len(out)], merge)
+      out.append((i, grids[len(out)]))
+      i += n
     else:
-      t, h, w = next(grids)
-      h, w = h // merge, w // merge
-      tt, hh, ww = np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")
-      run = pos + np.stack([tt, hh, ww], axis=-1).reshape(-1, 3)
-      if len(run) != j - i:
-        raise ValueError(f"a run of {j - i} placeholders for a grid of {len(run)} tokens")
-      out[i:j] = run
-      pos += max(h, w)
-    i = j
+      i += 1
   return out

@@ -57,6 +57,9 @@ def load_tokenizer(config) -> tokenizer_lib.Tokenizer:
 def row_layout(config, tokenizer) -> rows_lib.Row:
   """The rows of config's model: its image tokens in the sequence (and how many per image) or not."""
   from mm_jax import models  # pylint: disable=g-import-not-at-top  # models need data's registries
+  own = models.family_of(config.model).rows
+  if own is not None:  # a family with rows of its own (native: images at their own size)
+    return own(config, tokenizer)
   n = models.tokens_per_image(config)
   # Mllama's consecutive image groups count the <|image|> tokens' rows: they stay in the text
   cross = config.model.get("family_options", {}).get("cross", {})
@@ -86,8 +89,16 @@ def train_iterator(config, tokenizer, source, *, process_index: int,
   row = row_layout(config, tokenizer)
   make = _TrainExample(config, row, source)
   if config.data.packing:
+    if not hasattr(row, "packed"):
+      raise UserError(f"data.packing is not supported by the {config.model.family} family's rows yet; "
+                      "set --config.data.packing=False")
     return packed_batches(config, num, make, row, process_index=process_index,
                           process_count=process_count)
+  if hasattr(row, "collate"):  # rows padded per batch (native: to the batch's patch bucket); with
+    # several processes each makes only its rows, so all pad to the largest bucket (one shape)
+    collate = lambda rows: row.collate(rows, largest=process_count > 1)
+    return shuffled_batches(config, num, make, process_index=process_index, process_count=process_count,
+                            collate=collate)
   return shuffled_batches(config, num, lambda j: row.pad(make(j)), process_index=process_index,
                           process_count=process_count)
 
@@ -117,18 +128,19 @@ def _with_skipped(packed):
 
 
 def shuffled_batches(config, num_elements: int, make_element, *, process_index: int,
-                     process_count: int) -> grain.DatasetIterator:
+                     process_count: int, collate=None) -> grain.DatasetIterator:
   """Elements make_element(j), j in [0, num_elements): shuffled with config.seed and reshuffled every
   epoch, in global batches of config.global_batch_size of which process p of P makes rows
   [p*b, (p+1)*b), b = global_batch_size // P; endless, deterministic and checkpointable. The processes'
   batches, concatenated in order, are the 1-process batch (sharding.check_batch checks that the mesh
   places them so), and the state is the global batch index: a checkpoint written by P processes
-  resumes with any other count (IteratorRestore)."""
+  resumes with any other count (IteratorRestore). collate(list of elements) -> the batch (default:
+  each key stacked)."""
   size = config.global_batch_size
   b = _local_batch_size(size, process_count, "global_batch_size")
   ids = grain.MapDataset.range(num_elements).shuffle(seed=config.seed).repeat(None)  # reseeded per epoch
   make = records_lib.guarded(make_element, num_elements, records_lib.policy(config.data))
-  ds = ids.batch(size, drop_remainder=True).map(_Rows(make, process_index * b, b))
+  ds = ids.batch(size, drop_remainder=True).map(_Rows(make, process_index * b, b, collate))
   threads = config.data.num_threads
   # Elements are computed by index, so the order never depends on thread timing.
   options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(1, 2 * threads))
@@ -138,11 +150,13 @@ def shuffled_batches(config, num_elements: int, make_element, *, process_index: 
 class _Rows:
   """Global batch of element ids -> this process's rows [start, start + size), made and stacked."""
 
-  def __init__(self, make_element, start: int, size: int):
-    self._make, self._start, self._size = make_element, start, size
+  def __init__(self, make_element, start: int, size: int, collate=None):
+    self._make, self._start, self._size, self._collate = make_element, start, size, collate
 
   def __call__(self, ids_G: np.ndarray) -> dict[str, np.ndarray]:
     rows = [self._make(j) for j in ids_G[self._start:self._start + self._size]]
+    if self._collate is not None:
+      return self._collate(rows)
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
@@ -234,8 +248,7 @@ def _eval_row(src, row: rows_lib.Row, source, r: int, k: int, record) -> dict:
     raise _bad(src, source, r, k, e) from None
   out, kind = row.pad(ex), src.kind(record, k)
   user = [t for t in conv.turns if t.role == "user"]
-  return dict(image=out["image"], image_pos=out["image_pos"], text=out["text"],
-              mask_input=out["mask_input"], prefix_len=len(ex["text"]), valid=True,
+  return dict({k: out[k] for k in _eval_keys(row)}, prefix_len=len(ex["text"]), valid=True,
               question=user[-1].text.strip() if user else "", answer=answer, kind=kind,
               answers=src.references(record, k) if src.references else [answer],
               id=conv.id or f"{source.split}/{r}/{kind or k}", skipped=False)
@@ -285,18 +298,25 @@ def _image(image: np.ndarray, config) -> np.ndarray:
   return images.preprocess("plain", image, size)
 
 
+def _eval_keys(row) -> tuple[str, ...]:
+  """The arrays an eval batch carries: the row's own (native: patches, patch_ids, positions)."""
+  return getattr(row, "eval_keys", ("image", "image_pos", "text", "mask_input"))
+
+
 def _eval_padding_row(tokenizer, row: rows_lib.Row) -> dict:
-  ex = dict(text=np.asarray([tokenizer.bos_id], np.int32), mask_ar=np.zeros([1], np.int32),
-            mask_loss=np.zeros([1], np.int32), image=np.zeros([0, row.size, row.size, 3], np.float32),
-            image_pos=np.zeros([0], np.int32))
+  if hasattr(row, "blank"):
+    ex = row.blank([tokenizer.bos_id])
+  else:
+    ex = dict(text=np.asarray([tokenizer.bos_id], np.int32), mask_ar=np.zeros([1], np.int32),
+              mask_loss=np.zeros([1], np.int32), image=np.zeros([0, row.size, row.size, 3], np.float32),
+              image_pos=np.zeros([0], np.int32))
   out = row.pad(ex)
-  return dict(image=out["image"], image_pos=out["image_pos"], text=out["text"],
-              mask_input=out["mask_input"], prefix_len=1, valid=False, question="", answer="", kind="",
-              answers=[], id="", skipped=False)
+  return dict({k: out[k] for k in _eval_keys(row)}, prefix_len=1, valid=False, question="", answer="",
+              kind="", answers=[], id="", skipped=False)
 
 
 def _stack_eval(rows: list[dict]) -> dict:
-  out = {k: np.stack([r[k] for r in rows]) for k in ("image", "image_pos", "text", "mask_input")}
+  out = {k: np.stack([r[k] for r in rows]) for k, v in rows[0].items() if isinstance(v, np.ndarray)}
   out.update(prefix_len=np.array([r["prefix_len"] for r in rows], np.int32),
              valid=np.array([r["valid"] for r in rows], bool),
              skipped=np.array([r["skipped"] for r in rows], bool),

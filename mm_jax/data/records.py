@@ -132,7 +132,9 @@ class Records:
     image = record.get("image")
     if image is None:
       raise self.bad(i, "image", "is missing")
-    if image.shape != self._image_shape or image.dtype != self._image_dtype:
+    declared = self._image_shape  # None: any size there (shapes_sizes)
+    if (image.ndim != len(declared) or image.dtype != self._image_dtype
+        or any(d is not None and d != n for d, n in zip(declared, image.shape))):
       raise self.bad(i, "image", f"is {image.dtype} {tuple(image.shape)} but the dataset declares "
                      f"{self._image_dtype} {self._image_shape}")
     self._check_texts(i, record)

@@ -249,17 +249,19 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
                 "questions": [q for q, _ in qa], "answers": [a for _, a in qa]}
 
 
-def build(data_cfg) -> Shapes:
-  """Returns the builder for `data_cfg`, building the data and its tokenizer first if needed."""
+def build(data_cfg, cls: type = None) -> tfds.core.GeneratorBasedBuilder:
+  """Returns the builder for `data_cfg`, building the data and its tokenizer first if needed. cls: the
+  builder class (Shapes; shapes_sizes.ShapesSizes: the same records at varied sizes)."""
+  cls = cls or Shapes
   config = builder_config(data_cfg)
   data_dir = data_cfg.data_dir
   if jax.process_index() == 0:
-    version_dir = os.path.join(data_dir, Shapes.name, config.name, str(Shapes.VERSION))
+    version_dir = os.path.join(data_dir, cls.name, config.name, str(cls.VERSION))
     if not os.path.exists(os.path.join(version_dir, TOKENIZER_FILE)):
       _check_writable(data_dir)  # only when something must be written: a built copy may be read-only
-    builder = Shapes(config=config, data_dir=data_dir)
+    builder = cls(config=config, data_dir=data_dir)
     if not builder.is_prepared():
-      logging.info("Building shapes/%s in %s", config.name, data_dir)
+      logging.info("Building %s/%s in %s", cls.name, config.name, data_dir)
       builder.download_and_prepare(file_format="array_record")
     path = tokenizer_path(builder)
     if not os.path.exists(path):
@@ -272,7 +274,7 @@ def build(data_cfg) -> Shapes:
   if jax.process_count() > 1:  # The others wait for process 0 to finish writing.
     multihost_utils.sync_global_devices("shapes_build")
   if jax.process_index() != 0:
-    builder = Shapes(config=config, data_dir=data_dir)
+    builder = cls(config=config, data_dir=data_dir)
   return builder
 
 
@@ -280,9 +282,9 @@ def tokenizer_path(builder: Shapes) -> str:
   return os.path.join(builder.data_dir, TOKENIZER_FILE)
 
 
-def _open(data_cfg, split: str, text_only: bool = False):
+def _open(data_cfg, split: str, text_only: bool = False, cls: type = None):
   """The TFDS random-access source of `split`, built on first use; text_only: images left undecoded."""
-  builder = build(data_cfg)
+  builder = build(data_cfg, cls)
   if text_only:
     return builder.as_data_source(decoders={"image": tfds.decode.SkipDecoding()})[split]
   return builder.as_data_source()[split]

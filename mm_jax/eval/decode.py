@@ -25,7 +25,7 @@ def decode(model: Decodable, params, image: jax.Array, prefix_BxP: jax.Array, pr
   Sampling needs `key`; the same key gives the same tokens. prefill_kw: a model's own prefill inputs
   (the tiled encoder's aspect_ratio_ids_BxI; native: patch_ids_BxPx3, positions_BxPx3).
   position_offset_B: added to every new token's position (M-RoPE: the prefix's positions run past its
-  length, native.mrope_offset)."""
+  length, native.mrope_offset; by default the model's own position_offset, if it has one)."""
   if not sampling.greedy and key is None:
     raise ValueError("sampling needs a key (jax.random.key(seed))")
   variables = {"params": params}
@@ -41,6 +41,8 @@ def decode(model: Decodable, params, image: jax.Array, prefix_BxP: jax.Array, pr
   keys = (lambda t: None) if sampling.greedy else (lambda t: step_keys(key, b, t))
   stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
   first_B = choose(logits_BxPxV[jnp.arange(b), prefix_len_B - 1], keys(0), sampling)
+  if position_offset_B is None and hasattr(model, "position_offset"):  # M-RoPE (native)
+    position_offset_B = model.position_offset(prefill_kw or {}, prefix_len_B)
   start_B = n + prefix_len_B + (0 if position_offset_B is None else position_offset_B)
 
   def running(carry):

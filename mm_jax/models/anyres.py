@@ -42,6 +42,8 @@ class AnyResVLM(nn.Module):
   placeholder_ids: tuple[int, ...]
   task = "vqa"
   inputs = INPUTS
+  image_key = "tiles"  # what decoding passes as the image, and its prefill's own batch keys
+  prefill_keys = {"token_src_BxK": "token_src"}
 
   def setup(self):
     d = self.decoder.width
@@ -92,6 +94,11 @@ class AnyResVLM(nn.Module):
     logits_Bx1xV, cache = self.decoder(self.decoder.embed(token_B[:, None]), position_B[:, None],
                                        cache_mask_BxS[:, None, :], cache, slot)
     return logits_Bx1xV[:, 0], cache, cache_mask_BxS
+
+  def flop_layout(self, config):
+    """A training row for the FLOP count: max_tiles tiles, data.text_len tokens."""
+    b = example_inputs(config)
+    return Sizes(config.data.image_size, config.data.text_len), {"tiles": b["tiles"].shape[1]}
 
   def count_flops(self, t: Tally, sizes: Sizes, batch: int, tiles: int) -> None:
     """The teacher-forced forward on `batch` rows of sizes.text_len tokens and `tiles` tiles each."""

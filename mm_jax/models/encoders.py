@@ -54,14 +54,19 @@ def _patches(model_cfg: mlc.ConfigDict) -> RawPatches:
 _VIT_ONLY = {"final_norm": True, "scan": False}
 
 
-def _mllama(model_cfg: mlc.ConfigDict) -> MllamaViT:
-  """Llama 3.2 Vision's tiled tower from model.encoder (mllama_vit.MllamaViT's fields)."""
+def _own_fields(model_cfg: mlc.ConfigDict, kind: str, drop=_VIT_ONLY) -> dict:
+  """model.encoder without configs/base.py's ViT-only fields (which the `kind` tower lacks)."""
   fields_ = {k: tuple(map(tuple, v)) if k == "aspect_ratios" else v
              for k, v in dict(model_cfg.encoder).items()}
-  for name, default in _VIT_ONLY.items():  # configs/base.py's ViT fields, which this tower lacks
+  for name, default in drop.items():
     if fields_.pop(name, default) != default:
-      raise UserError(f"model.encoder.{name} does not apply to the mllama encoder; leave it at {default}")
-  return family.make(MllamaViT, fields_, "encoder", **family.dtypes(model_cfg))
+      raise UserError(f"model.encoder.{name} does not apply to the {kind} encoder; leave it at {default}")
+  return fields_
+
+
+def _mllama(model_cfg: mlc.ConfigDict) -> MllamaViT:
+  """Llama 3.2 Vision's tiled tower from model.encoder (mllama_vit.MllamaViT's fields)."""
+  return family.make(MllamaViT, _own_fields(model_cfg, "mllama"), "encoder", **family.dtypes(model_cfg))
 
 
 def _check_mllama(config, side: int, what: str) -> None:
@@ -80,7 +85,8 @@ def _check_mllama(config, side: int, what: str) -> None:
 
 def _native(model_cfg: mlc.ConfigDict) -> NativeViT:
   """Qwen2-VL's native-resolution tower from model.encoder (native_vit.NativeViT's fields)."""
-  return family.make(NativeViT, dict(model_cfg.encoder), "encoder", **family.dtypes(model_cfg))
+  return family.make(NativeViT, _own_fields(model_cfg, "native", {"final_norm": True}),
+                     "encoder", **family.dtypes(model_cfg))
 
 
 def _check_native(config, side=None, what=None) -> None:

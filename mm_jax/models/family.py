@@ -27,12 +27,14 @@ class Family:
   image_in_sequence: its image tokens sit in the decoder's sequence at model.image_position;
   options: the dataclass of model.family_options.<name> (None: it has none);
   example_inputs(config, batch) -> the batch keys its model takes beyond (or instead of) its task's,
-  as zeros (native: patches instead of images; None: the task's keys)."""
+  as zeros (native: patches instead of images; None: the task's keys);
+  rows(config, tokenizer) -> its data rows, when not data/rows.py's (native: data/native_rows.py)."""
   build: Callable
   check: Callable[[mlc.ConfigDict], None]
   image_in_sequence: bool = False
   options: type | None = None
   example_inputs: Callable | None = None
+  rows: Callable | None = None
 
 
 def pick(registry: dict, name: str, field: str):

@@ -30,7 +30,7 @@ INPUTS = ("patches", "patch_ids", "text", "mask_ar", "mask_input", "segment", "p
 @dataclasses.dataclass(frozen=True)
 class NativeOptions:
   """model.family_options.native: the token ids the image and video tokens replace."""
-  placeholder_ids: tuple[int, ...] = ()
+  placeholder_ids: tuple[int, ...] = (0,)  # our tokenizers: PAD_ID (the in-row slots' id too)
 
 
 class NativeVLM(nn.Module):
@@ -40,6 +40,12 @@ class NativeVLM(nn.Module):
   placeholder_ids: tuple[int, ...]
   task = "vqa"
   inputs = INPUTS  # its batch keys, in __call__'s order (the vqa task's keys, patches for images)
+  image_key = "patches"  # what decoding passes as the image, and its prefill's own batch keys
+  prefill_keys = {"patch_ids_BxPx3": "patch_ids", "positions_BxPx3": "positions"}
+
+  def position_offset(self, prefill_kw: dict, prefix_len_B):
+    """decode's offset of the new tokens' positions (mrope_offset of the prefix's positions)."""
+    return mrope_offset(prefill_kw["positions_BxPx3"], prefix_len_B)
 
   def num_image_tokens(self, image_shape) -> int:
     """0: the prefix holds the placeholders of its images (decode's in-row case)."""
@@ -81,6 +87,11 @@ class NativeVLM(nn.Module):
                                        cache_mask_BxS[:, None, :], cache, slot)
     return logits_Bx1xV[:, 0], cache, cache_mask_BxS
 
+  def flop_layout(self, config):
+    """A training row for the FLOP count: the largest bucket's patches, its row length."""
+    b = example_inputs(config)
+    return Sizes(0, b["text"].shape[1]), {"patches": b["patches"].shape[1]}
+
   def count_flops(self, t: Tally, sizes: Sizes, batch: int, patches: int) -> None:
     """The teacher-forced forward on `batch` rows of sizes.text_len tokens and `patches` patches."""
     self.decoder.count_embed(t, "decoder", "x")
@@ -100,13 +111,23 @@ def mrope_offset(positions_BxPx3: np.ndarray | Array, prefix_len_B) -> Array:
 
 
 def example_inputs(config, batch: int = 1) -> dict:
-  """Zeros of the native keys, for shaping params: one merge window of patches, positions BxLx3."""
+  """Zeros shaped like a training batch of the largest bucket (data/native_rows.py's layout)."""
   enc = config.model.encoder
-  l, m2 = config.data.text_len, enc.get("merge", 2) ** 2
-  f = 3 * enc.get("temporal_patch", 2) * enc.patch_size ** 2
-  return dict(patches=jnp.zeros((batch, m2, f), jnp.float32),
-              patch_ids=jnp.ones((batch, m2, 3), jnp.int32),
-              positions=jnp.zeros((batch, l, 3), jnp.int32))
+  m2, f = enc.get("merge", 2) ** 2, 3 * enc.get("temporal_patch", 2) * enc.patch_size ** 2
+  native = config.data.get("native")
+  p = max(native.patch_buckets) if native and native.patch_buckets else m2
+  l = config.data.text_len + p // m2
+  zeros = lambda *shape: jnp.zeros((batch, *shape), jnp.int32)
+  return dict(patches=jnp.zeros((batch, p, f), jnp.float32), patch_ids=zeros(p, 3), text=zeros(l),
+              mask_ar=zeros(l), mask_input=jnp.ones((batch, l), jnp.int32), mask_loss=zeros(l),
+              segment=jnp.ones((batch, l), jnp.int32), positions=zeros(l, 3))
+
+
+def rows(config, tokenizer):
+  """data/native_rows.py's rows, the placeholders this config's."""
+  from mm_jax.data import native_rows  # pylint: disable=g-import-not-at-top  # data imports models
+  opts = family.family_options(config.model, "native", NativeOptions)
+  return native_rows.NativeRow(config, tokenizer, tuple(opts.placeholder_ids))
 
 
 def native(model_cfg, tokenizer_vocab: int) -> NativeVLM:
@@ -132,7 +153,21 @@ def _check(config) -> None:
   if not opts.placeholder_ids:
     raise UserError("model.family_options.native.placeholder_ids is empty: set the token ids the image "
                     "tokens replace")
+  from mm_jax.data import native_rows  # pylint: disable=g-import-not-at-top
+  native_rows.buckets(config)
+  n = config.data.native
+  for field in ("min_pixels", "max_pixels", "video_min_pixels", "video_max_pixels"):
+    if not isinstance(n[field], int) or n[field] < 1:
+      raise UserError(f"data.native.{field}={n[field]!r} must be a positive integer (pixels)")
+  if n.min_pixels > n.max_pixels:
+    raise UserError(f"data.native.min_pixels={n.min_pixels} is above max_pixels={n.max_pixels}")
+  most = n.max_pixels // config.model.encoder.patch_size ** 2  # the patches of the largest still image
+  largest = max(native_rows.buckets(config))
+  if largest < most:
+    raise UserError(f"data.native.patch_buckets cannot hold the largest image: an image of up to "
+                    f"max_pixels={n.max_pixels} is up to {most} patches but the largest bucket is {largest}; "
+                    f"add a bucket of at least {most} or lower data.native.max_pixels")
   checks.decoder(config)
 
 
-NATIVE = family.Family(native, _check, options=NativeOptions, example_inputs=example_inputs)
+NATIVE = family.Family(native, _check, options=NativeOptions, example_inputs=example_inputs, rows=rows)

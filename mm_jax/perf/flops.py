@@ -53,7 +53,8 @@ def _tally(config, abstract_params, labels, batch_size, model) -> Tally:
   forward_only = labels is None
   labels = jax.tree.map(lambda _: "frozen", abstract_params) if forward_only else labels
   t = Tally(_trainable_fn(labels, forward_only))
-  layout = TASKS[model.task].flop_layout  # the task's rows: e.g. image slots inside the sequence
+  # the model's own rows (native: patches) or its task's (e.g. image slots inside the sequence)
+  layout = getattr(model, "flop_layout", None) or TASKS[model.task].flop_layout
   sizes, kw = layout(config) if layout else (Sizes(config.data.image_size, config.data.text_len), {})
   count(t, sizes, config.global_batch_size if batch_size is None else batch_size, **kw)
   return t

@@ -30,6 +30,7 @@ from mm_jax.train import optim
 from mm_jax.train import sharding
 from mm_jax.config import files
 from mm_jax.errors import UserError
+from mm_jax import models
 from mm_jax.tasks import TASKS
 from mm_jax.train.state import ModelOnMesh
 
@@ -172,7 +173,7 @@ def plan(config: mlc.ConfigDict, topology: str, hbm_gib: float | None = None) ->
   tx = optim.make_optimizer(config.optim, config.total_steps, labels)
   train_state = mm.abstract_train_state(tx)
   batch_sh = sharding.batch_sharding(mesh)
-  shapes = jax.eval_shape(functools.partial(TASKS[mm.model.task].example_batch, config,
+  shapes = jax.eval_shape(functools.partial(models.example_batch, config, TASKS[mm.model.task],
                                             config.global_batch_size))
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sh), shapes)
   sizes = [p.size for p in jax.tree.leaves(mm.abstract_params)]

@@ -100,15 +100,19 @@ def evaluate(config, mm, params, tokenizer, source) -> tuple[dict, str]:
   batch_sh = sharding.batch_sharding(mm.mesh)
   names = tuple(config.eval.metrics)
   stop = chat.stop_id(config.data.chat_template, tokenizer)  # e.g. <end_of_turn>, not always eos
-  decode = jax.jit(
-      lambda p, image, text, mask, plen, pos: decoding.decode(
-          mm.model, p, image, text, mask, plen, config.model.max_answer_len, image_pos=pos,
-          stop_ids=() if stop is None else (stop,)),
-      in_shardings=(mm.param_shardings, *([batch_sh] * 5)), out_shardings=batch_sh)
+  own = getattr(mm.model, "prefill_keys", None)  # a model's own prefill inputs (native: patch_ids ...)
+  keys = ("image", "text", "mask_input", "prefix_len", "image_pos") if own is None else (
+      mm.model.image_key, "text", "mask_input", "prefix_len", *own.values())
+
+  def run(p, image, text, mask, plen, *rest):
+    kw = dict(image_pos=rest[0]) if own is None else dict(prefill_kw=dict(zip(own, rest)))
+    return decoding.decode(mm.model, p, image, text, mask, plen, config.model.max_answer_len,
+                           stop_ids=() if stop is None else (stop,), **kw)
+  decode = jax.jit(run, in_shardings=(mm.param_shardings, *([batch_sh] * len(keys))),
+                   out_shardings=batch_sh)
   rows, pictures = [], {}  # pictures: id -> the images of the first eval.num_summaries rows (process 0's)
   for batch in data.eval_batches(config, tokenizer, source, process_index=jax.process_index(),
                                  process_count=jax.process_count()):
-    keys = ("image", "text", "mask_input", "prefix_len", "image_pos")
     arrays = sharding.to_global({k: batch[k] for k in keys}, mm.mesh)
     with mm.context():
       tokens = decode(params, *(arrays[k] for k in keys))
@@ -116,7 +120,8 @@ def evaluate(config, mm, params, tokenizer, source) -> tuple[dict, str]:
     for j, (row, valid, i, q, a, refs, kind) in enumerate(zip(
         local, batch["valid"], batch["id"], batch["question"], batch["answer"], batch["answers"],
         batch["kind"])):
-      if valid and len(pictures) < config.eval.num_summaries and jax.process_index() == 0:
+      if (valid and len(pictures) < config.eval.num_summaries and jax.process_index() == 0
+          and "image" in batch):
         pictures[i] = _picture(batch["image"][j], batch["image_pos"][j], batch["text"].shape[1])
       if valid:
         ids = row.tolist()

@@ -267,6 +267,8 @@ def _loop(config, workdir, run: _Run, ckpt, data_iter, state, stack, preemption)
       numerics = mm.check_numerics(state, ckpt)  # a non-finite step stops the run here, before a save
     if log or last:
       metrics = {"loss": float(out["loss"]), "lr": float(lr_at(step - 1)), **skips.pop(), **numerics}
+      if last:  # the train-step programs this run compiled: one per batch shape (native: per bucket)
+        metrics["train_programs"] = train_step.programs()
       writer.write(step, metrics)
     if save or last:
       ckpt.save(step, state, data_iter, config)

@@ -125,4 +125,5 @@ class ModelOnMesh:
     def run(state, batch):
       with self.context():
         return jitted(state, batch)
+    run.programs = jitted._cache_size  # compiled programs so far: one per batch shape (native buckets)
     return run
