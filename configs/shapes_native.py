@@ -32,8 +32,7 @@ def get_config(arg: str = "native") -> mlc.ConfigDict:
     c.data.native.update(dict(min_pixels=96 * 96, max_pixels=160 * 160, patch_buckets=(48, 72, 100)))
   elif kind == "anyres":
     c.model.family, c.model.connector = "anyres", "linear"
-    c.model.family_options.anyres.update(dict(
-        placeholder_ids=(0,), pinpoints=((64, 128), (128, 64), (128, 128)), max_tiles=5, max_tokens=0))
+    c.model.family_options.anyres.pinpoints = ((64, 128), (128, 64), (128, 128))
   for v in variants:
     if v == "test":
       c.total_steps, c.global_batch_size, c.log_every, c.checkpoint_every = 4, 8, 2, 2

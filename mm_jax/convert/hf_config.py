@@ -236,7 +236,6 @@ def anyres(top: Fields, c: mlc.ConfigDict, v: Fields) -> None:
   c.family = "anyres"
   c.family_options.anyres.placeholder_ids = (int(top.raw.get("image_token_index", 32000)),)
   c.family_options.anyres.pinpoints = pins
-  c.family_options.anyres.max_tiles = 1 + max(h * w for h, w in pins) // size ** 2
 
 
 def derive(hf: dict) -> tuple[str, mlc.ConfigDict]:

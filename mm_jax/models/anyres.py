@@ -27,12 +27,9 @@ INPUTS = ("tiles", "token_src", "text", "mask_ar", "mask_input", "segment", "pos
 @dataclasses.dataclass(frozen=True)
 class AnyResOptions:
   """model.family_options.anyres: the image placeholder ids; pinpoints, the (height, width) canvases a
-  large image is tiled into (data/anyres.py); max_tiles, the tiles of one training row (what a batch is
-  shaped for), max_tokens its image tokens."""
-  placeholder_ids: tuple[int, ...] = ()
+  large image is tiled into (data/anyres.py)."""
+  placeholder_ids: tuple[int, ...] = (0,)  # our tokenizers: PAD_ID (the in-row slots' id too)
   pinpoints: tuple[tuple[int, int], ...] = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
-  max_tiles: int = 5
-  max_tokens: int = 0  # 0: max_tiles x the encoder's patches
 
 
 class AnyResVLM(nn.Module):
@@ -96,9 +93,9 @@ class AnyResVLM(nn.Module):
     return logits_Bx1xV[:, 0], cache, cache_mask_BxS
 
   def flop_layout(self, config):
-    """A training row for the FLOP count: max_tiles tiles, data.text_len tokens."""
+    """A training row for the FLOP count: the most tiles and tokens a row holds."""
     b = example_inputs(config)
-    return Sizes(config.data.image_size, config.data.text_len), {"tiles": b["tiles"].shape[1]}
+    return Sizes(config.data.image_size, b["text"].shape[1]), {"tiles": b["tiles"].shape[1]}
 
   def count_flops(self, t: Tally, sizes: Sizes, batch: int, tiles: int) -> None:
     """The teacher-forced forward on `batch` rows of sizes.text_len tokens and `tiles` tiles each."""
@@ -109,13 +106,25 @@ class AnyResVLM(nn.Module):
     self.decoder.count_flops(t, "decoder", "x", batch, sizes.text_len, sizes.text_len)
 
 
-def example_inputs(config, batch: int = 1) -> dict:
-  """Zeros of the anyres keys: max_tiles tiles of data.image_size, their tokens' sources."""
+def limits(config) -> tuple[int, int]:
+  """(tiles, image tokens) a row holds at most: data.max_images images on the largest pinpoint (a base
+  view and its tiles; the tokens before unpadding: side^2 + rows*side x (cols*side + 1))."""
   opts = family.family_options(config.model, "anyres", AnyResOptions)
-  s, p = config.data.image_size, config.model.encoder.patch_size
-  k = opts.max_tokens or opts.max_tiles * (s // p) ** 2
-  return dict(tiles=jnp.zeros((batch, opts.max_tiles, s, s, 3), jnp.float32),
-              token_src=jnp.zeros((batch, k), jnp.int32))
+  s, side = config.data.image_size, config.data.image_size // config.model.encoder.patch_size
+  grids = [(h // s, w // s) for h, w in opts.pinpoints]
+  tiles = 1 + max(r * c for r, c in grids)
+  tokens = side * side + max(r * side * (c * side + 1) for r, c in grids)
+  return config.data.max_images * tiles, config.data.max_images * tokens
+
+
+def example_inputs(config, batch: int = 1) -> dict:
+  """Zeros shaped like a training batch (data/anyres_rows.py's layout)."""
+  s, (t, k) = config.data.image_size, limits(config)
+  l = config.data.text_len + k
+  zeros = lambda *shape: jnp.zeros((batch, *shape), jnp.int32)
+  return dict(tiles=jnp.zeros((batch, t, s, s, 3), jnp.float32), token_src=zeros(k), text=zeros(l),
+              mask_ar=zeros(l), mask_input=jnp.ones((batch, l), jnp.int32), mask_loss=zeros(l),
+              segment=jnp.ones((batch, l), jnp.int32), positions=zeros(l))
 
 
 def anyres(model_cfg, tokenizer_vocab: int) -> AnyResVLM:
@@ -136,4 +145,11 @@ def _check(config) -> None:
   checks.decoder(config)
 
 
-ANYRES = family.Family(anyres, _check, options=AnyResOptions, example_inputs=example_inputs)
+def rows(config, tokenizer):
+  """data/anyres_rows.py's rows, the placeholders this config's."""
+  from mm_jax.data import anyres_rows  # pylint: disable=g-import-not-at-top  # data imports models
+  opts = family.family_options(config.model, "anyres", AnyResOptions)
+  return anyres_rows.AnyResRow(config, tokenizer, tuple(opts.placeholder_ids), opts.pinpoints, limits(config))
+
+
+ANYRES = family.Family(anyres, _check, options=AnyResOptions, example_inputs=example_inputs, rows=rows)
