@@ -80,7 +80,8 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
   # or 0: video_fps per second), and the padded patch counts a batch may take: one compiled train step
   # each. E.g. --config.data.native.patch_buckets='(256, 1024)'. An image (or frame) with a side under
   # min_side pixels is refused rather than blown up (HF's processor would upscale it to min_pixels).
-  c.data.native = mlc.ConfigDict(dict(min_side=8, min_pixels=56 * 56, max_pixels=28 * 28 * 1280,
+  # still_frame: a video is read as its middle frame alone (the single-frame baseline).
+  c.data.native = mlc.ConfigDict(dict(min_side=8, still_frame=False, min_pixels=56 * 56, max_pixels=28 * 28 * 1280,
                                       video_min_pixels=128 * 28 * 28, video_max_pixels=28 * 28 * 768,
                                       video_frames=0, video_fps=2.0, patch_buckets=(1024, 4096, 16384)))
   c.data.packing = False             # several examples per row (segment ids; attention stays within each)

@@ -267,7 +267,9 @@ def test_the_repo_configs_pass(test_config):
   from mm_jax.models import build_model  # pylint: disable=g-import-not-at-top
   for name, variants in (("shapes_tiny", ("", "blind", "test")), ("siglip_shapes", ("", "softmax", "test")),
                          ("paligemma_3b", ("", "448,frozen_encoder")), ("llava_7b", ("", "stage1", "all")),
-                         ("llama32_vision_11b", ("", "all", "oversized"))):
+                         ("llama32_vision_11b", ("", "all", "oversized")),
+                         ("shapes_native", ("fixed", "native", "anyres", "native,test")),
+                         ("shapes_video", ("video", "middle", "video,test")), ("qwen2_vl_7b", ("",))):
     for variant in variants:
       validate.check_fields(load_config(variant, name))
   for family, connector in [(f, "linear") for f in ("unified", "cross", "hybrid", "fuyu", "lm")] + [

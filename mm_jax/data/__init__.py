@@ -6,12 +6,12 @@ tokenizers, and the grain pipelines over them (pipeline: question answering, cap
 
 A new source: one module whose SOURCE is a source.Source, and its line in SOURCES.
 """
-from mm_jax.data import conversations, shapes, shapes_sizes, tfds_source
+from mm_jax.data import conversations, shapes, shapes_sizes, shapes_video, tfds_source
 from mm_jax.data.source import Source
 from mm_jax.errors import UserError
 
-SOURCES = {"shapes": shapes.SOURCE, "shapes_sizes": shapes_sizes.SOURCE, "conversations": conversations.SOURCE,
-           "tfds": tfds_source.SOURCE}
+SOURCES = {"shapes": shapes.SOURCE, "shapes_sizes": shapes_sizes.SOURCE, "shapes_video": shapes_video.SOURCE,
+           "conversations": conversations.SOURCE, "tfds": tfds_source.SOURCE}
 
 
 def get(name: str) -> Source:

@@ -58,7 +58,7 @@ class NativeRow:
     self.buckets = buckets(config)
     self.max_images, self.text_len, self.max_pixels, self.blind = d.max_images, d.text_len, d.max_image_pixels, d.blind
     self.image_id, self.video_id = placeholder_ids[0], placeholder_ids[-1]
-    self.min_side = d.native.min_side
+    self.min_side, self.still_frame = d.native.min_side, d.native.still_frame
     self.length = d.text_len + self.buckets[-1] // self.still.merge ** 2
     self.features = 3 * self.still.temporal_patch * self.still.patch_size ** 2
 
@@ -72,6 +72,9 @@ class NativeRow:
     if is_video(x):
       frames, fps = (x, 0.0) if isinstance(x, np.ndarray) else video.read(bytes(x))
       self._small(*frames.shape[1:3], "a video")
+      if self.still_frame:  # the single-frame baseline: the middle frame, as an image
+        patches, grid = native_images.image_patches(frames[len(frames) // 2], self.moving)
+        return patches, grid, False
       keep = video.sample_indices(len(frames), fps, self.sampling, self.moving.temporal_patch)
       patches, grid = video.video_patches(frames[keep], self.moving)
       return patches, grid, True

@@ -1,0 +1,160 @@
+r"""The `shapes_video` dataset: short videos of moving shapes, with questions that need more than one
+frame.
+
+Each record is an mp4 (PyAV, mpeg4) of FRAMES frames of SIZE x SIZE: 2-3 shapes on a plain background;
+one of them moves MOVE px per frame left, right, up or down; one other appears only from a frame in the
+second half on. Two questions (kinds):
+  motion  "which way did the red square move?" -> left | right | up | down   (one frame cannot tell)
+  appear  "which shape appeared last?" -> circle | square | triangle         (the shape, not its colour)
+A TFDS builder (array_record; the video stored encoded), with its own SentencePiece tokenizer, a pure
+function of dataset_seed. The native family reads the videos (data/native_rows.py, data/video.py).
+"""
+import io
+import itertools
+
+import av
+import numpy as np
+from PIL import Image, ImageDraw
+import tensorflow_datasets as tfds
+
+from mm_jax.data import shapes
+from mm_jax.data.conversation import Conversation, Image as ImagePart, Turn
+from mm_jax.data.source import Source
+
+FRAMES, SIZE, FPS, MOVE = 8, 64, 4, 4
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+KINDS = ("motion", "appear")
+_SHAPE_SIZE = 14
+
+
+def random_clip(rng: np.random.Generator):
+  """(background, [(shape, colour, x0, y0, (dx, dy), first frame)], question texts and answers)."""
+  shade = int(rng.integers(205, 241))
+  background = (shade, shade - int(rng.integers(0, 8)), shade - int(rng.integers(0, 21)))
+  kinds = rng.choice(3, size=3, replace=True)
+  colors = rng.choice(len(shapes.COLORS), size=3, replace=False)
+  direction = list(DIRECTIONS)[rng.integers(4)]
+  dx, dy = DIRECTIONS[direction]
+  span = MOVE * (FRAMES - 1)
+  objs = []
+  # The mover: room for its whole path inside the frame.
+  lo_x, hi_x = (span if dx < 0 else 0), SIZE - _SHAPE_SIZE - (span if dx > 0 else 0)
+  lo_y, hi_y = (span if dy < 0 else 0), SIZE - _SHAPE_SIZE - (span if dy > 0 else 0)
+  objs.append((shapes.SHAPES[kinds[0]], list(shapes.COLORS)[colors[0]],
+               int(rng.integers(lo_x, hi_x + 1)), int(rng.integers(lo_y, hi_y + 1)), (dx, dy), 0))
+  # The late one, then (maybe) a still one; placed where they do not cover the mover's path much.
+  n = 3 if rng.random() < 0.5 else 2
+  for i in range(1, n):
+    first = int(rng.integers(FRAMES // 2, FRAMES - 1)) if i == 1 else 0
+    objs.append((shapes.SHAPES[kinds[i]], list(shapes.COLORS)[colors[i]],
+                 int(rng.integers(0, SIZE - _SHAPE_SIZE + 1)), int(rng.integers(0, SIZE - _SHAPE_SIZE + 1)),
+                 (0, 0), first))
+  mover, late = objs[0], objs[1]
+  qa = [(f"which way did the {mover[1]} {mover[0]} move?", direction),
+        ("which shape appeared last?", late[0])]
+  return background, objs, qa
+
+
+def frames(background, objs) -> np.ndarray:
+  """uint8 [FRAMES, SIZE, SIZE, 3] of the clip."""
+  out = []
+  for t in range(FRAMES):
+    img = Image.new("RGB", (SIZE, SIZE), background)
+    draw = ImageDraw.Draw(img)
+    for shape, color, x0, y0, (dx, dy), first in objs:
+      if t < first:
+        continue
+      x, y = x0 + dx * MOVE * t, y0 + dy * MOVE * t
+      box, fill = (x, y, x + _SHAPE_SIZE - 1, y + _SHAPE_SIZE - 1), shapes.COLORS[color]
+      if shape == "circle":
+        draw.ellipse(box, fill=fill)
+      elif shape == "square":
+        draw.rectangle(box, fill=fill)
+      else:
+        draw.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) / 2, box[1])], fill=fill)
+    out.append(np.asarray(img))
+  return np.stack(out)
+
+
+def mp4(frames_TxHxWx3: np.ndarray) -> bytes:
+  """The frames encoded as an mp4 (mpeg4 at a high bit rate: colours and edges survive)."""
+  buf = io.BytesIO()
+  with av.open(buf, "w", format="mp4") as c:
+    s = c.add_stream("mpeg4", rate=FPS)
+    s.width, s.height, s.pix_fmt, s.bit_rate = SIZE, SIZE, "yuv420p", 4_000_000
+    for f in frames_TxHxWx3:
+      for pkt in s.encode(av.VideoFrame.from_ndarray(f, "rgb24")):
+        c.mux(pkt)
+    for pkt in s.encode():
+      c.mux(pkt)
+  return buf.getvalue()
+
+
+def generate(seed: int, sizes: dict[str, int]):
+  """{split: [(frames' mp4, caption, qa pairs)]}: clip i of a split from rng [seed, 11, split, i,
+  attempt], redrawn while it repeats an earlier clip (the splits are disjoint)."""
+  seen, out = set(), {}
+  for split_id, split in enumerate(shapes.SPLITS):
+    if split not in sizes:
+      continue
+    items = []
+    for i in range(sizes[split]):
+      for attempt in itertools.count():
+        rng = np.random.default_rng([seed, 11, split_id, i, attempt])
+        background, objs, qa = random_clip(rng)
+        if tuple(objs) not in seen:
+          break
+      seen.add(tuple(objs))
+      caption = ", ".join(f"{c} {s}" for s, c, *_ in objs)
+      items.append((mp4(frames(background, objs)), caption, qa))
+    out[split] = items
+  return out
+
+
+class ShapesVideo(tfds.core.GeneratorBasedBuilder):
+  """TFDS builder of shapes_video; built with a shapes.ShapesConfig (shapes.builder_config)."""
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    text2 = tfds.features.Sequence(tfds.features.Text(), length=len(KINDS))
+    return self.dataset_info_from_configs(
+        description=__doc__.split("\n\n")[0],
+        features=tfds.features.FeaturesDict({
+            "video": tfds.features.Tensor(shape=(), dtype=np.object_), "caption": tfds.features.Text(),
+            "questions": text2, "answers": text2}),
+        disable_shuffling=True)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    cfg = self.builder_config
+    data = generate(cfg.seed, dict(train=cfg.num_train, validation=cfg.num_validation, test=cfg.num_test))
+    return {split: self._generate_examples(items) for split, items in data.items()}
+
+  def _generate_examples(self, items):
+    for i, (video, caption, qa) in enumerate(items):
+      yield i, {"video": video, "caption": caption, "questions": [q for q, _ in qa],
+                "answers": [a for _, a in qa]}
+
+
+def _texts(record, k: int) -> tuple[str, str]:
+  if k == len(KINDS):
+    return shapes.CAPTION_PROMPT, record["caption"].decode()
+  return record["questions"][k].decode(), record["answers"][k].decode()
+
+
+def _conversation(record, k: int) -> Conversation:
+  question, answer = _texts(record, k)
+  return Conversation(turns=(Turn("user", (ImagePart(0), question)), Turn("assistant", (answer,))),
+                      images=(bytes(record["video"]),))
+
+
+def _open(data_cfg, split: str, text_only: bool = False):
+  return shapes._open(data_cfg, split, text_only, cls=ShapesVideo)  # pylint: disable=protected-access
+
+
+SOURCE = Source(
+    splits=shapes.SPLITS, open=_open,
+    tokenizer=lambda data_cfg: shapes.tokenizer_path(shapes.build(data_cfg, ShapesVideo)),
+    kinds=KINDS, texts=_texts, field=lambda k: "caption" if k == len(KINDS) else f"questions[{k}]",
+    caption=lambda record: record["caption"].decode(), to_conversation=_conversation)
