@@ -11,11 +11,11 @@ normalised as data.image_processor says: CLIP's mean / std for "clip" (LLaVA-NeX
 """
 import numpy as np
 
-from mm_jax.data import anyres, chat, images
-from mm_jax.data.rows import TooLong, _pad
+from mm_jax.data import anyres, images
+from mm_jax.data.rows import PlaceholderRows, TooLong, _pad, expanded
 
 
-class AnyResRow:
+class AnyResRow(PlaceholderRows):
   """Builds anyres rows for one config (module docstring)."""
 
   def __init__(self, config, tokenizer, placeholder_ids, pinpoints, limits: tuple[int, int]):
@@ -31,36 +31,25 @@ class AnyResRow:
     self.image_id = placeholder_ids[0]
     self.length = d.text_len + self.max_tokens
 
-  def train(self, conv) -> dict:
-    return self._example(conv, chat.render(self._template, self._tok, conv))
-
-  def prompt(self, conv) -> tuple[dict, str]:
-    before, answer = conv.until_last_answer()
-    return self._example(before, chat.render(self._template, self._tok, conv, generation=True)), answer
-
   def _example(self, conv, r) -> dict:
     if conv.num_images > self.max_images:
       raise TooLong("image slots", conv.num_images, self.max_images, "max_images")
-    ids, mask_ar, loss, tiles, src, n_image = [], [], [], [], [], 0
-    for i, token in enumerate(r.ids):
-      m = r.image[i]
-      if m < 0:
-        ids.append(token)
-        mask_ar.append(0 if r.prefix[i] else 1)
-        loss.append(int(r.loss[i]))
-        continue
+    tiles, src = [], []
+
+    def place(m: int, at: int) -> list[int]:
+      del at
       x = conv.images[m]
       if isinstance(x, (bytes, np.bytes_)):
         x = images.decode(bytes(x), self.max_pixels)
       views, grid = anyres.tiles(x, self.opts)
       s = anyres.token_sources(x.shape[:2], grid, self.side)
-      offset = sum(len(t) for t in tiles) * self.side ** 2
+      offset = sum(len(t) for t in tiles) * self.side ** 2  # the tiles of the row's earlier images
       src.append(np.where(s < 0, -1, s + offset))
       tiles.append(np.zeros_like(views) if self.blind else views)
-      ids += [self.image_id] * len(s)
-      mask_ar += [0 if r.prefix[i] else 1] * len(s)
-      loss += [0] * len(s)
-      n_image += len(s)
+      return [self.image_id] * len(s)
+
+    ids, mask_ar, loss = expanded(r, place)
+    n_image = sum(len(s) for s in src)
     if len(ids) - n_image > self.text_len:
       raise TooLong("text tokens", len(ids) - n_image, self.text_len, "text_len")
     s = self.opts.size

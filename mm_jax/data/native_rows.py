@@ -15,8 +15,8 @@ processes each makes only its share of a batch, so every batch takes the largest
 """
 import numpy as np
 
-from mm_jax.data import chat, images, native_images, video
-from mm_jax.data.rows import TooLong, _pad
+from mm_jax.data import images, native_images, video
+from mm_jax.data.rows import PlaceholderRows, TooLong, _pad, expanded
 from mm_jax.errors import UserError
 
 _VIDEO_MAGIC = (b"ftyp", b"\x1aE\xdf\xa3", b"RIFF")  # mp4/mov (at byte 4), webm/mkv, avi
@@ -48,7 +48,7 @@ def buckets(config) -> tuple[int, ...]:
   return out
 
 
-class NativeRow:
+class NativeRow(PlaceholderRows):
   """Builds native rows for one config (module docstring)."""
 
   def __init__(self, config, tokenizer, placeholder_ids: tuple[int, ...]):
@@ -84,33 +84,20 @@ class NativeRow:
     patches, grid = native_images.image_patches(x, self.still)
     return (np.zeros_like(patches) if self.blind else patches), grid, False
 
-  def train(self, conv) -> dict:
-    return self._example(conv, chat.render(self._template, self._tok, conv))
-
-  def prompt(self, conv) -> tuple[dict, str]:
-    before, answer = conv.until_last_answer()
-    return self._example(before, chat.render(self._template, self._tok, conv, generation=True)), answer
-
   def _example(self, conv, r) -> dict:
     if conv.num_images > self.max_images:
       raise TooLong("image slots", conv.num_images, self.max_images, "max_images")
-    ids, mask_ar, loss, spans, patches, patch_ids, block = [], [], [], [], [], [], 1
-    for i, token in enumerate(r.ids):
-      m = r.image[i]
-      if m < 0:
-        ids.append(token)
-        mask_ar.append(0 if r.prefix[i] else 1)
-        loss.append(int(r.loss[i]))
-        continue
+    spans, patches, patch_ids = [], [], []
+
+    def place(m: int, at: int) -> list[int]:
       x, grid, moving = self._media(conv.images[m])
-      n = native_images.num_tokens(grid, self.still.merge)
-      spans.append((len(ids), grid))
-      ids += [self.video_id if moving else self.image_id] * n
-      mask_ar += [0 if r.prefix[i] else 1] * n
-      loss += [0] * n
+      block = 1 + sum(g[0] for _, g in spans)  # attention blocks: images, and videos' time steps
+      spans.append((at, grid))
       patches.append(x)
       patch_ids.append(native_images.patch_ids(grid, self.still.merge, block))
-      block += grid[0]
+      return [self.video_id if moving else self.image_id] * native_images.num_tokens(grid, self.still.merge)
+
+    ids, mask_ar, loss = expanded(r, place)
     text_tokens = len(ids) - sum(native_images.num_tokens(g, self.still.merge) for _, g in spans)
     if text_tokens > self.text_len:
       raise TooLong("text tokens", text_tokens, self.text_len, "text_len")

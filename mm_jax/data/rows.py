@@ -140,6 +140,31 @@ class Row:
                 image_pos=self.max_images)
 
 
+class PlaceholderRows:
+  """What the rows of families whose image tokens replace placeholders share (native_rows, anyres_rows):
+  train / prompt render the conversation (self._template, self._tok) and call self._example."""
+
+  def train(self, conv: Conversation) -> dict:
+    return self._example(conv, chat.render(self._template, self._tok, conv))
+
+  def prompt(self, conv: Conversation) -> tuple[dict, str]:
+    before, answer = conv.until_last_answer()
+    return self._example(before, chat.render(self._template, self._tok, conv, generation=True)), answer
+
+
+def expanded(r, place) -> tuple[list[int], list[int], list[int]]:
+  """(ids, mask_ar, mask_loss) of a rendered conversation with image m's placeholder replaced by
+  place(m, its position) -> its token ids (no loss on them; in the prefix where the placeholder was)."""
+  ids, mask_ar, loss = [], [], []
+  for i, token in enumerate(r.ids):
+    m = r.image[i]
+    new = [token] if m < 0 else place(m, len(ids))
+    ids += new
+    mask_ar += [0 if r.prefix[i] else 1] * len(new)
+    loss += [int(r.loss[i]) if m < 0 else 0] * len(new)
+  return ids, mask_ar, loss
+
+
 def _pad(x: np.ndarray, length: int) -> np.ndarray:
   out = np.zeros([length], np.int32)
   out[:len(x)] = x

@@ -93,19 +93,23 @@ def random_scene(rng: np.random.Generator) -> Scene:
   return Scene(background, tuple(objects))
 
 
-def render(scene: Scene) -> np.ndarray:
-  """Returns the scene as uint8 [64, 64, 3]."""
-  img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), scene.background)
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, color: str, x: int, y: int, size: int) -> None:
+  """One shape of SHAPES in a size x size box at (x, y): the drawing every shapes dataset shares."""
+  box, fill = (x, y, x + size - 1, y + size - 1), COLORS[color]
+  if shape == "circle":
+    draw.ellipse(box, fill=fill)
+  elif shape == "square":
+    draw.rectangle(box, fill=fill)
+  else:
+    draw.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) / 2, box[1])], fill=fill)
+
+
+def render(scene: Scene, size: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE)) -> np.ndarray:
+  """Returns the scene as uint8 [H, W, 3] on a canvas of size (W, H) (default 64 x 64)."""
+  img = Image.new("RGB", size, scene.background)
   draw = ImageDraw.Draw(img)
   for o in scene.objects:
-    box = (o.x, o.y, o.x + o.size - 1, o.y + o.size - 1)
-    fill = COLORS[o.color]
-    if o.shape == "circle":
-      draw.ellipse(box, fill=fill)
-    elif o.shape == "square":
-      draw.rectangle(box, fill=fill)
-    else:
-      draw.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) / 2, box[1])], fill=fill)
+    draw_shape(draw, o.shape, o.color, o.x, o.y, o.size)
   return np.asarray(img)
 
 

@@ -12,7 +12,7 @@ import io
 import itertools
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 import tensorflow_datasets as tfds
 
 from mm_jax.data import shapes
@@ -35,22 +35,6 @@ def random_scene(rng: np.random.Generator) -> tuple[shapes.Scene, tuple[int, int
     objects.append(shapes.Obj(region, shapes.SHAPES[rng.integers(3)], list(shapes.COLORS)[rng.integers(6)],
                               x, y, size))
   return shapes.Scene(background, tuple(objects)), (w, h)
-
-
-def render(scene: shapes.Scene, size: tuple[int, int]) -> np.ndarray:
-  """uint8 [H, W, 3] of the scene on its canvas."""
-  img = Image.new("RGB", size, scene.background)
-  draw = ImageDraw.Draw(img)
-  for o in scene.objects:
-    box = (o.x, o.y, o.x + o.size - 1, o.y + o.size - 1)
-    fill = shapes.COLORS[o.color]
-    if o.shape == "circle":
-      draw.ellipse(box, fill=fill)
-    elif o.shape == "square":
-      draw.rectangle(box, fill=fill)
-    else:
-      draw.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) / 2, box[1])], fill=fill)
-  return np.asarray(img)
 
 
 def generate(seed: int, sizes: dict[str, int]):
@@ -96,7 +80,7 @@ class ShapesSizes(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, items):
     for i, (scene, size, qa) in enumerate(items):
       buf = io.BytesIO()
-      Image.fromarray(render(scene, size)).save(buf, format="PNG")
+      Image.fromarray(shapes.render(scene, size)).save(buf, format="PNG")
       yield i, {"image": buf.getvalue(), "caption": shapes.caption(scene),
                 "questions": [q for q, _ in qa], "answers": [a for _, a in qa]}
 

@@ -62,16 +62,8 @@ def frames(background, objs) -> np.ndarray:
     img = Image.new("RGB", (SIZE, SIZE), background)
     draw = ImageDraw.Draw(img)
     for shape, color, x0, y0, (dx, dy), first in objs:
-      if t < first:
-        continue
-      x, y = x0 + dx * MOVE * t, y0 + dy * MOVE * t
-      box, fill = (x, y, x + _SHAPE_SIZE - 1, y + _SHAPE_SIZE - 1), shapes.COLORS[color]
-      if shape == "circle":
-        draw.ellipse(box, fill=fill)
-      elif shape == "square":
-        draw.rectangle(box, fill=fill)
-      else:
-        draw.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) / 2, box[1])], fill=fill)
+      if t >= first:
+        shapes.draw_shape(draw, shape, color, x0 + dx * MOVE * t, y0 + dy * MOVE * t, _SHAPE_SIZE)
     out.append(np.asarray(img))
   return np.stack(out)
 

@@ -43,6 +43,17 @@ def prefill_masks(input_mask_BxL: Array, cache: Cache, causal: bool) -> tuple[Ar
   return cache_mask_BxS, mask_BxLxS
 
 
+def decode_token(decoder: "Decoder", token_B: Array, position_B: Array, cache: Cache,
+                 cache_mask_BxS: Array, slot) -> tuple[Array, Cache, Array]:
+  """One text token per example through the decoder at RoPE position position_B, its k/v into cache
+  slot `slot`: (logits BxV, cache, cache_mask). The decode_step of the families whose image tokens sit
+  in the sequence (call it inside the model's apply)."""
+  cache_mask_BxS = cache_mask_BxS.at[:, slot].set(True)
+  logits_Bx1xV, cache = decoder(decoder.embed(token_B[:, None]), position_B[:, None],
+                                cache_mask_BxS[:, None, :], cache, slot)
+  return logits_Bx1xV[:, 0], cache, cache_mask_BxS
+
+
 def count_gated_mlp(t: flop_count.Tally, part: str, pre: str, x: str, b: int, l: int, d: int,
                     f: int) -> None:
   """FLOPs of a block's norm_mlp and gated MLP (gate, up, down under `pre`) on stream x -> stream m."""

@@ -18,7 +18,7 @@ import numpy as np
 
 from mm_jax.errors import UserError
 from mm_jax.models import checks, encoders, family
-from mm_jax.models.decoder import Cache, prefill_masks
+from mm_jax.models.decoder import Cache, decode_token, prefill_masks
 from mm_jax.models.flop_count import Sizes, Tally, counter
 from mm_jax.models.layers import fill_placeholders, make_attn_mask, row_positions
 from mm_jax.models.native_vit import NativeViT
@@ -82,10 +82,7 @@ class NativeVLM(nn.Module):
   def decode_step(self, token_B: Array, position_B: Array, cache: Cache, cache_mask_BxS: Array,
                   slot) -> tuple[Array, Cache, Array]:
     """One text token per example: under M-RoPE a text position is the same on every axis."""
-    cache_mask_BxS = cache_mask_BxS.at[:, slot].set(True)
-    logits_Bx1xV, cache = self.decoder(self.decoder.embed(token_B[:, None]), position_B[:, None],
-                                       cache_mask_BxS[:, None, :], cache, slot)
-    return logits_Bx1xV[:, 0], cache, cache_mask_BxS
+    return decode_token(self.decoder, token_B, position_B, cache, cache_mask_BxS, slot)
 
   def flop_layout(self, config):
     """A training row for the FLOP count: the largest bucket's patches, its row length."""

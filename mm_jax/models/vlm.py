@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from mm_jax.models import checks, encoders, family
-from mm_jax.models.decoder import Cache, prefill_masks
+from mm_jax.models.decoder import Cache, decode_token, prefill_masks
 from mm_jax.models.flop_count import Sizes, Tally, counter
 from mm_jax.models.layers import (drop_tokens, insert_tokens, make_attn_mask, row_positions,
                                   scatter_tokens)
@@ -144,11 +144,7 @@ class UnifiedVLM(nn.Module):
 
     Returns (logits BxV, cache, cache_mask). Positions and slots differ because prefixes are padded.
     """
-    cache_mask_BxS = cache_mask_BxS.at[:, slot].set(True)
-    x_Bx1xD = self.decoder.embed(token_B[:, None])
-    logits_Bx1xV, cache = self.decoder(x_Bx1xD, position_B[:, None], cache_mask_BxS[:, None, :],
-                                       cache, slot)
-    return logits_Bx1xV[:, 0], cache, cache_mask_BxS
+    return decode_token(self.decoder, token_B, position_B, cache, cache_mask_BxS, slot)
 
   def count_flops(self, t: Tally, sizes: Sizes, batch: int, images_per_row: int | None = None) -> None:
     """Matmul FLOPs of the teacher-forced forward on `batch` examples (models/flop_count.py). None:
