@@ -8,7 +8,9 @@ model's (Qwen/Qwen2-VL-7B-Instruct's config.json).
 A training row: up to 1024 text tokens and images of up to 28*28*1024 pixels (the largest bucket,
 4096 patches: 1024 image tokens), so rows of 2048 tokens. Every part trains (Qwen2-VL's stage 2);
 layers scanned with full remat, compute in bfloat16, params and Adam state in float32, FSDP over every
-chip. Expected (experiments/README.md, "Plans for TPU topologies"): the per-chip memory line of the plan.
+chip. Expected (experiments/README.md, "Plans for TPU topologies"): 8.291 B params, 29,680 model TFLOP
+per step (encoder 6076, decoder 21,820); on v5p-64 at 8 rows per chip 34.31 GiB of 95 per chip (XLA
+peak 26.01): fits. The compile takes ~2.5 min on a 2-core CPU.
 """
 import ml_collections as mlc
 

@@ -72,7 +72,7 @@ def test_a_run_compiles_one_train_step_per_bucket_and_evaluates(native_config, t
   work = tmp_path / "run"
   r = _run(["mm_jax.train", f"--config={CONFIG}", f"--workdir={work}",
             f"--config.data.data_dir={native_config.data.data_dir}", "--config.global_batch_size=1",
-            "--config.total_steps=24", "--config.log_every=12", "--config.checkpoint_every=24",
+            "--config.total_steps=12", "--config.log_every=6", "--config.checkpoint_every=12",
             "--config.eval.batch_size=1"], devices=1)
   assert r.returncode == 0, r.stderr[-3000:]
   last = json.loads((work / "metrics.jsonl").read_text().splitlines()[-1])
