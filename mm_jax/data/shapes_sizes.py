@@ -1,9 +1,9 @@
 r"""The `shapes_sizes` dataset: the shapes records (caption, colour / shape / count / presence questions)
 with every image at its own size and aspect, and shapes small enough that a fixed 64 px resize loses
-them.
+their form.
 
 Each image is W x H, both drawn from [SIDE_MIN, SIDE_MAX] apart (aspect up to 5:3), with 1-4 shapes
-of 9-13 px, one per quadrant at a random place inside it. Resized to 64 x 64 a shape is 3-8 px, too
+of 9-13 px, one per quadrant near its centre (+-6 px). Resized to 64 x 64 a shape is 3-8 px, too
 few to tell a circle from a square; the native family sees it at its own size (data/native_rows.py).
 The questions are shapes.questions' (quadrants are the image's). Built as its own TFDS builder
 (array_record) with its own SentencePiece tokenizer, a pure function of dataset_seed.
@@ -19,7 +19,7 @@ from mm_jax.data import shapes
 from mm_jax.data.source import Source
 
 SIDE_MIN, SIDE_MAX = 96, 160
-_MIN_SIZE, _MAX_SIZE = 9, 13
+_MIN_SIZE, _MAX_SIZE, _JITTER = 9, 13, 6
 
 
 def random_scene(rng: np.random.Generator) -> tuple[shapes.Scene, tuple[int, int]]:
@@ -29,9 +29,10 @@ def random_scene(rng: np.random.Generator) -> tuple[shapes.Scene, tuple[int, int
   objects = []
   for region in sorted(rng.choice(4, size=int(rng.integers(1, 5)), replace=False).tolist()):
     size = int(rng.integers(_MIN_SIZE, _MAX_SIZE + 1))
-    qx, qy = (region % 2) * (w // 2), (region // 2) * (h // 2)
-    x = qx + 1 + int(rng.integers(0, w // 2 - size - 1))
-    y = qy + 1 + int(rng.integers(0, h // 2 - size - 1))
+    # Near its quadrant's centre (jitter +-_JITTER px), as in shapes: where a shape sits is learnable,
+    # what it is needs the pixels.
+    x, y = ((off * side // 2) + (side // 2 - size) // 2 + int(rng.integers(-_JITTER, _JITTER + 1))
+            for off, side in ((region % 2, w), (region // 2, h)))
     objects.append(shapes.Obj(region, shapes.SHAPES[rng.integers(3)], list(shapes.COLORS)[rng.integers(6)],
                               x, y, size))
   return shapes.Scene(background, tuple(objects)), (w, h)
@@ -59,8 +60,8 @@ def generate(seed: int, sizes: dict[str, int]):
 
 class ShapesSizes(tfds.core.GeneratorBasedBuilder):
   """TFDS builder of shapes_sizes; built with a shapes.ShapesConfig (shapes.builder_config)."""
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release.", "1.1.0": "Shapes near their quadrant's centre."}
 
   def _info(self) -> tfds.core.DatasetInfo:
     text4 = tfds.features.Sequence(tfds.features.Text(), length=4)
