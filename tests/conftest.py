@@ -20,6 +20,18 @@ def load_config(arg: str = "", name: str = "shapes_tiny"):
   return files.get_config(name, arg)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
+def pytest_collection_modifyitems(items):
+  """pytest-xdist (`--dist loadgroup`, pyproject's addopts) runs a group on one worker: a group is a
+  module, so its module fixtures are built once, and the modules that use the session's trained
+  default are one group, run first (it is the longest)."""
+  trained = {i.module.__name__ for i in items if "trained_default" in i.fixturenames}
+  for item in items:
+    name = item.module.__name__
+    item.add_marker(pytest.mark.xdist_group("trained_default" if name in trained else name))
+  items.sort(key=lambda i: i.module.__name__ not in trained)  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session")
 def test_config(tmp_path_factory):
   """The `:test` config with its small dataset built once in a session tmp dir.
@@ -40,16 +52,22 @@ def trained_default(tmp_path_factory):
   """configs/shapes_tiny.py trained 1000 steps (a third of its budget: colour is learnt by then) through
   the command, on 2,000 training images, one device (8 simulated ones are slower on 2 cores): the
   workdir that predict and the lmms-eval adapter are asked about. Returns (root, its config flags);
-  the run is root/run. ~2 min."""
+  the run is root/run. ~3 min, once per session: pytest-xdist's workers share it (the first trains
+  it under a file lock, the others wait and read it)."""
   import subprocess  # pylint: disable=g-import-not-at-top
-  work = tmp_path_factory.mktemp("trained_default")
+  import filelock  # pylint: disable=g-import-not-at-top
+  base = tmp_path_factory.getbasetemp()
+  work = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "trained_default"
   flags = [f"--config={REPO}/configs/shapes_tiny.py", f"--config.data.data_dir={work / 'data'}",
            *TRAINED_DATA]
-  one_device = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  out = subprocess.run([sys.executable, "-m", "mm_jax.train", *flags, f"--workdir={work / 'run'}",
-                        "--config.total_steps=1000"], cwd=REPO, capture_output=True, text=True,
-                       check=False, env=one_device)
-  assert out.returncode == 0, out.stderr[-3000:]
+  with filelock.FileLock(f"{work}.lock"):
+    if not (work / "done").exists():
+      one_device = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+      out = subprocess.run([sys.executable, "-m", "mm_jax.train", *flags, f"--workdir={work / 'run'}",
+                            "--config.total_steps=1000"], cwd=REPO, capture_output=True, text=True,
+                           check=False, env=one_device)
+      assert out.returncode == 0, out.stderr[-3000:]
+      (work / "done").touch()
   return work, flags
 
 

@@ -16,10 +16,11 @@ def _recompute_greedy(model, params, image, prefix, length, max_new):
   """Reference: append the argmax token and run the whole (unpadded) sequence again, one example."""
   tokens = list(np.asarray(prefix[:length]))
   out = []
+  apply = jax.jit(lambda t, ar: model.apply({"params": params}, image[None], t, ar, jnp.ones_like(t)))
   for _ in range(max_new):
     t = jnp.asarray(tokens)[None]
     ar = jnp.asarray([[0] * length + [1] * (len(tokens) - length)])
-    logits = model.apply({"params": params}, image[None], t, ar, jnp.ones_like(t))
+    logits = apply(t, ar)
     nxt = int(jnp.argmax(logits[0, -1]))
     out.append(nxt)
     tokens.append(nxt)
