@@ -1,11 +1,11 @@
-r"""Images at their own size: the varied-size `shapes_sizes` data (shapes of 9-13 px on 96-160 px
+r"""Images at their own size: the varied-size `shapes_sizes` data (shapes of 14-18 px on 128-160 px
 canvases of any aspect) read at a fixed 64 px, natively, or tiled.
 
   python -m mm_jax.train --config=configs/shapes_native.py:native --workdir=workdirs/native
   python -m mm_jax.eval  --config=configs/shapes_native.py:native --workdir=workdirs/native
 
 Variants (`--config=configs/shapes_native.py:VARIANT`), equal steps and batch:
-  fixed   the unified tiny model, every image resized to 64 x 64 (its shapes shrink to 3-8 px)
+  fixed   the unified tiny model, every image resized to 64 x 64 (its shapes shrink to 6-9 px)
   native  the native family: each image rounded to multiples of 32 px (patch 16, 2x2 merge), 2D RoPE,
           its own token count, padded to one of data.native.patch_buckets
   anyres  the anyres family: a 64 px base view plus 64 px tiles of the pinpoint canvas that fits best
@@ -29,7 +29,7 @@ def get_config(arg: str = "native") -> mlc.ConfigDict:
     c.model.encoder = mlc.ConfigDict(dict(patch_size=16, temporal_patch=1, merge=2, width=128, depth=3,
                                           num_heads=4, mlp_dim=512, mlp_act="gelu_tanh"))
     c.model.decoder.rope_sections = (4, 6, 6)  # M-RoPE over head_dim 32
-    c.data.native.update(dict(min_pixels=96 * 96, max_pixels=160 * 160, patch_buckets=(48, 72, 100)))
+    c.data.native.update(dict(min_pixels=128 * 128, max_pixels=160 * 160, patch_buckets=(64, 80, 100)))
   elif kind == "anyres":
     c.model.family, c.model.connector = "anyres", "linear"
     c.model.family_options.anyres.pinpoints = ((64, 128), (128, 64), (128, 128))

@@ -31,7 +31,7 @@ def native_config(tmp_path_factory):
 def test_rows_keep_each_image_at_its_size(native_config):
   tok, src = data.open_split(native_config, "train")
   row = pipeline.row_layout(native_config, tok)
-  assert row.buckets == (48, 72, 100) and row.length == native_config.data.text_len + 25
+  assert row.buckets == (64, 80, 100) and row.length == native_config.data.text_len + 25
   source = data.get("shapes_sizes")
   examples, sizes = [], set()
   for r in range(6):
@@ -58,7 +58,7 @@ def test_batches_take_the_smallest_bucket_that_holds_them(native_config):
   tok, src = data.open_split(config, "train")
   it = data.train_iterator(config, tok, src, process_index=0, process_count=1)
   seen = {next(it)["patches"].shape[1] for _ in range(24)}
-  assert seen <= {48, 72, 100} and len(seen) > 1
+  assert seen <= {64, 80, 100} and len(seen) > 1
 
 
 def _run(args, timeout=600, devices=8):
