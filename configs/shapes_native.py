@@ -1,11 +1,11 @@
-r"""Images at their own size: the varied-size `shapes_sizes` data (shapes of 14-18 px on 128-160 px
+r"""Images at their own size: the varied-size `shapes_sizes` data (shapes of 16-24 px on 128-160 px
 canvases of any aspect) read at a fixed 64 px, natively, or tiled.
 
   python -m mm_jax.train --config=configs/shapes_native.py:native --workdir=workdirs/native
   python -m mm_jax.eval  --config=configs/shapes_native.py:native --workdir=workdirs/native
 
 Variants (`--config=configs/shapes_native.py:VARIANT`), equal steps and batch:
-  fixed   the unified tiny model, every image resized to 64 x 64 (its shapes shrink to 6-9 px)
+  fixed   the unified tiny model, every image resized to 64 x 64 (its shapes shrink to 6-12 px)
   native  the native family: each image rounded to multiples of 32 px (patch 16, 2x2 merge), 2D RoPE,
           its own token count, padded to one of data.native.patch_buckets
   anyres  the anyres family: a 64 px base view plus 64 px tiles of the pinpoint canvas that fits best

@@ -21,8 +21,8 @@ def get_config(arg: str = "video") -> mlc.ConfigDict:
   c = files.get_config("shapes_native", "native")
   c.data.name = "shapes_video"
   c.data.num_train, c.data.num_validation, c.data.num_test = 4000, 100, 300
-  c.data.text_len = 16
-  c.data.caption_ratio = 0.0
+  c.data.text_len = 28  # the caption prompt and a 3-shape caption
+  c.data.caption_ratio = 1.0  # captions name what moves and what appears: dense supervision
   c.model.encoder.temporal_patch = 2
   c.data.native.update(dict(min_pixels=32 * 32, max_pixels=64 * 64, video_min_pixels=64 * 64,
                             video_max_pixels=64 * 64, video_frames=8, patch_buckets=(16, 64)))

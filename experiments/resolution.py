@@ -17,6 +17,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mm_jax.data import shapes_sizes, shapes_video  # pylint: disable=wrong-import-position
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = {"fixed": "shapes_native", "native": "shapes_native", "anyres": "shapes_native",
         "video": "shapes_video", "middle": "shapes_video"}
@@ -35,7 +38,8 @@ def run(name: str, steps: int, root: str) -> dict:
   line = [l for l in out.splitlines() if "vqa_exact_match" in l][-1]
   scores = dict(re.findall(r"(\w+) (\d\.\d+)", line.split("|", 2)[2]))
   last = json.loads(open(os.path.join(work, "metrics.jsonl")).read().splitlines()[-1])
-  return {"run": name, "config": config, "steps": steps, "test": {k: float(v) for k, v in scores.items()},
+  builder = {"shapes_native": shapes_sizes.ShapesSizes, "shapes_video": shapes_video.ShapesVideo}[RUNS[name]]
+  return {"data": f"{builder.name} {builder.VERSION}", "run": name, "config": config, "steps": steps, "test": {k: float(v) for k, v in scores.items()},
           "train_programs": last.get("train_programs"), "train_s": round(train_s)}
 
 

@@ -1,5 +1,5 @@
 """The generated shapes_video clips: stored as mp4, read back by PyAV; the mover really moves the way
-its answer says, the late shape is absent at first; and configs/shapes_video.py's rows are videos of 4
+its answer says, the late shape is absent at first, the caption says both; and configs/shapes_video.py's rows are videos of 4
 tubelets (the middle-frame baseline: one still image)."""
 import numpy as np
 import pytest
@@ -35,6 +35,8 @@ def test_clips_show_what_their_answers_say():
     assert (x1 - x0) * dx + (y1 - y0) * dy > 15  # moved MOVE * 7 = 28 px that way (codec blur aside)
     late = objs[1]
     assert qa[1][1] == late[0] and late[5] >= shapes_video.FRAMES // 2
+    caption = shapes_video._caption(objs, qa[0][1])  # pylint: disable=protected-access
+    assert caption.startswith(f"{color} {objs[0][0]} moves {qa[0][1]}, {late[1]} {late[0]} appears")
 
 
 def test_rows_are_videos_or_their_middle_frame(video_config):

@@ -3,8 +3,8 @@ with every image at its own size and aspect, and shapes small enough that a fixe
 their form.
 
 Each image is W x H, both drawn from [SIDE_MIN, SIDE_MAX] apart (aspect up to 5:4), with 1-4 shapes
-of 14-18 px (about a 16 px patch, as in shapes), one per quadrant near its centre (+-3 px). Resized
-to 64 x 64 a shape is 6-9 px, too few to tell a circle from a square; the native family sees it at
+of 16-24 px (as in shapes: 1-1.5 patches of 16 px), one per quadrant near its centre (+-3 px).
+Resized to 64 x 64 a shape is 6-12 px, too few to tell a circle from a square; the native family sees it at
 its own size (data/native_rows.py).
 The questions are shapes.questions' (quadrants are the image's). Built as its own TFDS builder
 (array_record) with its own SentencePiece tokenizer, a pure function of dataset_seed.
@@ -20,7 +20,7 @@ from mm_jax.data import shapes
 from mm_jax.data.source import Source
 
 SIDE_MIN, SIDE_MAX = 128, 160
-_MIN_SIZE, _MAX_SIZE, _JITTER = 14, 18, 3
+_MIN_SIZE, _MAX_SIZE, _JITTER = 16, 24, 3
 
 
 def random_scene(rng: np.random.Generator) -> tuple[shapes.Scene, tuple[int, int]]:
@@ -61,9 +61,10 @@ def generate(seed: int, sizes: dict[str, int]):
 
 class ShapesSizes(tfds.core.GeneratorBasedBuilder):
   """TFDS builder of shapes_sizes; built with a shapes.ShapesConfig (shapes.builder_config)."""
-  VERSION = tfds.core.Version("1.2.0")
+  VERSION = tfds.core.Version("1.3.0")
   RELEASE_NOTES = {"1.0.0": "Initial release.", "1.1.0": "Shapes near their quadrant's centre.",
-                   "1.2.0": "128-160 px canvases, 14-18 px shapes within +-3 px of the centre."}
+                   "1.2.0": "128-160 px canvases, 14-18 px shapes within +-3 px of the centre.",
+                   "1.3.0": "16-24 px shapes, as in shapes."}
 
   def _info(self) -> tfds.core.DatasetInfo:
     text4 = tfds.features.Sequence(tfds.features.Text(), length=4)

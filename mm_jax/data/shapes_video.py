@@ -6,6 +6,7 @@ one of them moves MOVE px per frame left, right, up or down; one other appears o
 second half on. Two questions (kinds):
   motion  "which way did the red square move?" -> left | right | up | down   (one frame cannot tell)
   appear  "which shape appeared last?" -> circle | square | triangle         (the shape, not its colour)
+and a caption, "red square moves left, blue circle appears, green triangle" (data.caption_ratio).
 A TFDS builder (array_record; the video stored encoded), with its own SentencePiece tokenizer, a pure
 function of dataset_seed. The native family reads the videos (data/native_rows.py, data/video.py).
 """
@@ -68,6 +69,13 @@ def frames(background, objs) -> np.ndarray:
   return np.stack(out)
 
 
+def _caption(objs, direction: str) -> str:
+  """What happens, object by object: "red square moves left, blue circle appears, green triangle"
+  (the captioning task's target: dense supervision, as in shapes, that names both questions' facts)."""
+  (ms, mc, *_), (ls, lc, *_), *still = objs
+  return ", ".join([f"{mc} {ms} moves {direction}", f"{lc} {ls} appears", *(f"{c} {s}" for s, c, *_ in still)])
+
+
 def mp4(frames_TxHxWx3: np.ndarray) -> bytes:
   """The frames encoded as an mp4 (mpeg4 at a high bit rate: colours and edges survive)."""
   buf = io.BytesIO()
@@ -97,7 +105,7 @@ def generate(seed: int, sizes: dict[str, int]):
         if tuple(objs) not in seen:
           break
       seen.add(tuple(objs))
-      caption = ", ".join(f"{c} {s}" for s, c, *_ in objs)
+      caption = _caption(objs, qa[0][1])
       items.append((mp4(frames(background, objs)), caption, qa))
     out[split] = items
   return out
@@ -105,8 +113,9 @@ def generate(seed: int, sizes: dict[str, int]):
 
 class ShapesVideo(tfds.core.GeneratorBasedBuilder):
   """TFDS builder of shapes_video; built with a shapes.ShapesConfig (shapes.builder_config)."""
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release.",
+                   "1.1.0": "Captions say which shape moves where and which appears."}
 
   def _info(self) -> tfds.core.DatasetInfo:
     text2 = tfds.features.Sequence(tfds.features.Text(), length=len(KINDS))
