@@ -1,8 +1,10 @@
 """The shapes export (mm_jax.data.export) and the generated tasks (mm_jax.data.shapes_tasks): the qa
 export is the native source's elements, the records have the documented layouts, multi_turn and
-multi_image are right and balanced, and bad flags stop the real command with one line."""
+multi_image are right and balanced, shapes_sizes exports at its own sizes, and bad flags stop the real
+command with one line."""
 import collections
 import copy
+import io
 import json
 import os
 import pathlib
@@ -10,6 +12,7 @@ import re
 import subprocess
 import sys
 
+import PIL.Image
 import pytest
 
 from conftest import REPO, load_config
@@ -82,6 +85,30 @@ def test_qa_export_is_the_native_elements(native, tmp_path):
       assert (tmp_path / "messages" / lr["image"]).read_bytes() == png
     assert sorted(os.listdir(out / "images" / split)) == sorted(
         f"{i}.png" for i in range(SMALL[f"num_{split}"]))  # each scene once
+
+
+def test_shapes_sizes_export_is_its_native_elements_at_their_own_sizes(tmp_path):
+  """--dataset=shapes_sizes through the command: the records and PNGs of the TFDS build, byte for byte,
+  the images of many sizes."""
+  config = copy.deepcopy(load_config("native,test", "shapes_native"))
+  config.data.update(SMALL)
+  config.data.data_dir = str(tmp_path / "native")
+  src, out = data.get("shapes_sizes"), tmp_path / "out"
+  result = _command(f"--out={out}", "--format=messages", "--dataset=shapes_sizes",
+                    *(f"--{k}={v}" for k, v in SMALL.items()))
+  assert result.returncode == 0, result.stderr
+  sizes = set()
+  for split in shapes.SPLITS:
+    raw, records = src.open(config.data, split, text_only=True), _read(out, split, "messages")
+    assert len(records) == src.num_elements(config.data, len(raw), train=split == "train")
+    for j, rec in enumerate(records):
+      r, k = src.element(config.data, len(raw), j)
+      question, answer = src.texts(raw[r], k)
+      assert [m["content"] for m in rec["messages"]] == [f"<image>{question}", answer]
+      png = (out / rec["images"][0]).read_bytes()
+      assert rec["images"] == [f"images/{split}/{r}.png"] and png == bytes(raw[r]["image"])
+      sizes.add(PIL.Image.open(io.BytesIO(png)).size)
+  assert len(sizes) > 5
 
 
 def test_caption_elements_follow_source_element():
@@ -217,6 +244,8 @@ def test_a_split_too_small_for_multi_image_writes_nothing(tmp_path):
     (["--format=llava", "--caption_ratio=-1"], "--caption_ratio=-1.0 must be a number >= 0"),
     (["--format=llava", "--out={file}"], "is a file; give a directory"),
     (["--out={dir}"], "--format is required"),
+    (["--format=llava", "--dataset=shapes_big"], "--dataset=shapes_big is unknown"),
+    (["--format=llava", "--dataset=shapes_sizes", "--task=multi_image"], "exports --task=qa"),
 ])
 def test_bad_flags_are_one_line(args, expected, tmp_path):
   file = tmp_path / "a_file"

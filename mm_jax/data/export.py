@@ -1,8 +1,10 @@
 r"""Writes the shapes data, or a task generated over it, as LLaVA JSON or messages JSONL beside PNG files.
 
   python -m mm_jax.data.export --out=DIR --format=llava|messages [--task=qa|multi_turn|multi_image]
-      [--messages_parts] [--num_train=8000 --num_validation=200 --num_test=500 --dataset_seed=0
-      --caption_ratio=1.0]          # the defaults: configs/base.py's; qa (default): the native elements
+      [--dataset=shapes|shapes_sizes] [--messages_parts] [--num_train=8000 --num_validation=200
+      --num_test=500 --dataset_seed=0 --caption_ratio=1.0]  # configs/base.py's defaults; qa: the
+                                                            # native elements
+--dataset=shapes_sizes: the varied-size images (each PNG at its own size), the qa task.
 
 DIR/images/<split>/<i>.png: scene i of the split (shapes.png_bytes), each once. DIR/<split>.json (llava: a
 JSON list) or DIR/<split>.jsonl (messages): shapes_tasks.conversations, ids "<split>/<index>/<kind>":
@@ -11,19 +13,20 @@ JSON list) or DIR/<split>.jsonl (messages): shapes_tasks.conversations, ids "<sp
   messages  {"id", "kind", "messages": [{"role": "user", "content": "<image><question>"},
                {"role": "assistant", "content": "<answer>"}], "images": ["images/train/17.png"]}
             --messages_parts: each content a list, [{"type": "image"}, {"type": "text", "text": ...}]
-multi_image: llava's "image" is a list, "<question> first: <image>\n second: <image>\n". Nothing is written before the
-flags are checked and every conversation is made.
+multi_image: llava's "image" is a list, "<question> first: <image>\n second: <image>\n". Nothing is
+written before the flags are checked and every conversation is made.
 """
 import json
 import os
 import re
 import types
 
-from mm_jax.data import shapes, shapes_tasks
+from mm_jax.data import shapes, shapes_sizes, shapes_tasks
 from mm_jax.data.conversation import Conversation, Image
 from mm_jax.errors import UserError
 
 FORMATS = ("llava", "messages")
+DATASETS = ("shapes", "shapes_sizes")
 PLACEHOLDER = "<image>"
 _LLAVA_ROLES = {"system": "system", "user": "human", "assistant": "gpt"}
 _SIZES = ("num_train", "num_validation", "num_test")
@@ -59,7 +62,8 @@ def messages_record(conv: Conversation, parts: bool = False) -> dict:
           "images": [conv.images[i] for i in conv.image_order()]}
 
 
-def check_args(out: str, fmt: str, task: str, sizes: dict, dataset_seed, caption_ratio) -> None:
+def check_args(out: str, fmt: str, task: str, sizes: dict, dataset_seed, caption_ratio,
+               dataset: str = "shapes") -> None:
   """UserError naming the flag and the fix."""
   if not out:
     raise UserError("--out is required: the directory to write (created if missing)")
@@ -71,6 +75,10 @@ def check_args(out: str, fmt: str, task: str, sizes: dict, dataset_seed, caption
     raise UserError(f"--format={fmt} is unknown; use one of {', '.join(FORMATS)}")
   if task not in shapes_tasks.TASKS:
     raise UserError(f"--task={task} is unknown; use one of {', '.join(shapes_tasks.TASKS)}")
+  if dataset not in DATASETS:
+    raise UserError(f"--dataset={dataset} is unknown; use one of {', '.join(DATASETS)}")
+  if dataset != "shapes" and task != "qa":
+    raise UserError(f"--task={task} is for --dataset=shapes only; {dataset} exports --task=qa")
   for name, n in sizes.items():
     if not isinstance(n, int) or n < 1:
       raise UserError(f"--{name}={n} must be a positive integer (every split needs an image)")
@@ -82,18 +90,27 @@ def check_args(out: str, fmt: str, task: str, sizes: dict, dataset_seed, caption
 
 def export(out: str, fmt: str, task: str = "qa", *, num_train: int, num_validation: int,
            num_test: int, dataset_seed: int, caption_ratio: float,
-           messages_parts: bool = False) -> dict[str, int]:
+           messages_parts: bool = False, dataset: str = "shapes") -> dict[str, int]:
   """Writes the export into `out` (see the module docstring); returns {split: records}."""
   sizes = dict(num_train=num_train, num_validation=num_validation, num_test=num_test)
-  check_args(out, fmt, task, sizes, dataset_seed, caption_ratio)
+  check_args(out, fmt, task, sizes, dataset_seed, caption_ratio, dataset)
   data_cfg = types.SimpleNamespace(**sizes, dataset_seed=dataset_seed, caption_ratio=caption_ratio)
   # Every conversation is made before anything is written: a split too small for the task is an error
   # with DIR as it was.
-  convs = {split: list(shapes_tasks.conversations(split, task, data_cfg, image=image_path))
-           for split in shapes.SPLITS}
+  if dataset == "shapes_sizes":
+    made = shapes_sizes.generate(shapes.builder_config(data_cfg).seed, {s[4:]: n for s, n in sizes.items()})
+    pngs = {split: [(scene, size) for scene, size, _ in items] for split, items in made.items()}
+    convs = {split: list(shapes_tasks.qa(split, [(scene, q) for scene, _, q in items], data_cfg,
+                                          image_path, shapes_sizes.SOURCE))
+             for split, items in made.items()}
+  else:
+    pngs = {split: [(scene, (shapes.IMAGE_SIZE,) * 2) for scene, _ in items]
+            for split, items in shapes_tasks.generate(data_cfg).items()}
+    convs = {split: list(shapes_tasks.conversations(split, task, data_cfg, image=image_path))
+             for split in shapes.SPLITS}
   try:
-    for split, items in shapes_tasks.generate(data_cfg).items():
-      _write_images(out, split, [scene for scene, _ in items])
+    for split in shapes.SPLITS:
+      _write_images(out, split, pngs[split])
       if fmt == "llava":
         records = [json.dumps(llava_record(c), ensure_ascii=False) for c in convs[split]]
         _write_text(os.path.join(out, f"{split}.json"), "[\n" + ",\n".join(records) + "\n]\n")
@@ -107,15 +124,15 @@ def export(out: str, fmt: str, task: str = "qa", *, num_train: int, num_validati
   return {split: len(c) for split, c in convs.items()}
 
 
-def _write_images(out: str, split: str, scenes: list) -> None:
+def _write_images(out: str, split: str, scenes: list[tuple[shapes.Scene, tuple[int, int]]]) -> None:
   folder = os.path.join(out, "images", split)
   os.makedirs(folder, exist_ok=True)
   for name in os.listdir(folder):  # a bigger earlier export's scenes past this one's: not this data
     if (m := re.fullmatch(r"(\d+)\.png", name)) and int(m[1]) >= len(scenes):
       os.remove(os.path.join(folder, name))
-  for i, scene in enumerate(scenes):
+  for i, (scene, size) in enumerate(scenes):
     with open(os.path.join(out, image_path(split, i)), "wb") as f:
-      f.write(shapes.png_bytes(scene))
+      f.write(shapes.png_bytes(scene, size))
 
 
 def _write_text(path: str, text: str) -> None:
@@ -129,7 +146,7 @@ def main() -> None:
   counts = export(_OUT.value, _FORMAT.value, _TASK.value, num_train=_NUM_TRAIN.value,
                   num_validation=_NUM_VALIDATION.value, num_test=_NUM_TEST.value,
                   dataset_seed=_DATASET_SEED.value, caption_ratio=_CAPTION_RATIO.value,
-                  messages_parts=_MESSAGES_PARTS.value)
+                  messages_parts=_MESSAGES_PARTS.value, dataset=_DATASET.value)
   ext = "json" if _FORMAT.value == "llava" else "jsonl"
   for split, n in counts.items():
     print(f"Wrote {n} {_TASK.value} records to {os.path.join(_OUT.value, f'{split}.{ext}')}", flush=True)
@@ -143,6 +160,7 @@ if __name__ == "__main__":
   _OUT = flags.DEFINE_string("out", None, "The directory to write (created if missing).")
   _FORMAT = flags.DEFINE_enum("format", None, FORMATS, "llava: DIR/<split>.json; messages: .jsonl.")
   _TASK = flags.DEFINE_enum("task", "qa", shapes_tasks.TASKS, "The task (shapes_tasks.py).")
+  _DATASET = flags.DEFINE_string("dataset", "shapes", f"One of {', '.join(DATASETS)}.")
   _MESSAGES_PARTS = flags.DEFINE_bool("messages_parts", False,
                                       "messages: content lists of typed parts (TRL) for placeholders.")
   _NUM_TRAIN = flags.DEFINE_integer("num_train", _BASE.num_train, "Images of the train split.")

@@ -113,9 +113,9 @@ def render(scene: Scene, size: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE)) -> np
   return np.asarray(img)
 
 
-def png_bytes(scene: Scene) -> bytes:
+def png_bytes(scene: Scene, size: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE)) -> bytes:
   buf = io.BytesIO()
-  Image.fromarray(render(scene)).save(buf, format="PNG")
+  Image.fromarray(render(scene, size)).save(buf, format="PNG")
   return buf.getvalue()
 
 

@@ -9,11 +9,9 @@ its own size (data/native_rows.py).
 The questions are shapes.questions' (quadrants are the image's). Built as its own TFDS builder
 (array_record) with its own SentencePiece tokenizer, a pure function of dataset_seed.
 """
-import io
 import itertools
 
 import numpy as np
-from PIL import Image
 import tensorflow_datasets as tfds
 
 from mm_jax.data import shapes
@@ -83,9 +81,7 @@ class ShapesSizes(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, items):
     for i, (scene, size, qa) in enumerate(items):
-      buf = io.BytesIO()
-      Image.fromarray(shapes.render(scene, size)).save(buf, format="PNG")
-      yield i, {"image": buf.getvalue(), "caption": shapes.caption(scene),
+      yield i, {"image": shapes.png_bytes(scene, size), "caption": shapes.caption(scene),
                 "questions": [q for q, _ in qa], "answers": [a for _, a in qa]}
 
 

@@ -72,16 +72,17 @@ def conversations(split: str, task: str, data_cfg,
   if image is None:
     image = functools.lru_cache(maxsize=None)(lambda s, i: shapes.png_bytes(items[i][0]))
   if task == "qa":
-    return _qa(split, items, data_cfg, image)
+    return qa(split, items, data_cfg, image)
   if task == "multi_turn":
     return _multi_turn(split, items, image)
   return _multi_image(split, items, data_cfg.dataset_seed, image)
 
 
-def _qa(split, items, data_cfg, image) -> Iterator[Conversation]:
-  """One question per conversation, the image before it. A record captioned again (caption_ratio > 1)
-  adds "/<n>" to the id."""
-  src, num = shapes.SOURCE, len(items)
+def qa(split, items, data_cfg, image, src=shapes.SOURCE) -> Iterator[Conversation]:
+  """One question per conversation, the image before it: the elements of `src` (a dataset of the
+  shapes records) over items [(scene, qa pairs)]. A record captioned again (caption_ratio > 1) adds
+  "/<n>" to the id."""
+  num = len(items)
   times_captioned = collections.Counter()
   for j in range(src.num_elements(data_cfg, num, train=split == "train")):
     r, k = src.element(data_cfg, num, j)  # the native enumeration itself, not a copy of it
