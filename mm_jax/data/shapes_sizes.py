@@ -4,8 +4,8 @@ their form.
 
 Each image is W x H, both drawn from [SIDE_MIN, SIDE_MAX] apart (aspect up to 5:4), with 1-4 shapes
 of 16-24 px (as in shapes: 1-1.5 patches of 16 px), one per quadrant near its centre (+-3 px).
-Resized to 64 x 64 a shape is 6-12 px, too few to tell a circle from a square; the native family sees it at
-its own size (data/native_rows.py).
+Resized to 64 x 64 a shape is 6-12 px (the tiny fixed-size model then learns only to count them);
+the native family sees it at its own size (data/native_rows.py).
 The questions are shapes.questions' (quadrants are the image's). Built as its own TFDS builder
 (array_record) with its own SentencePiece tokenizer, a pure function of dataset_seed.
 """
