@@ -92,7 +92,7 @@ def _snapshot(root: pathlib.Path) -> dict:
 @pytest.mark.slow  # each case through its command
 @pytest.mark.parametrize("flags, expected", [
     (("--config.data.native.patch_buckets=(48,)",), "patch_buckets cannot hold the largest image"),
-    (("--config.data.native.min_side=120",), "a side under data.native.min_side=120"),
+    (("--config.data.native.min_side=150",), "a side under data.native.min_side=150"),
 ])
 def test_bad_native_inputs_one_line_nothing_written(native_config, tmp_path, flags, expected):
   work = tmp_path / "work"
