@@ -98,7 +98,7 @@ def export(out: str, fmt: str, task: str = "qa", *, num_train: int, num_validati
   # Every conversation is made before anything is written: a split too small for the task is an error
   # with DIR as it was.
   if dataset == "shapes_sizes":
-    made = shapes_sizes.generate(shapes.builder_config(data_cfg).seed, {s[4:]: n for s, n in sizes.items()})
+    made = shapes_sizes.generate(dataset_seed, dict(train=num_train, validation=num_validation, test=num_test))
     pngs = {split: [(scene, size) for scene, size, _ in items] for split, items in made.items()}
     convs = {split: list(shapes_tasks.qa(split, [(scene, q) for scene, _, q in items], data_cfg,
                                           image_path, shapes_sizes.SOURCE))
