@@ -6,6 +6,7 @@ import pathlib
 import sys
 
 import pytest
+from xdist.scheduler import LoadScopeScheduling
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # Lets `pytest` run from a plain checkout without an install.
@@ -20,15 +21,31 @@ def load_config(arg: str = "", name: str = "shapes_tiny"):
   return files.get_config(name, arg)
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
+# Modules that ask about the session's trained default: one work unit, so one worker trains it while
+# the other runs the rest (a second worker would wait on its lock).
+TRAINED_MODULES = ("test_lmms_eval", "test_predict")
+
+
+class _ByModule(LoadScopeScheduling):
+  """pytest-xdist's loadscope (a module is a unit, so its module fixtures build once), with the trained
+  default's modules as one unit, in collection order (they come first: the longest unit)."""
+
+  def _split_scope(self, nodeid: str) -> str:
+    module = nodeid.split("::", 1)[0]
+    return "trained_default" if pathlib.Path(module).stem in TRAINED_MODULES else module
+
+
+def pytest_xdist_make_scheduler(config, log):
+  if config.getvalue("dist") != "loadscope":  # another --dist asked for: xdist's own
+    return None
+  config.option.loadscopereorder = False
+  return _ByModule(config, log)
+
+
 def pytest_collection_modifyitems(items):
-  """pytest-xdist (`--dist loadgroup`, pyproject's addopts) runs a group on one worker: a group is a
-  module, so its module fixtures are built once, and the modules that use the session's trained
-  default are one group, run first (it is the longest)."""
   trained = {i.module.__name__ for i in items if "trained_default" in i.fixturenames}
-  for item in items:
-    name = item.module.__name__
-    item.add_marker(pytest.mark.xdist_group("trained_default" if name in trained else name))
+  if extra := trained - set(TRAINED_MODULES):
+    raise pytest.UsageError(f"{sorted(extra)} use trained_default: add them to conftest.TRAINED_MODULES")
   items.sort(key=lambda i: i.module.__name__ not in trained)  # stable: the rest keep their order
 
 

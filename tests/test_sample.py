@@ -106,10 +106,11 @@ def _recompute_sampled(model, params, image, prefix, length, max_new, keys_for_s
   """Reference: run the whole (unpadded) sequence again for each new token, drawing with the key the
   cached decoder gives this row at this step."""
   tokens, out = list(np.asarray(prefix[:length])), []
+  apply = jax.jit(lambda x, ar: model.apply({"params": params}, image[None], x, ar, jnp.ones_like(x)))
   for t in range(max_new):
     x = jnp.asarray(tokens)[None]
     ar = jnp.asarray([[0] * length + [1] * (len(tokens) - length)])
-    logits = model.apply({"params": params}, image[None], x, ar, jnp.ones_like(x))
+    logits = apply(x, ar)
     out.append(int(choose(logits[:, -1], keys_for_step(t)[None], s)[0]))
     tokens.append(out[-1])
   return out
