@@ -75,6 +75,7 @@ def test_checkpoint_from_8_devices_restores_on_1(test_config, tokenizer, train_s
   jax.tree.map(np.testing.assert_array_equal, saved["params"], _host(params))
 
 
+@pytest.mark.slow  # trains and saves first
 def test_other_architecture_is_refused(test_config, tokenizer, train_source, tmp_path):
   config = copy.deepcopy(test_config)
   _trained(config, jax.devices()[:1], tokenizer, train_source, tmp_path, steps=1)
@@ -85,6 +86,7 @@ def test_other_architecture_is_refused(test_config, tokenizer, train_source, tmp
     Checkpoints(tmp_path, read_only=True).check_compatible(1, mm.abstract_params)
 
 
+@pytest.mark.slow  # trains and saves first
 def test_changed_optim_rules_are_refused_in_one_line(test_config, tokenizer, train_source, tmp_path):
   config = copy.deepcopy(test_config)
   _trained(config, jax.devices()[:1], tokenizer, train_source, tmp_path, steps=1)

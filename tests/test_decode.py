@@ -46,6 +46,7 @@ def test_cached_greedy_matches_recompute_with_ragged_prefixes():
     assert list(np.asarray(got[i])) == want, f"row {i}"
 
 
+@pytest.mark.slow  # two decodes per layout
 @pytest.mark.parametrize("llava", [False, True])
 def test_in_row_greedy_equals_the_inserted_layout(llava):
   """One image: greedy_decode with image_pos (its N slots already in the prefix at image_position)

@@ -1,6 +1,7 @@
 """Fuyu: no encoder, raw pixel patches projected by the connector into the decoder's sequence."""
 import jax
 import numpy as np
+import pytest
 
 from conftest import load_config, make_run, random_vqa_rows, train_losses
 from mm_jax.models.vit import RawPatches
@@ -16,6 +17,7 @@ def test_raw_patches_are_row_major_flattened_pixels():
   np.testing.assert_array_equal(patches[0, 2], image[0, 0:8, 16:24].reshape(-1))
 
 
+@pytest.mark.slow  # a train step on the mesh
 def test_fuyu_family_params_tokens_and_a_train_step():
   config = load_config("test")
   config.model.family = "fuyu"

@@ -56,6 +56,7 @@ def test_param_tree_and_sequence_length(setup):
         jnp.ones((B, T), jnp.int32))
 
 
+@pytest.mark.slow  # two models' forwards
 @pytest.mark.parametrize("prefix_attention", [True, False])
 def test_zero_gates_give_the_unified_model_on_the_thumbnail(setup, prefix_attention):
   model, params, image, text, ones = setup

@@ -179,6 +179,7 @@ def test_lm_family_ignores_the_image():
   np.testing.assert_array_equal(a, model.apply({"params": params}, image * 0, text, ones, ones))
 
 
+@pytest.mark.slow  # compiles the model twice, bf16 and f32
 def test_bfloat16_compute_keeps_float32_params_and_close_logits(model_and_params):
   model, _, params, inputs = model_and_params
   config = load_config("test")

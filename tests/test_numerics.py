@@ -127,6 +127,7 @@ def test_stop_keeps_the_last_finite_state_and_names_the_group(test_config, token
     mm.check_numerics(last, _Ckpt())
 
 
+@pytest.mark.slow  # several train steps
 def test_skip_drops_the_update_counts_it_and_stops_after_too_many(test_config, tokenizer, train_source,
                                                                   monkeypatch):
   _poisonable(monkeypatch)

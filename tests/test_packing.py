@@ -169,6 +169,7 @@ def test_num_image_tokens_is_per_image_and_flops_take_images_per_row():
   assert one["decoder"] == old["decoder"] and one["cross"] == old["cross"]
 
 
+@pytest.mark.slow  # a train step on the 8-device mesh
 def test_packed_row_on_a_sharded_mesh():
   """The in-row forward and its gradient on a data x fsdp x tensor mesh: the single-device logits."""
   from conftest import make_run  # pylint: disable=g-import-not-at-top

@@ -27,6 +27,7 @@ def _saved_params(config, devices, vocab, workdir, seed):
   return _host(params)
 
 
+@pytest.mark.slow  # trains, saves and loads parts
 def test_parts_load_by_name_and_leave_the_rest(test_config, tmp_path):
   config = copy.deepcopy(test_config)
   src = _saved_params(config, jax.devices()[:1], 40, tmp_path / "src", seed=1)

@@ -88,6 +88,7 @@ def _config(**mesh):
   return config
 
 
+@pytest.mark.slow  # compiles the train step twice
 def test_plan_on_cpu_devices_accounts_memory_and_flops():
   replicated = plan.plan(_config(data=-1, fsdp=1), "cpu-2")
   mem = replicated["memory"]
@@ -112,6 +113,7 @@ def test_plan_on_cpu_devices_accounts_memory_and_flops():
   assert sharded["flops"] == replicated["flops"]
 
 
+@pytest.mark.slow  # the plan command in a process
 def test_cli_reports_not_fitting_with_exit_2_and_json(tmp_path):
   out = _cli("--config=configs/shapes_tiny.py:test", "--config.data.vocab_size=100", "--topology=cpu-2",
              "--hbm_gib=0.0001", f"--json_out={tmp_path}/plan.json")

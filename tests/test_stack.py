@@ -80,6 +80,7 @@ def _args(batch):
   return [batch[k] for k in TASKS["vqa"].inputs]
 
 
+@pytest.mark.slow  # forward and grads, scanned and unrolled
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_scanned_equals_unrolled_forward_and_grads(family):
   config = _config(family)
@@ -106,6 +107,7 @@ def test_scanned_equals_unrolled_forward_and_grads(family):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), to_layout(g1, True), g2)
 
 
+@pytest.mark.slow  # two cached decodes per family
 @pytest.mark.parametrize("family", ["unified", "cross"])
 def test_scanned_cached_decoding_equals_unrolled(family):
   config = _config(family)
