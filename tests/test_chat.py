@@ -5,8 +5,6 @@ The loss masks are checked against apply_chat_template's assistant mask: llava's
 markers; for gemma and llama3 the test adds them around the assistant content and its end-of-turn token,
 and checks first that the marked template renders the same ids.
 """
-import os
-
 import numpy as np
 import pytest
 import transformers
