@@ -1,4 +1,4 @@
-r"""Video: the generated `shapes_video` clips (8 frames of 64 x 64, a shape moving, another appearing
+r"""Video: the generated `shapes_video` clips (4 frames of 64 x 64, a shape moving, another appearing
 late) read by the native family as tubelets of 2 frames with temporal M-RoPE positions, or as their
 middle frame alone.
 
@@ -6,7 +6,7 @@ middle frame alone.
   python -m mm_jax.eval  --config=configs/shapes_video.py:video --workdir=workdirs/video
 
 Variants (`--config=configs/shapes_video.py:VARIANT`), equal steps and batch:
-  video   every frame: 4 tubelets x 16 patches (patch 16, temporal patch 2), 16 tokens
+  video   every frame: 2 tubelets x 16 patches (patch 16, temporal patch 2), 8 tokens
   middle  the middle frame only, as a still image (4 tokens): what one frame can tell
   test    (with one of the above) a very small dataset, for the test suite.
 Expected at 1500 steps (test EM, experiments/README.md "Images at their own resolution, and video"):
@@ -26,7 +26,7 @@ def get_config(arg: str = "video") -> mlc.ConfigDict:
   c.data.caption_ratio = 1.0  # captions name what moves and what appears: dense supervision
   c.model.encoder.temporal_patch = 2
   c.data.native.update(dict(min_pixels=32 * 32, max_pixels=64 * 64, video_min_pixels=64 * 64,
-                            video_max_pixels=64 * 64, video_frames=8, patch_buckets=(16, 64)))
+                            video_max_pixels=64 * 64, video_frames=4, patch_buckets=(16, 32)))
   for v in variants:
     if v == "middle":
       c.data.native.still_frame = True

@@ -2,7 +2,8 @@ r"""The `shapes_video` dataset: short videos of moving shapes, with questions th
 frame.
 
 Each record is an mp4 (PyAV, mpeg4) of FRAMES frames of SIZE x SIZE: 2-3 shapes on a plain background;
-one of them moves MOVE px per frame left, right, up or down; one other appears only from a frame in the
+one of them moves MOVE px per frame left, right, up or down (a tubelet of 2 frames sees it
+move 8 px, a quarter of its 32 px merge window); one other appears only from a frame in the
 second half on. Two questions (kinds):
   motion  "which way did the red square move?" -> left | right | up | down   (one frame cannot tell)
   appear  "which shape appeared last?" -> circle | square | triangle         (the shape, not its colour)
@@ -22,7 +23,7 @@ from mm_jax.data import shapes
 from mm_jax.data.conversation import Conversation, Image as ImagePart, Turn
 from mm_jax.data.source import Source
 
-FRAMES, SIZE, FPS, MOVE = 8, 64, 4, 4
+FRAMES, SIZE, FPS, MOVE = 4, 64, 4, 8
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 KINDS = ("motion", "appear")
 _SHAPE_SIZE = 20  # as shapes' 16-24 px: smaller ones kept the tiny model at the text-only answers
@@ -36,13 +37,15 @@ def random_clip(rng: np.random.Generator):
   colors = rng.choice(len(shapes.COLORS), size=3, replace=False)
   direction = list(DIRECTIONS)[rng.integers(4)]
   dx, dy = DIRECTIONS[direction]
-  span = MOVE * (FRAMES - 1)
   objs = []
-  # The mover: room for its whole path inside the frame.
-  lo_x, hi_x = (span if dx < 0 else 0), SIZE - _SHAPE_SIZE - (span if dx > 0 else 0)
-  lo_y, hi_y = (span if dy < 0 else 0), SIZE - _SHAPE_SIZE - (span if dy > 0 else 0)
+  # The mover: its place in the middle frame (all the baseline sees) does not depend on its direction:
+  # along its axis in [mid, SIZE - size - mid], where every path fits.
+  mid = MOVE * (FRAMES // 2)
+  along = int(rng.integers(mid, SIZE - _SHAPE_SIZE - mid + 1))
+  across = int(rng.integers(0, SIZE - _SHAPE_SIZE + 1))
+  xm, ym = (along, across) if dx else (across, along)
   objs.append((shapes.SHAPES[kinds[0]], list(shapes.COLORS)[colors[0]],
-               int(rng.integers(lo_x, hi_x + 1)), int(rng.integers(lo_y, hi_y + 1)), (dx, dy), 0))
+               xm - dx * mid, ym - dy * mid, (dx, dy), 0))
   # The late one, then (maybe) a still one; placed where they do not cover the mover's path much.
   n = 3 if rng.random() < 0.5 else 2
   for i in range(1, n):
@@ -113,10 +116,12 @@ def generate(seed: int, sizes: dict[str, int]):
 
 class ShapesVideo(tfds.core.GeneratorBasedBuilder):
   """TFDS builder of shapes_video; built with a shapes.ShapesConfig (shapes.builder_config)."""
-  VERSION = tfds.core.Version("1.2.0")
+  VERSION = tfds.core.Version("1.3.0")
   RELEASE_NOTES = {"1.0.0": "Initial release.",
                    "1.1.0": "Captions say which shape moves where and which appears.",
-                   "1.2.0": "20 px shapes (were 14)."}
+                   "1.2.0": "20 px shapes (were 14).",
+                   "1.3.0": "4 frames, 8 px per frame (were 8 frames, 4 px); the mover's place in the middle "
+                   "frame independent of its direction."}
 
   def _info(self) -> tfds.core.DatasetInfo:
     text2 = tfds.features.Sequence(tfds.features.Text(), length=len(KINDS))
