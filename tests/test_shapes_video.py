@@ -1,6 +1,7 @@
 """The generated shapes_video clips: stored as mp4, read back by PyAV; the mover really moves the way
-its answer says, the late shape is absent at first, the caption says both; and configs/shapes_video.py's rows are videos of 2
-tubelets (the middle-frame baseline: one still image)."""
+its answer says, the late shape is absent at first, the caption says both, the middle frame does not
+tell the way; and configs/shapes_video.py's rows are videos of 2 tubelets (the middle-frame baseline:
+one still image)."""
 import numpy as np
 import pytest
 

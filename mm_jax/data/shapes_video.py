@@ -76,7 +76,8 @@ def _caption(objs, direction: str) -> str:
   """What happens, object by object: "red square moves left, blue circle appears, green triangle"
   (the captioning task's target: dense supervision, as in shapes, that names both questions' facts)."""
   (ms, mc, *_), (ls, lc, *_), *still = objs
-  return ", ".join([f"{mc} {ms} moves {direction}", f"{lc} {ls} appears", *(f"{c} {s}" for s, c, *_ in still)])
+  still = [f"{c} {s}" for s, c, *_ in still]
+  return ", ".join([f"{mc} {ms} moves {direction}", f"{lc} {ls} appears", *still])
 
 
 def mp4(frames_TxHxWx3: np.ndarray) -> bytes:
