@@ -3,7 +3,7 @@ r"""Images at their own resolution and video, measured: the varied-size shapes_s
 batch within each comparison.
 
   python experiments/resolution.py --runs=fixed,native,anyres --steps=1200    # ~8 / 20 / 20 min, 2 cores
-  python experiments/resolution.py --runs=video,middle --steps=1200           # ~5 / 3 min
+  python experiments/resolution.py --runs=video,middle --steps=3000           # ~21 / 10 min
 
 Each run is the real commands in fresh processes (train, then eval on the test split); one JSON line per
 run is printed and appended to experiments/resolution.jsonl: the test scores, per kind, the train-step
@@ -39,7 +39,8 @@ def run(name: str, steps: int, root: str) -> dict:
   scores = dict(re.findall(r"(\w+) (\d\.\d+)", line.split("|", 2)[2]))
   last = json.loads(open(os.path.join(work, "metrics.jsonl")).read().splitlines()[-1])
   builder = {"shapes_native": shapes_sizes.ShapesSizes, "shapes_video": shapes_video.ShapesVideo}[RUNS[name]]
-  return {"data": f"{builder.name} {builder.VERSION}", "run": name, "config": config, "steps": steps, "test": {k: float(v) for k, v in scores.items()},
+  return {"data": f"{builder.name} {builder.VERSION}", "run": name, "config": config, "steps": steps,
+          "test": {k: float(v) for k, v in scores.items()},
           "train_programs": last.get("train_programs"), "train_s": round(train_s)}
 
 

@@ -39,11 +39,10 @@ def random_clip(rng: np.random.Generator):
   dx, dy = DIRECTIONS[direction]
   objs = []
   # The mover: its place in the middle frame (all the baseline sees) does not depend on its direction:
-  # along its axis in [mid, SIZE - size - mid], where every path fits.
+  # on both axes in [mid, SIZE - size - mid], where every path fits (a wider range across the path
+  # would tell the axis).
   mid = MOVE * (FRAMES // 2)
-  along = int(rng.integers(mid, SIZE - _SHAPE_SIZE - mid + 1))
-  across = int(rng.integers(0, SIZE - _SHAPE_SIZE + 1))
-  xm, ym = (along, across) if dx else (across, along)
+  xm, ym = (int(v) for v in rng.integers(mid, SIZE - _SHAPE_SIZE - mid + 1, size=2))
   objs.append((shapes.SHAPES[kinds[0]], list(shapes.COLORS)[colors[0]],
                xm - dx * mid, ym - dy * mid, (dx, dy), 0))
   # The late one, then (maybe) a still one; placed where they do not cover the mover's path much.
@@ -117,12 +116,14 @@ def generate(seed: int, sizes: dict[str, int]):
 
 class ShapesVideo(tfds.core.GeneratorBasedBuilder):
   """TFDS builder of shapes_video; built with a shapes.ShapesConfig (shapes.builder_config)."""
-  VERSION = tfds.core.Version("1.3.0")
+  VERSION = tfds.core.Version("1.4.0")
   RELEASE_NOTES = {"1.0.0": "Initial release.",
                    "1.1.0": "Captions say which shape moves where and which appears.",
                    "1.2.0": "20 px shapes (were 14).",
                    "1.3.0": "4 frames, 8 px per frame (were 8 frames, 4 px); the mover's place in the middle "
-                   "frame independent of its direction."}
+                   "frame independent of its direction.",
+                   "1.4.0": "The mover's place in the middle frame in the same range on both axes (the "
+                   "range across its path told the axis)."}
 
   def _info(self) -> tfds.core.DatasetInfo:
     text2 = tfds.features.Sequence(tfds.features.Text(), length=len(KINDS))
