@@ -24,7 +24,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, command_env
 
 CONFIG = f"{REPO}/configs/shapes_tiny.py:test"
 SIGLIP = f"{REPO}/configs/siglip_shapes.py:test"
@@ -141,7 +141,7 @@ CASES = {
 
 
 def _run(args, timeout=300):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = command_env()
   return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 

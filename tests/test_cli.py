@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, command_env
 from mm_jax.checkpoint import Checkpoints
 
 pytestmark = pytest.mark.slow  # end to end through the commands
@@ -23,7 +23,7 @@ def _cmd(module, workdir, data_dir, *overrides):
 
 
 def _run(args, timeout=240):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = command_env()
   return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -2,7 +2,6 @@
 train + eval run of configs/siglip_shapes.py:test through the command line."""
 import copy
 import json
-import os
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from conftest import REPO, make_run
+from conftest import REPO, command_env, make_run
 from mm_jax.tasks import contrastive
 from mm_jax.train import sharding
 from test_siglip import load_siglip_config
@@ -95,7 +94,7 @@ def test_unique_indices():
 
 
 def _run(module, workdir, data_dir, *extra):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = command_env()
   cmd = [sys.executable, "-m", f"mm_jax.{module}", f"--config={REPO}/configs/siglip_shapes.py:test",
          f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", *extra]
   r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)

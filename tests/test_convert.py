@@ -15,7 +15,7 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 import hf_tiny
-from conftest import REPO
+from conftest import REPO, command_env
 from mm_jax.convert import convert
 from mm_jax.data import shapes
 from mm_jax.data.tokenizer import Tokenizer
@@ -141,7 +141,7 @@ def test_sharded_checkpoint_and_hub_layout(hf_dirs, tmp_path):
 
 
 def _run(*args):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = command_env()
   return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=240)
 

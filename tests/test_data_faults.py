@@ -20,7 +20,7 @@ import pytest
 from array_record.python import array_record_module
 from tensorflow_datasets.proto import tf_example_pb2
 
-from conftest import REPO
+from conftest import REPO, command_env
 from mm_jax.data import captions, pipeline, records, shapes
 from mm_jax.errors import UserError
 
@@ -250,9 +250,8 @@ def jax_cache(tmp_path_factory):
 
 
 def _train(workdir, data_dir, cache, *overrides):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+  env = command_env(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
   return subprocess.run([sys.executable, "-m", "mm_jax.train", f"--config={REPO}/configs/shapes_tiny.py:test",
                          f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", *overrides],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=240)

@@ -4,7 +4,6 @@ mm_jax.convert -> 20 steps of mm_jax.train -> mm_jax.export -> transformers' fro
 logits equal mm_jax's within 1e-4 and whose generate gives the same 16 greedy tokens (PaliGemma, LLaVA,
 Gemma, Llama); families without a Hugging Face counterpart and models not from an import are refused."""
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import pytest
 from safetensors import safe_open
 
 import hf_tiny
-from conftest import REPO
+from conftest import REPO, command_env
 from mm_jax.convert import export as hf_export
 from mm_jax.convert import names
 from mm_jax.data import shapes
@@ -51,7 +50,7 @@ def test_safetensors_written_by_hand_read_back_sharded(tmp_path):
 
 def _run(module, *args):
   """One device: the round trip needs no mesh, and 8 simulated devices are slower on a few cores."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = command_env(None)
   return subprocess.run([sys.executable, "-m", f"mm_jax.{module}", *args], cwd=REPO, capture_output=True,
                         text=True, check=False, env=env)
 

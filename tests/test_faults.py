@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, make_run
+from conftest import REPO, command_env, make_run
 from mm_jax.checkpoint import Checkpoints
 from mm_jax.checkpoint.integrity import MANIFEST, WorkdirLock
 
@@ -38,9 +38,8 @@ TMP = ".orbax-checkpoint-tmp"
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
   cache = tmp_path_factory.mktemp("jax_cache")
-  return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-              JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  return command_env(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
 def _cmd(workdir, data_dir, *extra):
@@ -299,7 +298,7 @@ def _free_port() -> int:
 
 def _two_processes(workdir, data_dir, env, tmp_path, name):
   """mm_jax.train as 2 processes of 2 CPU devices each over loopback (tests/test_multihost.py's way)."""
-  env = {k: v for k, v in env.items() if k != "XLA_FLAGS"}
+  env = command_env(None, env)
   env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="2", MM_JAX_COORDINATOR=f"127.0.0.1:{_free_port()}",
              MM_JAX_NUM_PROCESSES="2", MM_JAX_INIT_TIMEOUT="60")
   return [_Launch(_cmd(workdir, data_dir), dict(env, MM_JAX_PROCESS_ID=str(i)), tmp_path / f"{name}_{i}.log")

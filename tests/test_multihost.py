@@ -18,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import REPO, make_run
+from conftest import REPO, command_env, make_run
 from mm_jax import data
 from mm_jax.train import sharding
 from mm_jax.checkpoint import Checkpoints
@@ -127,7 +127,7 @@ TIMEOUT_S = 240
 
 def _launch(workdir, data_dir, port, tmp_path):
   """Two `mm_jax.train` processes with 2 CPU devices each, one coordinator on loopback."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # not the tests' 8 devices
+  env = command_env(None)  # not the tests' 8 devices
   env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="2", MM_JAX_COORDINATOR=f"127.0.0.1:{port}",
              MM_JAX_NUM_PROCESSES="2", MM_JAX_INIT_TIMEOUT="60")
   cmd = [sys.executable, "-m", "mm_jax.train", f"--config={REPO}/configs/shapes_tiny.py:test",

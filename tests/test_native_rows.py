@@ -4,7 +4,6 @@ train step per bucket; and its bad inputs through the real command (one line, ex
 import copy
 import hashlib
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, load_config
+from conftest import REPO, command_env, load_config
 from mm_jax import data
 from mm_jax.data import native_images, pipeline
 from mm_jax.errors import UserError
@@ -62,7 +61,7 @@ def test_batches_take_the_smallest_bucket_that_holds_them(native_config):
 
 
 def _run(args, timeout=600, devices=8):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env = command_env(devices)
   return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=timeout)
 

@@ -3,12 +3,11 @@
 installed (pip install -e '.[tpu]')."""
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 
 import pytest
-from conftest import REPO, load_config
+from conftest import REPO, command_env, load_config
 
 from mm_jax.perf import plan
 from mm_jax.errors import UserError
@@ -17,7 +16,7 @@ HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 
 
 def _cli(*args, env=None):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", **(env or {}))
+  env = command_env(**(env or {}))
   return subprocess.run([sys.executable, "-m", "mm_jax.plan", *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=300)
 

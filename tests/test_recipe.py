@@ -14,7 +14,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from conftest import REPO, load_config, make_run
+from conftest import REPO, command_env, load_config, make_run
 from mm_jax import recipe
 from mm_jax.models import stack
 from mm_jax.train import optim
@@ -194,7 +194,7 @@ def test_every_stage_config_builds_and_rules_cover_params(name, test_config):
 def test_unknown_recipe_names_the_known_ones(tmp_path):
   with pytest.raises(ValueError, match="unknown recipe 'nope'; known: llava, llama32_vision, molmo"):
     load_config("nope", "recipes")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = command_env()
   r = subprocess.run([sys.executable, "-m", "mm_jax.recipe", "--config=configs/recipes.py:nope",
                       f"--workdir={tmp_path}/w"], cwd=REPO, env=env, capture_output=True, text=True)
   assert r.returncode != 0 and "Traceback" not in r.stderr

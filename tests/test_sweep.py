@@ -13,7 +13,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from conftest import REPO
+from conftest import REPO, command_env
 from mm_jax import sweep
 from mm_jax.checkpoint import Checkpoints
 from mm_jax.errors import UserError
@@ -26,7 +26,7 @@ SPEC = "configs/shapes_tiny.py:test"
 def _cli(*args):
   """python -m mm_jax.sweep --config=configs/shapes_tiny.py[:test] ARGS; one device by default, where
   XLA compiles faster than for the 8 of the in-process tests (compiling is most of a tiny point)."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = command_env(1)
   return subprocess.run([sys.executable, "-m", "mm_jax.sweep", *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=600)
 
