@@ -1,7 +1,7 @@
 """The shapes export (mm_jax.data.export) and the generated tasks (mm_jax.data.shapes_tasks): the qa
 export is the native source's elements, the records have the documented layouts, multi_turn and
-multi_image are right and balanced, shapes_sizes exports at its own sizes, and bad flags stop the real
-command with one line."""
+multi_image are right and balanced, shapes_sizes exports at its own sizes, shapes_video as videos that
+prepare imports, and bad flags stop the real command with one line."""
 import collections
 import copy
 import io
@@ -17,7 +17,9 @@ import pytest
 
 from conftest import REPO, load_config
 from mm_jax import data
-from mm_jax.data import export, shapes, shapes_tasks
+from mm_jax.data import export, pipeline, shapes, shapes_tasks
+from mm_jax.models import native as native_family
+import mm_jax.data.prepare as prepare  # the module (mm_jax.data.prepare is also data's function)
 from mm_jax.data.conversation import Conversation
 from mm_jax.errors import UserError
 
@@ -109,6 +111,44 @@ def test_shapes_sizes_export_is_its_native_elements_at_their_own_sizes(tmp_path)
       assert rec["images"] == [f"images/{split}/{r}.png"] and png == bytes(raw[r]["image"])
       sizes.add(PIL.Image.open(io.BytesIO(png)).size)
   assert len(sizes) > 5
+
+
+def test_shapes_video_exports_as_videos_that_prepare_imports_and_the_native_rows_read(tmp_path):
+  """--dataset=shapes_video through the command in both formats: the TFDS build's mp4s byte for byte,
+  LLaVA-Video's "video" key and {"type": "video"} parts; prepare imports them and a native row reads
+  each as a video (2 tubelets of the video config's patches, its video placeholders)."""
+  config = copy.deepcopy(load_config("video,test", "shapes_video"))
+  config.data.update(SMALL)
+  config.data.data_dir = str(tmp_path / "native")
+  src = data.get("shapes_video")
+  for fmt in export.FORMATS:
+    out = tmp_path / fmt
+    result = _command(f"--out={out}", f"--format={fmt}", "--dataset=shapes_video",
+                      *(f"--{k}={v}" for k, v in SMALL.items()))
+    assert result.returncode == 0, result.stderr
+    raw, records = src.open(config.data, "train"), _read(out, "train", fmt)
+    assert len(records) == src.num_elements(config.data, len(raw), train=True)
+    for j, rec in enumerate(records):
+      r, k = src.element(config.data, len(raw), j)
+      question, answer = src.texts(raw[r], k)
+      path = f"videos/train/{r}.mp4"
+      if fmt == "llava":
+        assert rec["video"] == path and [t["value"] for t in rec["conversations"]] == [
+            f"<image>\n{question}", answer]
+      else:
+        assert rec["messages"][0]["content"] == [{"type": "video", "video": path},
+                                                 {"type": "text", "text": question}]
+        assert "images" not in rec
+      assert (out / path).read_bytes() == bytes(raw[r]["video"])
+  prepared = tmp_path / "prepared"
+  prepare.run(prepare.Options(inputs=(("train", str(tmp_path / "llava" / "train.json")),),
+                              out=str(prepared), workers=1))
+  reader = prepare.read(str(prepared), "train")
+  row = native_family.rows(config, pipeline.load_tokenizer(config))
+  ex = row.train(reader[0])
+  assert bytes(reader[0].images[0]) == bytes(src.open(config.data, "train")[0]["video"])
+  assert ex["patches"].shape[0] == 2 * 16 and ex["patch_ids"][:, 0].max() == 2  # 2 tubelets, 2 blocks
+  assert (ex["text"] == row.video_id).sum() == 8  # 2 x 16 patches / merge 2 x 2
 
 
 def test_caption_elements_follow_source_element():

@@ -39,14 +39,25 @@ def test_llava_images_without_placeholder_go_first_in_the_first_human_turn():
     (_llava(("human", "x"), ("human", "y")), "no assistant turn"),
     (_llava(("gpt", "x"), image="a.png"), "no human turn"),
     (_llava(("human", "x"), ("gpt", "y"), image="a", images=["b"]), "both 'image' and 'images'"),
+    (_llava(("human", "x"), ("gpt", "y"), image="a", video="b.mp4"), "both 'image' and 'video'"),
     (_llava(("human", 3), ("gpt", "y")), "conversations[0].value is a number, not a string"),
-    (_llava(("human", "x"), ("gpt", "y"), image=[""]), "image[0] is '', not an image path"),
+    (_llava(("human", "x"), ("gpt", "y"), image=[""]), "image[0] is '', not a file path"),
     ({"image": "a.png"}, "no 'conversations'"),
 ])
 def test_llava_errors_name_the_field_and_the_problem(record, message):
   with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")) as e:
     llava.parse(record)
   assert "\n" not in str(e.value) and ";" in str(e.value)  # one line: the problem; the fix
+
+
+def test_videos_are_llava_video_s_key_and_messages_video_parts():
+  conv = llava.parse(_llava(("human", "<image>\nwhich way?"), ("gpt", "left"), video="v/1.mp4"))
+  assert conv.turns[0].parts == (Image(0), "which way?") and conv.images == ("v/1.mp4",)
+  conv = messages.parse({"images": ["a.png"], "messages": [
+      {"role": "user", "content": [{"type": "video", "video": "v.mp4"}, {"type": "image"},
+                                   {"type": "text", "text": "same?"}]},
+      {"role": "assistant", "content": "no"}]})
+  assert conv.turns[0].parts == (Image(0), Image(1), "same?") and conv.images == ("v.mp4", "a.png")
 
 
 def test_messages_placeholders_and_parts_take_the_listed_images_in_order():
@@ -76,7 +87,9 @@ def test_messages_placeholders_and_parts_take_the_listed_images_in_order():
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": "<image>x"}]},
                    {"role": "assistant", "content": "y"}], "images": ["a"]}, "holds <image>"),
     ({"messages": [{"role": "user", "content": [{"type": "video"}]},
-                   {"role": "assistant", "content": "y"}]}, "type is 'video'"),
+                   {"role": "assistant", "content": "y"}]}, "content[0].video is None, not a video path"),
+    ({"messages": [{"role": "user", "content": [{"type": "audio"}]},
+                   {"role": "assistant", "content": "y"}]}, "type is 'audio'"),
     ({"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "y"}]},
      "messages[0].content is null"),
 ])

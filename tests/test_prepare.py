@@ -191,6 +191,9 @@ def _bad_case(tmp_path, name):
   elif name == "unreadable image":
     (root / "img" / "junk.png").write_bytes(b"this is no png" * 10)
     record, reason = llava_record(2, image="img/junk.png"), "'img/junk.png' is not a readable image"
+  elif name == "unreadable video":  # an mp4's first bytes, then no video in it
+    (root / "img" / "junk.mp4").write_bytes(b"\x00\x00\x00\x18ftypisom" + b"not a video" * 10)
+    record, reason = llava_record(2, image="img/junk.mp4"), "'img/junk.mp4' is not a readable video"
   elif name == "placeholder count":
     record = llava_record(2, image=["img/0.png", "img/1.png"])
     reason = "the text has 1 <image> placeholders but 'image' has 2 images"
@@ -216,7 +219,7 @@ def _bad_case(tmp_path, name):
   return path, reason
 
 
-BAD_CASES = ("missing image", "unreadable image", "placeholder count", "unknown role",
+BAD_CASES = ("missing image", "unreadable image", "unreadable video", "placeholder count", "unknown role",
              "no assistant turn", "malformed JSON", "dotdot", "absolute", "symlink", "bomb")
 
 

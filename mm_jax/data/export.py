@@ -1,10 +1,13 @@
-r"""Writes the shapes data, or a task generated over it, as LLaVA JSON or messages JSONL beside PNG files.
+r"""Writes the shapes data, or a task generated over it, as LLaVA JSON or messages JSONL beside PNG (or
+mp4) files.
 
   python -m mm_jax.data.export --out=DIR --format=llava|messages [--task=qa|multi_turn|multi_image]
-      [--dataset=shapes|shapes_sizes] [--messages_parts] [--num_train=8000 --num_validation=200
+      [--dataset=shapes|shapes_sizes|shapes_video] [--messages_parts] [--num_train=8000 --num_validation=200
       --num_test=500 --dataset_seed=0 --caption_ratio=1.0]  # configs/base.py's defaults; qa: the
                                                             # native elements
 --dataset=shapes_sizes: the varied-size images (each PNG at its own size), the qa task.
+--dataset=shapes_video: the clips as DIR/videos/<split>/<i>.mp4, the qa task (motion, appear, caption);
+LLaVA-Video's "video" key in llava records, {"type": "video", "video": path} parts in messages records.
 
 DIR/images/<split>/<i>.png: scene i of the split (shapes.png_bytes), each once. DIR/<split>.json (llava: a
 JSON list) or DIR/<split>.jsonl (messages): shapes_tasks.conversations, ids "<split>/<index>/<kind>":
@@ -21,12 +24,12 @@ import os
 import re
 import types
 
-from mm_jax.data import shapes, shapes_sizes, shapes_tasks
+from mm_jax.data import shapes, shapes_sizes, shapes_tasks, shapes_video
 from mm_jax.data.conversation import Conversation, Image
 from mm_jax.errors import UserError
 
 FORMATS = ("llava", "messages")
-DATASETS = ("shapes", "shapes_sizes")
+DATASETS = ("shapes", "shapes_sizes", "shapes_video")
 PLACEHOLDER = "<image>"
 _LLAVA_ROLES = {"system": "system", "user": "human", "assistant": "gpt"}
 _SIZES = ("num_train", "num_validation", "num_test")
@@ -37,29 +40,38 @@ def image_path(split: str, index: int) -> str:
   return f"images/{split}/{index}.png"
 
 
-def llava_record(conv: Conversation) -> dict:
-  """LLaVA's layout; conv.images are the image paths."""
+def video_path(split: str, index: int) -> str:
+  """The mp4 of clip `index` of `split`, relative to the export's directory."""
+  return f"videos/{split}/{index}.mp4"
+
+
+def llava_record(conv: Conversation, key: str = "image") -> dict:
+  """LLaVA's layout; conv.images are the image paths (key "video": LLaVA-Video's, the video paths)."""
   turns = []
   for t in conv.turns:  # each placeholder where its image is, with the newline the import drops after it
     value = "".join(PLACEHOLDER + "\n" if isinstance(p, Image) else p for p in t.parts)
     turns.append({"from": _LLAVA_ROLES[t.role], "value": value})
   image = [conv.images[i] for i in conv.image_order()]
   return {"id": conv.id, "kind": shapes_tasks.kind(conv),
-          "image": image[0] if len(image) == 1 else image, "conversations": turns}
+          key: image[0] if len(image) == 1 else image, "conversations": turns}
 
 
-def messages_record(conv: Conversation, parts: bool = False) -> dict:
-  """The messages layout: placeholders in the content (LLaMA-Factory) or, parts, content lists (TRL)."""
+def messages_record(conv: Conversation, parts: bool = False, video: bool = False) -> dict:
+  """The messages layout: placeholders in the content (LLaMA-Factory) or, parts, content lists (TRL);
+  video: conv.images are videos, each a {"type": "video", "video": path} part."""
   messages = []
   for t in conv.turns:
-    if parts:
+    if video:
+      content = [{"type": "video", "video": conv.images[p.index]} if isinstance(p, Image)
+                 else {"type": "text", "text": p} for p in t.parts]
+    elif parts:
       content = [{"type": "image"} if isinstance(p, Image) else {"type": "text", "text": p}
                  for p in t.parts]
     else:
       content = "".join(PLACEHOLDER if isinstance(p, Image) else p for p in t.parts)
     messages.append({"role": t.role, "content": content})
-  return {"id": conv.id, "kind": shapes_tasks.kind(conv), "messages": messages,
-          "images": [conv.images[i] for i in conv.image_order()]}
+  listed = {} if video else {"images": [conv.images[i] for i in conv.image_order()]}
+  return {"id": conv.id, "kind": shapes_tasks.kind(conv), "messages": messages, **listed}
 
 
 def check_args(out: str, fmt: str, task: str, sizes: dict, dataset_seed, caption_ratio,
@@ -97,25 +109,37 @@ def export(out: str, fmt: str, task: str = "qa", *, num_train: int, num_validati
   data_cfg = types.SimpleNamespace(**sizes, dataset_seed=dataset_seed, caption_ratio=caption_ratio)
   # Every conversation is made before anything is written: a split too small for the task is an error
   # with DIR as it was.
-  if dataset == "shapes_sizes":
-    made = shapes_sizes.generate(dataset_seed, dict(train=num_train, validation=num_validation, test=num_test))
-    pngs = {split: [(scene, size) for scene, size, _ in items] for split, items in made.items()}
+  split_sizes = dict(train=num_train, validation=num_validation, test=num_test)
+  video = dataset == "shapes_video"
+  if video:
+    made = shapes_video.generate(dataset_seed, split_sizes)
+    files = {split: [mp4 for mp4, _, _ in items] for split, items in made.items()}
+    convs = {split: list(shapes_tasks.qa(split, [(c, q) for _, c, q in items], data_cfg, video_path,
+                                          shapes_video.SOURCE, caption=str))
+             for split, items in made.items()}
+  elif dataset == "shapes_sizes":
+    made = shapes_sizes.generate(dataset_seed, split_sizes)
+    files = {split: [(scene, size) for scene, size, _ in items] for split, items in made.items()}
     convs = {split: list(shapes_tasks.qa(split, [(scene, q) for scene, _, q in items], data_cfg,
                                           image_path, shapes_sizes.SOURCE))
              for split, items in made.items()}
   else:
-    pngs = {split: [(scene, (shapes.IMAGE_SIZE,) * 2) for scene, _ in items]
-            for split, items in shapes_tasks.generate(data_cfg).items()}
+    files = {split: [(scene, (shapes.IMAGE_SIZE,) * 2) for scene, _ in items]
+             for split, items in shapes_tasks.generate(data_cfg).items()}
     convs = {split: list(shapes_tasks.conversations(split, task, data_cfg, image=image_path))
              for split in shapes.SPLITS}
   try:
     for split in shapes.SPLITS:
-      _write_images(out, split, pngs[split])
+      if video:
+        _write_files(out, split, video_path, files[split], bytes)
+      else:
+        _write_files(out, split, image_path, files[split], lambda x: shapes.png_bytes(*x))
       if fmt == "llava":
-        records = [json.dumps(llava_record(c), ensure_ascii=False) for c in convs[split]]
+        records = [json.dumps(llava_record(c, "video" if video else "image"), ensure_ascii=False)
+                   for c in convs[split]]
         _write_text(os.path.join(out, f"{split}.json"), "[\n" + ",\n".join(records) + "\n]\n")
       else:
-        records = [json.dumps(messages_record(c, messages_parts), ensure_ascii=False)
+        records = [json.dumps(messages_record(c, messages_parts, video), ensure_ascii=False)
                    for c in convs[split]]
         _write_text(os.path.join(out, f"{split}.jsonl"), "".join(r + "\n" for r in records))
   except OSError as e:
@@ -124,15 +148,17 @@ def export(out: str, fmt: str, task: str = "qa", *, num_train: int, num_validati
   return {split: len(c) for split, c in convs.items()}
 
 
-def _write_images(out: str, split: str, scenes: list[tuple[shapes.Scene, tuple[int, int]]]) -> None:
-  folder = os.path.join(out, "images", split)
+def _write_files(out: str, split: str, path, items: list, to_bytes) -> None:
+  """to_bytes(items[i]) into out/path(split, i), for each i."""
+  folder, ext = os.path.split(os.path.join(out, path(split, 0)))
   os.makedirs(folder, exist_ok=True)
-  for name in os.listdir(folder):  # a bigger earlier export's scenes past this one's: not this data
-    if (m := re.fullmatch(r"(\d+)\.png", name)) and int(m[1]) >= len(scenes):
+  ext = os.path.splitext(ext)[1]
+  for name in os.listdir(folder):  # a bigger earlier export's files past this one's: not this data
+    if (m := re.fullmatch(r"(\d+)" + re.escape(ext), name)) and int(m[1]) >= len(items):
       os.remove(os.path.join(folder, name))
-  for i, (scene, size) in enumerate(scenes):
-    with open(os.path.join(out, image_path(split, i)), "wb") as f:
-      f.write(shapes.png_bytes(scene, size))
+  for i, item in enumerate(items):
+    with open(os.path.join(out, path(split, i)), "wb") as f:
+      f.write(to_bytes(item))
 
 
 def _write_text(path: str, text: str) -> None:

@@ -19,20 +19,14 @@ from mm_jax.data import images, native_images, video
 from mm_jax.data.rows import PlaceholderRows, TooLong, _pad, expanded
 from mm_jax.errors import UserError
 
-_VIDEO_MAGIC = (b"ftyp", b"\x1aE\xdf\xa3", b"RIFF")  # mp4/mov (at byte 4), webm/mkv, avi
-
-
-def is_video(x) -> bool:
-  if isinstance(x, np.ndarray):
-    return x.ndim == 4
-  b = bytes(x[:12]) if isinstance(x, (bytes, np.bytes_)) else b""
-  return b[4:8] == _VIDEO_MAGIC[0] or b.startswith(_VIDEO_MAGIC[1:])
+is_video = video.is_video
 
 
 def options(config) -> tuple[native_images.NativeImages, native_images.NativeImages, video.VideoSampling]:
   """(image rules, video rules, video sampling) of config.data.native and the encoder's patch fields."""
   n, enc = config.data.native, config.model.encoder
-  grid = dict(patch_size=enc.patch_size, temporal_patch=enc.get("temporal_patch", 2), merge=enc.get("merge", 2))
+  grid = dict(patch_size=enc.patch_size, temporal_patch=enc.get("temporal_patch", 2),
+              merge=enc.get("merge", 2))
   still = native_images.NativeImages(min_pixels=n.min_pixels, max_pixels=n.max_pixels, **grid)
   moving = native_images.NativeImages(min_pixels=n.video_min_pixels, max_pixels=n.video_max_pixels, **grid)
   return still, moving, video.VideoSampling(num_frames=n.video_frames, fps=n.video_fps)
@@ -56,7 +50,8 @@ class NativeRow(PlaceholderRows):
     self._tok, self._template = tokenizer, d.chat_template
     self.still, self.moving, self.sampling = options(config)
     self.buckets = buckets(config)
-    self.max_images, self.text_len, self.max_pixels, self.blind = d.max_images, d.text_len, d.max_image_pixels, d.blind
+    self.max_images, self.text_len = d.max_images, d.text_len
+    self.max_pixels, self.blind = d.max_image_pixels, d.blind
     self.image_id, self.video_id = placeholder_ids[0], placeholder_ids[-1]
     self.min_side, self.still_frame = d.native.min_side, d.native.still_frame
     self.length = d.text_len + self.buckets[-1] // self.still.merge ** 2

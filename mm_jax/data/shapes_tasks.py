@@ -78,22 +78,22 @@ def conversations(split: str, task: str, data_cfg,
   return _multi_image(split, items, data_cfg.dataset_seed, image)
 
 
-def qa(split, items, data_cfg, image, src=shapes.SOURCE) -> Iterator[Conversation]:
+def qa(split, items, data_cfg, image, src=shapes.SOURCE, caption=shapes.caption) -> Iterator[Conversation]:
   """One question per conversation, the image before it: the elements of `src` (a dataset of the
-  shapes records) over items [(scene, qa pairs)]. A record captioned again (caption_ratio > 1) adds
-  "/<n>" to the id."""
+  shapes records) over items [(scene, qa pairs)], caption(scene) the caption's answer. A record
+  captioned again (caption_ratio > 1) adds "/<n>" to the id."""
   num = len(items)
   times_captioned = collections.Counter()
   for j in range(src.num_elements(data_cfg, num, train=split == "train")):
     r, k = src.element(data_cfg, num, j)  # the native enumeration itself, not a copy of it
     scene, qa = items[r]
     if k == src.caption_element:
-      question, answer = shapes.CAPTION_PROMPT, shapes.caption(scene)
+      question, answer = shapes.CAPTION_PROMPT, caption(scene)
       repeat = times_captioned[r]
       times_captioned[r] += 1
       id_ = f"{split}/{r}/{CAPTION_KIND}" + (f"/{repeat}" if repeat else "")  # ids stay unique
     else:
-      (question, answer), id_ = qa[k], f"{split}/{r}/{shapes.QUESTION_KINDS[k]}"
+      (question, answer), id_ = qa[k], f"{split}/{r}/{src.kinds[k]}"
     yield Conversation(turns=(Turn("user", (Image(0), question)), Turn("assistant", (answer,))),
                        images=(image(split, r),), id=id_)
 

@@ -10,7 +10,8 @@ skips it. Images are stored as the files hold them (never decoded) after these c
 ValueError naming the image and the reason: the path stays under its root (no "../" out, no absolute
 path, no symlink out, unless allow_outside_root), the file exists, PIL identifies it and verify()
 passes (no pixel decoded), and its header's width x height is at most max_image_pixels (a
-decompression bomb is refused from the header).
+decompression bomb is refused from the header). A video file (data/video.py's is_video: by its bytes)
+instead must have a video stream whose first frame PyAV decodes, of at most max_image_pixels.
 """
 import dataclasses
 import io
@@ -26,7 +27,7 @@ from PIL import Image
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import example_serializer
 
-from mm_jax.data import formats
+from mm_jax.data import formats, video
 from mm_jax.data import tokenizer as tokenizer_lib
 from mm_jax.errors import UserError
 
@@ -138,6 +139,8 @@ def load_image(root: str, rel: str, settings: Settings) -> bytes:
                      "--image_root") from None
   except OSError as e:
     raise ValueError(f"image {rel!r} cannot be read ({e.strerror or e}); fix the file") from None
+  if video.is_video(data):
+    return _checked_video(rel, data, settings)
   limit = Image.MAX_IMAGE_PIXELS
   Image.MAX_IMAGE_PIXELS = None  # PIL's own bomb check would refuse first, at its own limit
   try:
@@ -155,6 +158,19 @@ def load_image(root: str, rel: str, settings: Settings) -> bytes:
     raise ValueError(f"image {rel!r} is a {kind} whose header says {w}x{h} = {w * h} pixels, more "
                      f"than --max_image_pixels={settings.max_image_pixels} (a decompression bomb?); "
                      "replace the file, or raise --max_image_pixels if it is real")
+  return data
+
+
+def _checked_video(rel: str, data: bytes, settings: Settings) -> bytes:
+  try:
+    w, h = video.probe(data)
+  except ValueError as e:
+    raise ValueError(f"video {rel!r} is not a readable video ({e}); replace the file, or re-encode it "
+                     "(e.g. ffmpeg -i IN -c:v libx264 OUT.mp4)") from None
+  if w * h > settings.max_image_pixels:
+    raise ValueError(f"video {rel!r} has frames of {w}x{h} = {w * h} pixels, more than "
+                     f"--max_image_pixels={settings.max_image_pixels}; scale it down, or raise "
+                     "--max_image_pixels")
   return data
 
 

@@ -37,6 +37,34 @@ class VideoSampling:
   max_frames: int = 768
 
 
+_STILL_BRANDS = (b"avif", b"avis", b"heic", b"heix", b"mif1", b"msf1")  # ISO files that are images
+
+
+def is_video(x) -> bool:
+  """Frames (a T x H x W x 3 array) or a video file's bytes, told by their first bytes: mp4 / mov
+  ("ftyp" at 4, not an image brand), webm / mkv (EBML), avi (RIFF "AVI ")."""
+  if isinstance(x, np.ndarray):
+    return x.ndim == 4
+  b = bytes(x[:12]) if isinstance(x, (bytes, np.bytes_)) else b""
+  return ((b[4:8] == b"ftyp" and b[8:12] not in _STILL_BRANDS) or b.startswith(b"\x1aE\xdf\xa3")
+          or (b[:4] == b"RIFF" and b[8:12] == b"AVI "))
+
+
+def probe(data: bytes) -> tuple[int, int]:
+  """(width, height) of a video file's first video stream, its first frame decoded (a check that
+  does not decode the whole file); a ValueError says why PyAV cannot read it."""
+  try:
+    with av.open(io.BytesIO(data)) as c:
+      if not c.streams.video:
+        raise ValueError("it has no video stream")
+      stream = c.streams.video[0]
+      for _ in c.decode(video=0):
+        return stream.codec_context.width, stream.codec_context.height
+  except (av.error.FFmpegError, UnicodeDecodeError) as e:
+    raise ValueError(" ".join(f"{type(e).__name__}: {e}".split())[:120]) from None
+  raise ValueError("it holds no frames")
+
+
 def read(source) -> tuple[np.ndarray, float]:
   """(every frame as uint8 T x H x W x 3, the stream's frames per second) of a video file (a path or its
   bytes); a file PyAV cannot decode, or one without a video stream or frames, is a UserError."""

@@ -11,7 +11,8 @@ stands and one "\n" right after it is dropped; LLaVA's preprocess_multimodal ins
 "<image>" to the start of its turn followed by "\n" (its data has them there anyway), and keeping the
 place lets several images interleave with the text. A record with images and no "<image>" gets them
 at the start of its first human turn, where LLaVA's data places them. "images" (LLaMA-Factory's
-sharegpt records) is read as "image".
+sharegpt records) is read as "image", and so is "video" (LLaVA-Video's records: a video file, its
+"<image>" placeholder the same; a file's bytes tell a video from an image).
 """
 from mm_jax.data.conversation import Conversation, Image, Turn
 from mm_jax.data import formats
@@ -59,10 +60,13 @@ def parse(record: dict) -> Conversation:
   return conv
 
 
+MEDIA_KEYS = ("image", "images", "video")
+
+
 def _images(record: dict) -> tuple[str, list[str]]:
-  if "image" in record and "images" in record:
-    raise ValueError("the record has both 'image' and 'images'; give one of them")
-  key = "images" if "images" in record else "image"
+  if len(given := [k for k in MEDIA_KEYS if k in record]) > 1:
+    raise ValueError(f"the record has both {given[0]!r} and {given[1]!r}; give one of them")
+  key = given[0] if given else "image"
   value = record.get(key)
   if value is None:
     return key, []
@@ -70,5 +74,5 @@ def _images(record: dict) -> tuple[str, list[str]]:
   formats.field_type(paths, key, list)
   for k, p in enumerate(paths):
     if not isinstance(p, str) or not p:
-      raise ValueError(f"{key}[{k}] is {p!r}, not an image path; fix the record")
+      raise ValueError(f"{key}[{k}] is {p!r}, not a file path; fix the record")
   return key, list(paths)

@@ -10,8 +10,9 @@ r"""The "messages" format: JSONL of chat records, their images listed beside the
 
 role: user, assistant or system. A string content may hold "<image>" placeholders (LLaMA-Factory); in a
 list content (TRL, HF chat templates) an image is a {"type": "image"} part. Both take the next path of
-"images" in order; {"type": "image", "image": path} ("path" also) carries its own. The conversation's
-images are in the order the text places them.
+"images" in order; {"type": "image", "image": path} ("path" also) carries its own. A video is a
+{"type": "video", "video": path} part (HF chat templates' and Qwen2-VL's), its path its own. The
+conversation's images and videos are in the order the text places them.
 """
 from mm_jax.data import formats
 from mm_jax.data.conversation import ROLES, Conversation, Image, Turn
@@ -66,8 +67,15 @@ def parse(record: dict) -> Conversation:
           else:
             raise ValueError(f"{where}.image is {path!r}, not an image path; fix the record")
           parts.append(Image(len(images) - 1))
+        elif kind == "video":
+          path = p.get("video", p.get("path"))
+          if not isinstance(path, str) or not path:
+            raise ValueError(f"{where}.video is {path!r}, not a video path; give the file as "
+                             "{\"type\": \"video\", \"video\": PATH}")
+          images.append(path)
+          parts.append(Image(len(images) - 1))
         else:
-          raise ValueError(f"{where}.type is {kind!r}; use 'text' or 'image'")
+          raise ValueError(f"{where}.type is {kind!r}; use 'text', 'image' or 'video'")
     else:
       formats.field_type(content, f"messages[{i}].content", str)  # raises: names the type
     turns.append(Turn(role, tuple(parts)))
