@@ -3,7 +3,7 @@ r"""Images at their own resolution and video, measured: the varied-size shapes_s
 batch within each comparison.
 
   python experiments/resolution.py --runs=fixed,native,anyres --steps=1200    # ~8 / 20 / 20 min, 2 cores
-  python experiments/resolution.py --runs=video,middle --steps=3000           # ~21 / 10 min
+  python experiments/resolution.py --runs=video,middle --steps=3000           # ~21 / 18 min
 
 Each run is the real commands in fresh processes (train, then eval on the test split); one JSON line per
 run is printed and appended to experiments/resolution.jsonl: the test scores, per kind, the train-step
