@@ -1,6 +1,7 @@
 """The native family's data path (data/native_rows.py) on the varied-size shapes_sizes data: each image
 at its own size, its placeholders and M-RoPE positions, batches padded to patch buckets, one compiled
-train step per bucket; and its bad inputs through the real command (one line, exit 1, workdir as it was)."""
+train step per bucket; Pixtral's row breaks as an option; and its bad inputs through the real command (one
+line, exit 1, workdir as it was)."""
 import copy
 import hashlib
 import json
@@ -8,12 +9,14 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, command_env, load_config
+from conftest import REPO, command_env, load_config, make_run
 from mm_jax import data
 from mm_jax.data import native_images, pipeline
+from mm_jax.train import sharding
 from mm_jax.errors import UserError
 
 CONFIG = f"{REPO}/configs/shapes_native.py:native,test"
@@ -49,6 +52,34 @@ def test_rows_keep_each_image_at_its_size(native_config):
   want = row.bucket(max(len(e["patches"]) for e in examples[:2]))
   assert batch["patches"].shape == (2, want, 768) and batch["text"].shape == (2, row.length)
   assert batch["positions"].shape == (2, row.length, 3)
+
+
+def test_row_breaks_end_each_row_of_tokens_and_the_image(native_config):
+  """family_options.native.row_break_ids (Pixtral's layout): a break after each row of merged tokens,
+  the image end last, ordinary text tokens between the placeholders; M-RoPE puts each at the column
+  after its row; the row length has room for them; a train step runs on such a batch."""
+  config = copy.deepcopy(native_config)
+  brk, end = 5, 6
+  config.model.family_options = {"native": {"row_break_ids": (brk, end)}}
+  tok, src = data.open_split(config, "train")
+  row = pipeline.row_layout(config, tok)
+  assert row.length == config.data.text_len + 2 * 25
+  record = src[0]
+  ex = row.train(data.get("shapes_sizes").conversation(record, 0))
+  gh, gw = (x // 32 for x in native_images.smart_resize(*record["image"].shape[:2], row.still))
+  start = int(np.argmax(ex["text"] == 0))
+  image = ex["text"][start:start + gh * (gw + 1)].tolist()
+  assert image == native_images.image_tokens((1, gh * 2, gw * 2), 2, 0, (brk, end))
+  assert image.count(0) == gh * gw and image.count(brk) == gh - 1 and image[-1] == end
+  pos = ex["positions"][start:start + gh * (gw + 1)] - ex["positions"][start]
+  assert pos[gw].tolist() == [0, 0, gw] and pos[-1].tolist() == [0, gh - 1, gw]
+  after = ex["positions"][start + gh * (gw + 1)] - ex["positions"][start]
+  assert after.tolist() == [max(gh, gw + 1)] * 3
+  config.global_batch_size = 2
+  mm, tx = make_run(config, jax.devices()[:1], tok.vocab_size)
+  batch = row.collate([ex, row.train(data.get("shapes_sizes").conversation(src[1], 0))])
+  _, metrics = mm.make_train_step(tx)(mm.init_train_state(tx, seed=0), sharding.to_global(batch, mm.mesh))
+  assert np.isfinite(float(metrics["loss"]))
 
 
 def test_batches_take_the_smallest_bucket_that_holds_them(native_config):
@@ -92,6 +123,7 @@ def _snapshot(root: pathlib.Path) -> dict:
 @pytest.mark.parametrize("flags, expected", [
     (("--config.data.native.patch_buckets=(48,)",), "patch_buckets cannot hold the largest image"),
     (("--config.data.native.min_side=150",), "a side under data.native.min_side=150"),
+    (("--config.model.family_options={'native': {'row_break_ids': (5,)}}",), "row_break_ids=(5,): give two"),
 ])
 def test_bad_native_inputs_one_line_nothing_written(native_config, tmp_path, flags, expected):
   work = tmp_path / "work"
@@ -115,5 +147,6 @@ def test_a_video_with_fewer_frames_than_asked_is_named(native_config):
   with pytest.raises(UserError, match="the video has 6 frames but 10 were asked"):
     row._media(frames)  # pylint: disable=protected-access
   config.data.native.video_frames = 4
-  patches, grid, moving = native_rows.NativeRow(config, None, (0,))._media(frames)  # pylint: disable=protected-access
+  row = native_rows.NativeRow(config, None, (0,))
+  patches, grid, moving = row._media(frames)  # pylint: disable=protected-access
   assert moving and grid[0] == 4 and len(patches) == np.prod(grid)

@@ -4,7 +4,8 @@ r"""Images (and video frames) at their own resolution, as the native family read
   patches_NxF, grid = image_patches(image_HxWx3, opts)     # grid = (t, h, w) in patches
   ids_Nx3 = patch_ids(grid, opts.merge, first_block=1)     # (attention block, row, column)
   n = num_tokens(grid, opts.merge)                          # the placeholders the text holds for it
-  positions_Lx3 = mrope_positions(tokens_L, placeholder_ids, grids, opts.merge)
+  ids = image_tokens(grid, opts.merge, placeholder, breaks)  # ... with Pixtral's row breaks if asked
+  positions_Lx3 = mrope_positions(length, spans, opts.merge)
 
 The arithmetic is HF's Qwen2VLImageProcessorPil's (transformers 5.23) and Qwen2VLModel.get_rope_index's,
 written here for numpy (tests/test_parity_qwen2_vl.py holds them equal): the size rounds to multiples of
@@ -80,10 +81,24 @@ def image_patches(image_HxWx3: np.ndarray, opts: NativeImages) -> tuple[np.ndarr
   return patchify(np.repeat(x_HxWx3[None], opts.temporal_patch, axis=0), opts)
 
 
-def num_tokens(grid: tuple[int, int, int], merge: int) -> int:
-  """Tokens of one image or video in the decoder's sequence: t * h * w / merge^2."""
+def num_tokens(grid: tuple[int, int, int], merge: int, breaks: bool = False) -> int:
+  """Tokens of one image or video in the decoder's sequence: t * h * w / merge^2 (breaks: and one
+  row-break token per row of merged tokens, Pixtral's layout)."""
   t, h, w = grid
-  return t * h * w // merge ** 2
+  return t * (h // merge) * (w // merge + breaks)
+
+
+def image_tokens(grid: tuple[int, int, int], merge: int, placeholder: int, breaks: tuple[int, ...] = ()
+                 ) -> list[int]:
+  """The ids one image or video stands as in the text: a placeholder per merged token (the merger's
+  row-major order); breaks = (row_break, image_end): each row of merged tokens followed by row_break,
+  the very last by image_end (PixtralProcessor's layout; a video's every time step has its rows)."""
+  t, h, w = grid[0], grid[1] // merge, grid[2] // merge
+  if not breaks:
+    return [placeholder] * (t * h * w)
+  out = ([placeholder] * w + [breaks[0]]) * (t * h)
+  out[-1] = breaks[1]
+  return out
 
 
 def patch_ids(grid: tuple[int, int, int], merge: int, first_block: int = 1) -> np.ndarray:
@@ -97,18 +112,19 @@ def patch_ids(grid: tuple[int, int, int], merge: int, first_block: int = 1) -> n
   return np.concatenate([blocks[:, None], np.tile(rc_Nx2, (t, 1))], axis=1).astype(np.int32)
 
 
-def mrope_positions(length: int, spans, merge: int) -> np.ndarray:
+def mrope_positions(length: int, spans, merge: int, breaks: bool = False) -> np.ndarray:
   """M-RoPE positions Lx3 (t, h, w) of one example of `length` tokens whose images and videos sit at
   spans [(start, grid), ...] (their placeholders, in order): a text token's index on all three axes,
   counting on from the last; an image's tokens start + (time step, row, column) of their merged grid;
-  the text after it starts max(h, w) / merge later (transformers 5.23's get_rope_index)."""
+  the text after it starts max(h, w) / merge later (transformers 5.23's get_rope_index). breaks: a row's
+  break token is the column after its last (the image end the last row's), the grid one column wider."""
   out, pos, at = np.zeros((length, 3), np.int64), 0, 0
   for start, grid in list(spans) + [(length, None)]:
     out[at:start] = pos + np.arange(start - at)[:, None]
     pos += start - at
     if grid is None:
       break
-    t, h, w = grid[0], grid[1] // merge, grid[2] // merge
+    t, h, w = grid[0], grid[1] // merge, grid[2] // merge + breaks
     tt, hh, ww = np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")
     n = t * h * w
     out[start:start + n] = pos + np.stack([tt, hh, ww], axis=-1).reshape(-1, 3)
@@ -116,14 +132,14 @@ def mrope_positions(length: int, spans, merge: int) -> np.ndarray:
   return out
 
 
-def spans(tokens_L, placeholder_ids, grids, merge: int) -> list:
+def spans(tokens_L, placeholder_ids, grids, merge: int, breaks: bool = False) -> list:
   """[(start, grid)] of the placeholder runs of a token row (each id's run one image or video, in
-  order of `grids`): for rows built elsewhere (HF's processor output)."""
+  order of `grids`; breaks: with their row breaks): for rows built elsewhere (HF's processor output)."""
   tokens, grids, out, i = np.asarray(tokens_L), list(grids), [], 0
   ph = np.isin(tokens, np.asarray(placeholder_ids, tokens.dtype))
   while i < len(tokens):
     if ph[i]:
-      n = num_tokens(grids[len(out)], merge)
+      n = num_tokens(grids[len(out)], merge, breaks)
       out.append((i, grids[len(out)]))
       i += n
     else:

@@ -9,7 +9,9 @@ placeholders in the text, M-RoPE positions; batches padded to a few patch-count 
 A conversation's image part is a still image (encoded bytes, or uint8 H x W x 3) or a video (a video
 file's bytes, or uint8 T x H x W x 3 frames). Each becomes data/native_images.py's (or data/video.py's)
 patches; its N tokens are N copies of model.family_options.native.placeholder_ids[0] (a video's of
-[-1]). Row length L = data.text_len + the largest bucket / merge^2 (the most image tokens a row holds).
+[-1]); with family_options.native.row_break_ids, each row of them ends in a row break and the last in
+an image end (Pixtral). Row length L = data.text_len + the largest bucket / merge^2 (the most image
+tokens a row holds; twice that with row breaks, one per merged token at most).
 One compiled train step per bucket: the batch's patch count is the only shape that varies. (With several
 processes each makes only its share of a batch, so every batch takes the largest bucket there.)
 """
@@ -45,7 +47,8 @@ def buckets(config) -> tuple[int, ...]:
 class NativeRow(PlaceholderRows):
   """Builds native rows for one config (module docstring)."""
 
-  def __init__(self, config, tokenizer, placeholder_ids: tuple[int, ...]):
+  def __init__(self, config, tokenizer, placeholder_ids: tuple[int, ...],
+               row_break_ids: tuple[int, ...] = ()):
     d = config.data
     self._tok, self._template = tokenizer, d.chat_template
     self.still, self.moving, self.sampling = options(config)
@@ -54,7 +57,8 @@ class NativeRow(PlaceholderRows):
     self.max_pixels, self.blind = d.max_image_pixels, d.blind
     self.image_id, self.video_id = placeholder_ids[0], placeholder_ids[-1]
     self.min_side, self.still_frame = d.native.min_side, d.native.still_frame
-    self.length = d.text_len + self.buckets[-1] // self.still.merge ** 2
+    self.breaks = tuple(row_break_ids)
+    self.length = d.text_len + self.buckets[-1] // self.still.merge ** 2 * (2 if self.breaks else 1)
     self.features = 3 * self.still.temporal_patch * self.still.patch_size ** 2
 
   def _small(self, h: int, w: int, what: str) -> None:
@@ -90,10 +94,12 @@ class NativeRow(PlaceholderRows):
       spans.append((at, grid))
       patches.append(x)
       patch_ids.append(native_images.patch_ids(grid, self.still.merge, block))
-      return [self.video_id if moving else self.image_id] * native_images.num_tokens(grid, self.still.merge)
+      return native_images.image_tokens(grid, self.still.merge, self.video_id if moving else self.image_id,
+                                        self.breaks)
 
     ids, mask_ar, loss = expanded(r, place)
-    text_tokens = len(ids) - sum(native_images.num_tokens(g, self.still.merge) for _, g in spans)
+    text_tokens = len(ids) - sum(native_images.num_tokens(g, self.still.merge, bool(self.breaks))
+                                 for _, g in spans)
     if text_tokens > self.text_len:
       raise TooLong("text tokens", text_tokens, self.text_len, "text_len")
     n_patches = sum(len(x) for x in patches)
@@ -101,7 +107,8 @@ class NativeRow(PlaceholderRows):
       raise TooLong("patches", n_patches, self.buckets[-1], "native.patch_buckets")
     return dict(text=np.asarray(ids, np.int32), mask_ar=np.asarray(mask_ar, np.int32),
                 mask_loss=np.asarray(loss, np.int32),
-                positions=native_images.mrope_positions(len(ids), spans, self.still.merge).astype(np.int32),
+                positions=native_images.mrope_positions(len(ids), spans, self.still.merge,
+                                                        bool(self.breaks)).astype(np.int32),
                 patches=(np.concatenate(patches) if patches else np.zeros((0, self.features), np.float32)),
                 patch_ids=(np.concatenate(patch_ids) if patch_ids else np.zeros((0, 3), np.int32)))
 

@@ -29,8 +29,11 @@ INPUTS = ("patches", "patch_ids", "text", "mask_ar", "mask_input", "segment", "p
 
 @dataclasses.dataclass(frozen=True)
 class NativeOptions:
-  """model.family_options.native: the token ids the image and video tokens replace."""
+  """model.family_options.native: the token ids the image and video tokens replace; row_break_ids
+  (row_break, image_end): Pixtral's layout, each row of an image's tokens ended by row_break and the
+  image by image_end (ordinary tokens of the text; () : Qwen2-VL's, none)."""
   placeholder_ids: tuple[int, ...] = (0,)  # our tokenizers: PAD_ID (the in-row slots' id too)
+  row_break_ids: tuple[int, ...] = ()
 
 
 class NativeVLM(nn.Module):
@@ -113,7 +116,8 @@ def example_inputs(config, batch: int = 1) -> dict:
   m2, f = enc.get("merge", 2) ** 2, 3 * enc.get("temporal_patch", 2) * enc.patch_size ** 2
   native = config.data.get("native")
   p = max(native.patch_buckets) if native and native.patch_buckets else m2
-  l = config.data.text_len + p // m2
+  breaks = family.family_options(config.model, "native", NativeOptions).row_break_ids
+  l = config.data.text_len + p // m2 * (2 if breaks else 1)  # native_rows.NativeRow.length
   zeros = lambda *shape: jnp.zeros((batch, *shape), jnp.int32)
   return dict(patches=jnp.zeros((batch, p, f), jnp.float32), patch_ids=zeros(p, 3), text=zeros(l),
               mask_ar=zeros(l), mask_input=jnp.ones((batch, l), jnp.int32), mask_loss=zeros(l),
@@ -124,7 +128,7 @@ def rows(config, tokenizer):
   """data/native_rows.py's rows, the placeholders this config's."""
   from mm_jax.data import native_rows  # pylint: disable=g-import-not-at-top  # data imports models
   opts = family.family_options(config.model, "native", NativeOptions)
-  return native_rows.NativeRow(config, tokenizer, tuple(opts.placeholder_ids))
+  return native_rows.NativeRow(config, tokenizer, tuple(opts.placeholder_ids), tuple(opts.row_break_ids))
 
 
 def native(model_cfg, tokenizer_vocab: int) -> NativeVLM:
@@ -150,6 +154,10 @@ def _check(config) -> None:
   if not opts.placeholder_ids:
     raise UserError("model.family_options.native.placeholder_ids is empty: set the token ids the image "
                     "tokens replace")
+  breaks = tuple(opts.row_break_ids)
+  if breaks and (len(breaks) != 2 or set(breaks) & set(opts.placeholder_ids)):
+    raise UserError(f"model.family_options.native.row_break_ids={breaks}: give two token ids, (row break, "
+                    "image end), neither a placeholder id, or () for no row breaks")
   from mm_jax.data import native_rows  # pylint: disable=g-import-not-at-top
   native_rows.buckets(config)
   n = config.data.native
