@@ -11,7 +11,9 @@ file's bytes, or uint8 T x H x W x 3 frames). Each becomes data/native_images.py
 patches; its N tokens are N copies of model.family_options.native.placeholder_ids[0] (a video's of
 [-1]); with family_options.native.row_break_ids, each row of them ends in a row break and the last in
 an image end (Pixtral). Row length L = data.text_len + the largest bucket / merge^2 (the most image
-tokens a row holds; twice that with row breaks, one per merged token at most).
+tokens a row holds; twice that with row breaks, one per merged token at most). With
+family_options.native.temporal_pool = k > 1 a video stands as the tokens of ceil(t / k) time steps,
+each the mean of k tubelets' (the model pools them: token_dest says where each merged token goes).
 One compiled train step per bucket: the batch's patch count is the only shape that varies. (With several
 processes each makes only its share of a batch, so every batch takes the largest bucket there.)
 """
@@ -48,7 +50,7 @@ class NativeRow(PlaceholderRows):
   """Builds native rows for one config (module docstring)."""
 
   def __init__(self, config, tokenizer, placeholder_ids: tuple[int, ...],
-               row_break_ids: tuple[int, ...] = ()):
+               row_break_ids: tuple[int, ...] = (), temporal_pool: int = 1):
     d = config.data
     self._tok, self._template = tokenizer, d.chat_template
     self.still, self.moving, self.sampling = options(config)
@@ -57,7 +59,9 @@ class NativeRow(PlaceholderRows):
     self.max_pixels, self.blind = d.max_image_pixels, d.blind
     self.image_id, self.video_id = placeholder_ids[0], placeholder_ids[-1]
     self.min_side, self.still_frame = d.native.min_side, d.native.still_frame
-    self.breaks = tuple(row_break_ids)
+    self.breaks, self.pool = tuple(row_break_ids), temporal_pool
+    if temporal_pool > 1:
+      self.eval_keys = self.eval_keys + ("token_dest",)
     self.length = d.text_len + self.buckets[-1] // self.still.merge ** 2 * (2 if self.breaks else 1)
     self.features = 3 * self.still.temporal_patch * self.still.patch_size ** 2
 
@@ -86,14 +90,21 @@ class NativeRow(PlaceholderRows):
   def _example(self, conv, r) -> dict:
     if conv.num_images > self.max_images:
       raise TooLong("image slots", conv.num_images, self.max_images, "max_images")
-    spans, patches, patch_ids = [], [], []
+    spans, patches, patch_ids, dest = [], [], [], []
+    blocks = [1]  # attention blocks: images, and videos' time steps
 
     def place(m: int, at: int) -> list[int]:
       x, grid, moving = self._media(conv.images[m])
-      block = 1 + sum(g[0] for _, g in spans)  # attention blocks: images, and videos' time steps
-      spans.append((at, grid))
       patches.append(x)
-      patch_ids.append(native_images.patch_ids(grid, self.still.merge, block))
+      patch_ids.append(native_images.patch_ids(grid, self.still.merge, blocks[0]))
+      blocks[0] += grid[0]
+      k = self.pool if moving else 1
+      first = sum(native_images.num_tokens(g, self.still.merge) for _, g in spans)
+      per_step = native_images.num_tokens((1, *grid[1:]), self.still.merge)
+      steps = np.arange(grid[0] * per_step) // per_step  # each merged token's time step
+      dest.append(first + steps // k * per_step + np.arange(len(steps)) % per_step)
+      grid = (-(-grid[0] // k), *grid[1:])  # the tokens' grid: time steps pooled
+      spans.append((at, grid))
       return native_images.image_tokens(grid, self.still.merge, self.video_id if moving else self.image_id,
                                         self.breaks)
 
@@ -110,7 +121,9 @@ class NativeRow(PlaceholderRows):
                 positions=native_images.mrope_positions(len(ids), spans, self.still.merge,
                                                         bool(self.breaks)).astype(np.int32),
                 patches=(np.concatenate(patches) if patches else np.zeros((0, self.features), np.float32)),
-                patch_ids=(np.concatenate(patch_ids) if patch_ids else np.zeros((0, 3), np.int32)))
+                patch_ids=(np.concatenate(patch_ids) if patch_ids else np.zeros((0, 3), np.int32)),
+                **({"token_dest": np.concatenate(dest or [np.zeros(0)]).astype(np.int32)} if self.pool > 1
+                   else {}))
 
   eval_keys = ("patches", "patch_ids", "positions", "text", "mask_input")
 
@@ -120,7 +133,8 @@ class NativeRow(PlaceholderRows):
     return dict(text=np.asarray(ids, np.int32), mask_ar=np.zeros([n], np.int32),
                 mask_loss=np.zeros([n], np.int32),
                 positions=np.broadcast_to(np.arange(n, dtype=np.int32)[:, None], (n, 3)).copy(),
-                patches=np.zeros((0, self.features), np.float32), patch_ids=np.zeros((0, 3), np.int32))
+                patches=np.zeros((0, self.features), np.float32), patch_ids=np.zeros((0, 3), np.int32),
+                **({"token_dest": np.zeros(0, np.int32)} if self.pool > 1 else {}))
 
   def bucket(self, n_patches: int) -> int:
     return next(b for b in self.buckets if b >= n_patches)
@@ -142,6 +156,10 @@ class NativeRow(PlaceholderRows):
     patch_ids = np.zeros([p, 3], np.int32)
     patch_ids[:len(ex["patch_ids"])] = ex["patch_ids"]
     extra = {"skipped": ex["skipped"]} if "skipped" in ex else {}  # data.bad_records=skip's mark
+    if "token_dest" in ex:  # padding's merged tokens go nowhere (dest N: segment_sum drops it)
+      n_tokens = p // self.still.merge ** 2
+      extra["token_dest"] = np.full([n_tokens], n_tokens, np.int32)
+      extra["token_dest"][:len(ex["token_dest"])] = ex["token_dest"]
     return dict(out, mask_input=segment.copy(), segment=segment, positions=positions, patches=patches,
                 patch_ids=patch_ids, **extra)
 

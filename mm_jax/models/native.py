@@ -34,6 +34,7 @@ class NativeOptions:
   image by image_end (ordinary tokens of the text; () : Qwen2-VL's, none)."""
   placeholder_ids: tuple[int, ...] = (0,)  # our tokenizers: PAD_ID (the in-row slots' id too)
   row_break_ids: tuple[int, ...] = ()
+  temporal_pool: int = 1  # k > 1: a video's tokens averaged over each k consecutive tubelets
 
 
 class NativeVLM(nn.Module):
@@ -41,10 +42,19 @@ class NativeVLM(nn.Module):
   connector: nn.Module
   decoder: nn.Module
   placeholder_ids: tuple[int, ...]
+  temporal_pool: int = 1
   task = "vqa"
-  inputs = INPUTS  # its batch keys, in __call__'s order (the vqa task's keys, patches for images)
   image_key = "patches"  # what decoding passes as the image, and its prefill's own batch keys
-  prefill_keys = {"patch_ids_BxPx3": "patch_ids", "positions_BxPx3": "positions"}
+
+  @property
+  def inputs(self) -> tuple[str, ...]:
+    """Its batch keys, in __call__'s order (the vqa task's, patches for images; token_dest: pooled)."""
+    return INPUTS + (("token_dest",) if self.temporal_pool > 1 else ())
+
+  @property
+  def prefill_keys(self) -> dict[str, str]:
+    own = {"patch_ids_BxPx3": "patch_ids", "positions_BxPx3": "positions"}
+    return own | ({"token_dest_BxN": "token_dest"} if self.temporal_pool > 1 else {})
 
   def position_offset(self, prefill_kw: dict, prefix_len_B):
     """decode's offset of the new tokens' positions (mrope_offset of the prefix's positions)."""
@@ -55,28 +65,31 @@ class NativeVLM(nn.Module):
     del image_shape
     return 0
 
-  def _inputs(self, patches_BxPxF: Array, patch_ids_BxPx3: Array, text_BxL: Array) -> Array:
+  def _inputs(self, patches_BxPxF: Array, patch_ids_BxPx3: Array, text_BxL: Array,
+              token_dest_BxN: Array | None = None) -> Array:
     tokens_BxNxD = self.connector(self.encoder(patches_BxPxF, patch_ids_BxPx3))
+    if token_dest_BxN is not None:
+      tokens_BxNxD = pool_tokens(tokens_BxNxD, token_dest_BxN)
     return fill_placeholders(self.decoder.embed(text_BxL), text_BxL, tokens_BxNxD, self.placeholder_ids)
 
   def __call__(self, patches_BxPxF: Array, patch_ids_BxPx3: Array, text_BxL: Array, mask_ar_BxL: Array,
                mask_input_BxL: Array, segment_BxL: Array | None = None,
-               positions_BxLx3: Array | None = None) -> Array:
+               positions_BxLx3: Array | None = None, token_dest_BxN: Array | None = None) -> Array:
     """Teacher-forced logits BxLxV at every position of the row (causal attention within segments;
     mask_ar is unused: Qwen2-VL has no prefix block)."""
     del mask_ar_BxL
-    x_BxLxD = self._inputs(patches_BxPxF, patch_ids_BxPx3, text_BxL)
+    x_BxLxD = self._inputs(patches_BxPxF, patch_ids_BxPx3, text_BxL, token_dest_BxN)
     mask_BxLxL = make_attn_mask(mask_input_BxL, jnp.ones_like(mask_input_BxL), segment_BxL)
     logits_BxLxV, _ = self.decoder(x_BxLxD, row_positions(text_BxL, positions_BxLx3), mask_BxLxL)
     return logits_BxLxV
 
   def prefill(self, patches_BxPxF: Array, prefix_BxP: Array, prefix_mask_BxP: Array, cache: Cache,
-              patch_ids_BxPx3: Array = None, positions_BxPx3: Array | None = None
-              ) -> tuple[Array, Cache, Array]:
+              patch_ids_BxPx3: Array = None, positions_BxPx3: Array | None = None,
+              token_dest_BxN: Array | None = None) -> tuple[Array, Cache, Array]:
     """The (right-padded) prefix, placeholders filled, into cache slots [0, P), causal: (logits BxPxV,
     cache, cache_mask). The next tokens' positions continue from max(position) + 1 (decode's
     position_offset: mrope_offset)."""
-    x_BxLxD = self._inputs(patches_BxPxF, patch_ids_BxPx3, prefix_BxP)
+    x_BxLxD = self._inputs(patches_BxPxF, patch_ids_BxPx3, prefix_BxP, token_dest_BxN)
     cache_mask_BxS, mask_BxLxS = prefill_masks(prefix_mask_BxP, cache, causal=True)
     logits_BxPxV, cache = self.decoder(x_BxLxD, row_positions(prefix_BxP, positions_BxPx3), mask_BxLxS,
                                        cache, 0)
@@ -101,6 +114,16 @@ class NativeVLM(nn.Module):
     self.decoder.count_flops(t, "decoder", "x", batch, sizes.text_len, sizes.text_len)
 
 
+def pool_tokens(tokens_BxNxD: Array, dest_BxN: Array) -> Array:
+  """Token j of a row is the mean of its tokens i with dest[i] == j (a video's tokens over each
+  temporal_pool tubelets; an image's own; a dest of N or more, padding, goes nowhere)."""
+  n = tokens_BxNxD.shape[1]
+  total = jax.vmap(lambda t, d: jax.ops.segment_sum(t, d, num_segments=n))(tokens_BxNxD, dest_BxN)
+  count = jax.vmap(lambda d: jax.ops.segment_sum(jnp.ones(d.shape, tokens_BxNxD.dtype), d, num_segments=n)
+                   )(dest_BxN)
+  return total / jnp.maximum(count, 1)[..., None]
+
+
 def mrope_offset(positions_BxPx3: np.ndarray | Array, prefix_len_B) -> Array:
   """What decode adds to a new token's slot-derived position (prefix_len + t): max(position) + 1 -
   prefix_len, HF's rope_deltas (the prefix's positions beyond its last real token are ignored)."""
@@ -119,16 +142,19 @@ def example_inputs(config, batch: int = 1) -> dict:
   breaks = family.family_options(config.model, "native", NativeOptions).row_break_ids
   l = config.data.text_len + p // m2 * (2 if breaks else 1)  # native_rows.NativeRow.length
   zeros = lambda *shape: jnp.zeros((batch, *shape), jnp.int32)
+  pooled = family.family_options(config.model, "native", NativeOptions).temporal_pool > 1
   return dict(patches=jnp.zeros((batch, p, f), jnp.float32), patch_ids=zeros(p, 3), text=zeros(l),
               mask_ar=zeros(l), mask_input=jnp.ones((batch, l), jnp.int32), mask_loss=zeros(l),
-              segment=jnp.ones((batch, l), jnp.int32), positions=zeros(l, 3))
+              segment=jnp.ones((batch, l), jnp.int32), positions=zeros(l, 3),
+              **(dict(token_dest=zeros(p // m2)) if pooled else {}))
 
 
 def rows(config, tokenizer):
   """data/native_rows.py's rows, the placeholders this config's."""
   from mm_jax.data import native_rows  # pylint: disable=g-import-not-at-top  # data imports models
   opts = family.family_options(config.model, "native", NativeOptions)
-  return native_rows.NativeRow(config, tokenizer, tuple(opts.placeholder_ids), tuple(opts.row_break_ids))
+  return native_rows.NativeRow(config, tokenizer, tuple(opts.placeholder_ids), tuple(opts.row_break_ids),
+                               opts.temporal_pool)
 
 
 def native(model_cfg, tokenizer_vocab: int) -> NativeVLM:
@@ -138,7 +164,8 @@ def native(model_cfg, tokenizer_vocab: int) -> NativeVLM:
   return NativeVLM(encoder=encoders.ENCODERS["native"].build(model_cfg),
                    connector=family.build_connector(model_cfg),
                    decoder=family.build_decoder(model_cfg, tokenizer_vocab),
-                   placeholder_ids=tuple(int(i) for i in opts.placeholder_ids))
+                   placeholder_ids=tuple(int(i) for i in opts.placeholder_ids),
+                   temporal_pool=opts.temporal_pool)
 
 
 def _check(config) -> None:
@@ -154,6 +181,9 @@ def _check(config) -> None:
   if not opts.placeholder_ids:
     raise UserError("model.family_options.native.placeholder_ids is empty: set the token ids the image "
                     "tokens replace")
+  if not isinstance(opts.temporal_pool, int) or opts.temporal_pool < 1:
+    raise UserError(f"model.family_options.native.temporal_pool={opts.temporal_pool!r} must be an integer "
+                    ">= 1 (1: no pooling over time)")
   breaks = tuple(opts.row_break_ids)
   if breaks and (len(breaks) != 2 or set(breaks) & set(opts.placeholder_ids)):
     raise UserError(f"model.family_options.native.row_break_ids={breaks}: give two token ids, (row break, "
