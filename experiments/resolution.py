@@ -2,7 +2,7 @@ r"""Images at their own resolution and video, measured: the varied-size shapes_s
 64 px, natively and tiled; the shapes_video clips read whole and as their middle frame. Equal steps and
 batch within each comparison.
 
-  python experiments/resolution.py --runs=fixed,native,anyres --steps=1200    # ~8 / 20 / 20 min, 2 cores
+  python experiments/resolution.py --runs=fixed,native,anyres --steps=1500    # ~15 / 29 / 50 min, 2 cores
   python experiments/resolution.py --runs=video,middle --steps=3000           # ~21 / 18 min
 
 Each run is the real commands in fresh processes (train, then eval on the test split); one JSON line per
