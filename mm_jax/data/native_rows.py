@@ -36,6 +36,13 @@ def options(config) -> tuple[native_images.NativeImages, native_images.NativeIma
   return still, moving, video.VideoSampling(num_frames=n.video_frames, fps=n.video_fps)
 
 
+def row_length(config, breaks: bool) -> int:
+  """data.text_len + the largest bucket's merged tokens (twice that with row breaks: one per token at
+  most): NativeRow.length, and the model's example inputs."""
+  tokens = buckets(config)[-1] // config.model.encoder.get("merge", 2) ** 2
+  return config.data.text_len + tokens * (1 + breaks)
+
+
 def buckets(config) -> tuple[int, ...]:
   """data.native.patch_buckets, sorted; each a multiple of merge^2 (whole merge windows)."""
   m2 = config.model.encoder.get("merge", 2) ** 2
@@ -62,7 +69,7 @@ class NativeRow(PlaceholderRows):
     self.breaks, self.pool = tuple(row_break_ids), temporal_pool
     if temporal_pool > 1:
       self.eval_keys = self.eval_keys + ("token_dest",)
-    self.length = d.text_len + self.buckets[-1] // self.still.merge ** 2 * (2 if self.breaks else 1)
+    self.length = row_length(config, bool(self.breaks))
     self.features = 3 * self.still.temporal_patch * self.still.patch_size ** 2
 
   def _small(self, h: int, w: int, what: str) -> None:

@@ -139,10 +139,12 @@ def example_inputs(config, batch: int = 1) -> dict:
   m2, f = enc.get("merge", 2) ** 2, 3 * enc.get("temporal_patch", 2) * enc.patch_size ** 2
   native = config.data.get("native")
   p = max(native.patch_buckets) if native and native.patch_buckets else m2
-  breaks = family.family_options(config.model, "native", NativeOptions).row_break_ids
-  l = config.data.text_len + p // m2 * (2 if breaks else 1)  # native_rows.NativeRow.length
+  opts = family.family_options(config.model, "native", NativeOptions)
+  from mm_jax.data import native_rows  # pylint: disable=g-import-not-at-top  # data imports models
+  l = native_rows.row_length(config, bool(opts.row_break_ids)) if native and native.patch_buckets else (
+      config.data.text_len + p // m2)
   zeros = lambda *shape: jnp.zeros((batch, *shape), jnp.int32)
-  pooled = family.family_options(config.model, "native", NativeOptions).temporal_pool > 1
+  pooled = opts.temporal_pool > 1
   return dict(patches=jnp.zeros((batch, p, f), jnp.float32), patch_ids=zeros(p, 3), text=zeros(l),
               mask_ar=zeros(l), mask_input=jnp.ones((batch, l), jnp.int32), mask_loss=zeros(l),
               segment=jnp.ones((batch, l), jnp.int32), positions=zeros(l, 3),
